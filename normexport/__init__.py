@@ -1,0 +1,3 @@
+"""normexport: export PyTorch models with RMSNorm to ONNX / TensorRT with every RMSNorm fused."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,27 @@
+"""The one exception a user can cause: a message and a hint. The CLI maps it to exit 2."""
+
+from __future__ import annotations
+
+
+class NormexportError(Exception):
+    """A problem with the user's input or options: one line of message, one line of hint."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class ValidationFailed(Exception):
+    """Validation ran and the fused model did not match: exit 1. Carries the report."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
