@@ -1,0 +1,291 @@
+"""The command line: options only; the work is in pipeline.py."""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from normexport import __version__
+from normexport.errors import NormexportError
+from normexport.fuse.targets import TARGETS
+
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
+
+
+def _handle_errors(fn):
+    """User errors: one line and a hint, exit 2. Bugs: a traceback only with --debug."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = (ctx.find_root().params or {}).get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except NormexportError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e.message}", err=True)
+            if e.hint:
+                click.echo(f"hint: {e.hint}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # a bug, not the user's doing
+            if debug:
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            click.echo(f"internal error: {type(e).__name__}: {first}", err=True)
+            click.echo("hint: rerun with --debug for the traceback, and report it", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+def _parse_inputs(ctx, param, values):
+    from normexport.load import parse_input_spec
+
+    try:
+        return [parse_input_spec(v) for v in values]
+    except NormexportError as e:
+        raise click.BadParameter(f"{e.message} ({e.hint})") from None
+
+
+def model_options(fn):
+    """Loading and input options shared by convert / validate / bench."""
+    for deco in reversed(
+        [
+            click.option("--input", "inputs", multiple=True, callback=_parse_inputs, metavar="NAME:DTYPE:SHAPE[:LOW,HIGH]", help="A model input, e.g. input_ids:int64:1x16 (repeatable). Defaults come from the model file or the factory."),
+            click.option("--factory", metavar="MODULE:FUNCTION", help="For a state_dict: a function that builds the nn.Module (optionally returning (module, example_inputs))."),
+            click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module. Unpickling runs code from the file: only for files you trust."),
+            click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Convert the model and its float inputs to this dtype first (norms still compute in fp32)."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
+            click.option("--threads", type=int, help="Threads for PyTorch and onnxruntime (default: PyTorch's count)."),
+        ]
+    ):
+        fn = deco(fn)
+    return fn
+
+
+def validate_options(fn):
+    for deco in reversed(
+        [
+            click.option("--atol", type=float, help="Absolute tolerance (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2)."),
+            click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-3, fp16 1e-2, bf16 2e-2)."),
+            click.option("--samples", type=click.IntRange(1, 100), default=2, show_default=True, help="Seeded input draws (fp16/bf16 models get one large-magnitude draw more)."),
+        ]
+    ):
+        fn = deco(fn)
+    return fn
+
+
+def bench_options(fn):
+    for deco in reversed(
+        [
+            click.option("--warmup", type=click.IntRange(0, 10000), default=5, show_default=True),
+            click.option("--iters", type=click.IntRange(1, 100000), default=30, show_default=True),
+        ]
+    ):
+        fn = deco(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="normexport")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(debug):
+    """Export PyTorch models with RMSNorm to ONNX / TensorRT, every RMSNorm fused, validated and timed."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Fused model path (default: MODEL's folder, named after it and the target).")
+@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True, help="ort: SimplifiedLayerNormalization; onnx: RMSNormalization (opset 23); trt-plugin: TensorRT plugin node; decompose: primitive ops.")
+@click.option("--opset", type=click.IntRange(7, 25), help="Export opset (default 20; TorchScript models at most 20).")
+@model_options
+@validate_options
+@bench_options
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True, help="Where the ONNX models run for validation and bench.")
+@click.option("--no-validate", is_flag=True, help="Skip validation.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency benchmark.")
+@click.option("--keep-failed", is_flag=True, help="Write the fused model even when validation fails.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@_handle_errors
+def convert(model, output, target, opset, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path):
+    """Load MODEL, export it to ONNX, fuse every RMSNorm, validate against PyTorch and time it.
+
+    Exit 0: fused and validated; 1: validation failed; 2: bad input or usage."""
+    from normexport import pipeline, report
+
+    opts = pipeline.Options(
+        target=target, opset=opset, inputs=inputs, factory=factory, trust_pickle=trust_pickle, output=output, dtype=dtype,
+        validate=not no_validate, bench=not no_bench, backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed,
+        warmup=warmup, iters=iters, threads=threads, keep_failed=keep_failed,
+    )
+    err = report.console(stderr=True)
+    result = pipeline.convert(model, opts, progress=lambda s: err.print(f"[dim]... {s}[/dim]"))
+    report.print_convert(report.console(), result)
+    if report_path:
+        report.write_json(result.to_json(), report_path)
+    if result.validation is not None and not result.validation.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Fused model path (default: MODEL's folder, named after it and the target).")
+@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True)
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the fusion report as JSON.")
+@click.option("--allow-none", is_flag=True, help="Exit 0 even when no RMSNorm is found (the model is then written unchanged).")
+@_handle_errors
+def fuse(model, output, target, report_path, allow_none):
+    """Fuse every RMSNorm subgraph of an ONNX MODEL for a target runtime."""
+    from normexport import fuse as fuse_mod
+    from normexport import report
+
+    out = output or model.with_name(f"{model.stem}.{target}.onnx")
+    if out.exists() and model.exists() and out.resolve() == model.resolve():
+        raise NormexportError(f"refusing to write over the input {model}", "give another -o path")
+    m = fuse_mod.load_onnx(model)
+    result = fuse_mod.fuse_model(m, target)
+    if result.fused == 0 and not allow_none and target != "decompose":
+        reasons = "; ".join(sorted({s.reason for s in result.skipped}))[:300]
+        raise NormexportError(
+            f"no RMSNorm found in {model}" + (f" ({len(result.skipped)} near-miss(es): {reasons})" if result.skipped else ""),
+            "run `normexport inspect` to see what normexport sees (--allow-none writes the model anyway)",
+        )
+    fuse_mod.save_onnx(m, out)
+    c = report.console()
+    report.print_fusion(c, result)
+    c.print(f"wrote [bold]{out}[/bold]")
+    if report_path:
+        report.write_json({"model": str(model), "target": target, "output": str(out), "fusion": result.to_json()}, report_path)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--factory", metavar="MODULE:FUNCTION", help="For a state_dict: a function that builds the nn.Module.")
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module (runs code from the file).")
+@_handle_errors
+def inspect(model, as_json, factory, trust_pickle):
+    """List the RMSNorms in MODEL (.onnx subgraphs, or PyTorch modules) and the near-misses."""
+    import json
+
+    from normexport import report
+    from normexport.inspect import inspect_path
+
+    result = inspect_path(model, factory=factory, trust_pickle=trust_pickle)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        report.print_inspect(report.console(), result)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("fused", type=click.Path(path_type=Path))
+@click.option("--unfused", type=click.Path(path_type=Path), help="Also compare this unfused ONNX export.")
+@model_options
+@validate_options
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@_handle_errors
+def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, backend, report_path):
+    """Compare FUSED (ONNX) with the PyTorch MODEL, output by output; name the first diverging norm.
+
+    Exit 0: match; 1: mismatch; 2: bad input or usage."""
+    from normexport import pipeline, report
+    from normexport.fuse import load_onnx
+
+    opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate")
+    load_onnx(fused)  # a clear error for a missing or corrupt file before loading PyTorch
+    loaded, specs = pipeline.prepare_model(model, opts)
+    pipeline.check_inputs_cover(fused, specs)
+    result = pipeline.validate_models(loaded, specs, unfused, fused, opts)
+    report.print_validation(report.console(), result)
+    if report_path:
+        report.write_json({"model": str(model), "fused": str(fused), "validation": result.to_json()}, report_path)
+    if not result.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("fused", type=click.Path(path_type=Path))
+@click.option("--unfused", type=click.Path(path_type=Path), help="The unfused ONNX export to time beside it (default: exported from MODEL).")
+@model_options
+@bench_options
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a bar chart of the latencies (PNG; needs matplotlib).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@_handle_errors
+def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, warmup, iters, backend, plot, report_path):
+    """Time PyTorch eager, the unfused and the FUSED ONNX model side by side, and the normalization share."""
+    import shutil
+    import tempfile
+
+    from normexport import pipeline, report
+    from normexport.fuse import load_onnx, save_onnx
+    from normexport.load import make_inputs
+
+    opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, warmup=warmup, iters=iters, backend=backend)
+    load_onnx(fused)
+    loaded, specs = pipeline.prepare_model(model, opts)
+    pipeline.check_inputs_cover(fused, specs)
+    feeds = [make_inputs(specs, seed + 1000 + i) for i in range(3)]
+    tmp = Path(tempfile.mkdtemp(prefix="normexport-bench-"))
+    try:
+        if unfused is None:
+            from normexport.export import export_onnx
+
+            exp = export_onnx(loaded, feeds[0])
+            unfused = tmp / "unfused.onnx"
+            save_onnx(exp.model, unfused)
+        result = pipeline.bench_models(loaded, unfused, fused, feeds, opts)
+    finally:
+        pass
+    try:
+        c = report.console()
+        report.print_bench(c, result)
+        if plot:
+            from normexport.plot import plot_bench
+
+            plot_bench(result, plot, title=f"{model.name}: latency ({backend}, {result.threads} threads)")
+            c.print(f"wrote [bold]{plot}[/bold]")
+        if report_path:
+            report.write_json({"model": str(model), "fused": str(fused), "bench": result.to_json()}, report_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules live beside the core (the plugin build, ln2rms)."""
+    try:
+        from normexport.plugin import plugin_cli
+
+        main.add_command(plugin_cli, "plugin")
+    except ImportError:
+        pass
+    try:
+        from normexport.ln2rms import ln2rms_command
+
+        main.add_command(_wrap_command(ln2rms_command), "ln2rms")
+    except ImportError:
+        pass
+
+
+def _wrap_command(cmd):
+    if cmd.callback is not None and not getattr(cmd.callback, "_normexport_wrapped", False):
+        cmd.callback = _handle_errors(cmd.callback)
+        cmd.callback._normexport_wrapped = True
+    return cmd
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

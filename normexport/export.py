@@ -1,0 +1,187 @@
+"""torch.onnx export: the dynamo exporter for nn.Modules and ExportedPrograms, the TorchScript
+exporter for ScriptModules (the only path that takes them). Batch and sequence dims are made
+dynamic where the model allows; where it does not, the export is static and says so."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from normexport.errors import NormexportError
+from normexport.load import LoadedModel
+
+TORCHSCRIPT_MAX_OPSET = 20
+DEFAULT_OPSET = 20
+
+
+@dataclass
+class ExportResult:
+    model: ir.Model
+    exporter: str  # "dynamo" | "torchscript"
+    opset: int
+    dynamic: bool
+    output_names: list[str]
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def export_onnx(loaded: LoadedModel, inputs: dict, opset: int | None = None, workdir: Path | None = None) -> ExportResult:
+    """Export ``loaded`` with example ``inputs`` (name -> tensor) and return the ONNX model."""
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    opset = opset or DEFAULT_OPSET
+    names = list(inputs)
+    args = tuple(inputs.values())
+    tmp = Path(tempfile.mkdtemp(prefix="normexport-export-", dir=workdir))
+    path = tmp / "model.onnx"
+    notes: list[str] = []
+    is_script = isinstance(loaded.module, torch.jit.ScriptModule)
+    try:
+        if is_script:
+            if opset > TORCHSCRIPT_MAX_OPSET:
+                raise NormexportError(
+                    f"a TorchScript model exports through torch's TorchScript exporter, which stops at opset {TORCHSCRIPT_MAX_OPSET}",
+                    f"use --opset {TORCHSCRIPT_MAX_OPSET} or lower (--target onnx raises the opset after export)",
+                )
+            _register_rms_norm_symbolic()
+            dynamic = _export_torchscript(loaded.module, args, names, path, opset)
+            exporter = "torchscript"
+        else:
+            exporter = "dynamo"
+            dynamic = _export_dynamo(loaded, args, names, path, opset, notes)
+        model = ir.load(str(path))
+        # External data: load it into memory now, the temp folder goes away.
+        for v in model.graph.initializers.values():
+            if v.const_value is not None and isinstance(v.const_value, ir.ExternalTensor):
+                v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    if model.opset_imports.get("", opset) != opset:
+        notes.append(f"the exporter wrote opset {model.opset_imports.get('')} (asked {opset})")
+    outs = [o.name for o in model.graph.outputs]
+    return ExportResult(model, exporter, model.opset_imports.get("", opset), dynamic, outs, time.perf_counter() - start, notes)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings; the report says what matters."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            warnings.simplefilter("ignore")
+            yield err
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _export_dynamo(loaded: LoadedModel, args, names, path: Path, opset: int, notes: list[str]) -> bool:
+    import torch
+
+    from normexport.load import dynamic_dims
+
+    if loaded.exported_program is not None:
+        ep = loaded.exported_program
+        with _quiet() as err:
+            try:
+                torch.onnx.export(ep, (), str(path), opset_version=opset, dynamo=True, optimize=True, external_data=True)
+            except Exception as e:
+                raise NormexportError(f"torch.onnx could not export the ExportedProgram: {_brief(e, err)}", "try another --opset") from None
+        dynamic = any(not isinstance(d, int) for n in ep.graph.nodes if n.op == "placeholder" and "val" in n.meta and hasattr(n.meta["val"], "shape") for d in n.meta["val"].shape)
+        return dynamic
+    module = loaded.module
+    shapes = {n: dynamic_dims(a) for n, a in zip(names, args)}
+    with _quiet() as err:
+        try:
+            torch.onnx.export(
+                module, args, str(path), input_names=names, dynamic_shapes=shapes, opset_version=opset, dynamo=True, optimize=True, external_data=True
+            )
+            return True
+        except Exception as first:
+            notes.append(f"dynamic batch/sequence export failed ({_brief(first, err)}); exported with static shapes")
+            try:
+                torch.onnx.export(module, args, str(path), input_names=names, opset_version=opset, dynamo=True, optimize=True, external_data=True)
+                return False
+            except Exception as e:
+                raise NormexportError(f"torch.onnx could not export the model: {_brief(e, err)}", "check the --input shapes and dtypes, or try another --opset") from None
+
+
+def _export_torchscript(module, args, names, path: Path, opset: int) -> bool:
+    import torch
+
+    from normexport.runners.torch_runner import flatten_outputs
+
+    with torch.inference_mode():
+        outs = flatten_outputs(module(*args))
+    out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    dyn = {n: {i: f"{n}_dim{i}" for i in range(min(2, a.dim()))} for n, a in zip(names, args) if a.dim() > 0}
+    dyn.update({n: {i: f"{n}_dim{i}" for i in range(min(2, o.dim()))} for n, o in zip(out_names, outs) if o.dim() > 0})
+    with _quiet() as err:
+        try:
+            torch.onnx.export(module, args, str(path), input_names=names, output_names=out_names, dynamic_axes=dyn, opset_version=opset, dynamo=False)
+            return True
+        except Exception as e:
+            raise NormexportError(f"torch's TorchScript exporter could not export the model: {_brief(e, err)}", "check the --input shapes and dtypes, or save the model as a state_dict and use --factory") from None
+
+
+def _brief(e: Exception, err=None) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "File ")):
+            return line[:240]
+    return type(e).__name__
+
+
+_RMS_NORM_REGISTERED = False
+
+
+def _register_rms_norm_symbolic() -> None:
+    """torch's TorchScript exporter has no aten::rms_norm (torch.nn.RMSNorm, F.rms_norm):
+    emit its decomposed chain (computed in fp32), which the fusion then turns into one node."""
+    global _RMS_NORM_REGISTERED
+    if _RMS_NORM_REGISTERED:
+        return
+    import torch
+    from torch.onnx import symbolic_helper as sh
+
+    def rms_norm(g, x, normalized_shape, weight, eps):
+        shape = sh._get_const(normalized_shape, "is", "normalized_shape")
+        eps_value = sh._get_const(eps, "f", "eps") if not sh._is_none(eps) else None
+        if eps_value is None:
+            eps_value = float(torch.finfo(torch.float32).eps)  # torch's default for fp32
+        axes = list(range(-len(shape), 0))
+        h = g.op("Cast", x, to_i=1)
+        sq = g.op("Mul", h, h)
+        opset = sh.GLOBALS.export_onnx_opset_version
+        if opset >= 18:
+            mean = g.op("ReduceMean", sq, g.op("Constant", value_t=torch.tensor(axes, dtype=torch.int64)), keepdims_i=1)
+        else:
+            mean = g.op("ReduceMean", sq, axes_i=axes, keepdims_i=1)
+        var = g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32)))
+        y = g.op("Div", h, g.op("Sqrt", var))
+        dtype = x.type().scalarType() if x.type().scalarType() else "Float"
+        onnx_dtype = {"Float": 1, "Half": 10, "BFloat16": 16, "Double": 11}.get(dtype, 1)
+        y = g.op("Cast", y, to_i=onnx_dtype)
+        if not sh._is_none(weight):
+            y = g.op("Mul", y, weight)
+        return y
+
+    for opset in range(9, TORCHSCRIPT_MAX_OPSET + 1):
+        torch.onnx.register_custom_op_symbolic("aten::rms_norm", rms_norm, opset)
+    _RMS_NORM_REGISTERED = True

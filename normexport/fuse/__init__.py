@@ -1,0 +1,202 @@
+"""Fuse every RMSNorm subgraph of an ONNX model into one node for a target runtime.
+
+    fuse_model(model, target) -> FuseReport     (model: onnx_ir.Model, rewritten in place)
+    fuse_file(src, dst, target) -> FuseReport   (atomic write, external data for > 2 GB)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.rewriter import _basics
+
+from normexport.errors import NormexportError
+from normexport.fuse import patterns as P
+from normexport.fuse.report import FuseReport, Skipped
+from normexport.fuse.targets import TARGET_OPS, TARGETS, lower
+
+__all__ = ["TARGETS", "TARGET_OPS", "FuseReport", "fuse_model", "fuse_file", "find_near_misses", "load_onnx", "save_onnx"]
+
+ONNX_TARGET_OPSET = 23
+MIN_IR_FOR_OPSET23 = 11
+
+
+def fuse_model(model: ir.Model, target: str = "ort") -> FuseReport:
+    """Rewrite ``model`` in place; every RMSNorm becomes one node of ``target``'s op."""
+    if target not in TARGETS:
+        raise NormexportError(f"unknown target '{target}'", f"one of {', '.join(TARGETS)}")
+    start = time.perf_counter()
+    report = FuseReport(target=target, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
+    if target == "onnx":
+        _raise_opset(model, report)
+    _infer_shapes(model)
+    log = P.FusionLog()
+    P.import_rules(log).apply_to_model(model)
+    if target != "decompose":  # decompose only un-fuses
+        P.core_rules(log).apply_to_model(model)
+    tails = P.tail_rules(log)
+    for _ in range(8):  # each pass absorbs at least one op per norm; a norm's tail is <= 4 ops
+        if tails.apply_to_model(model) == 0:
+            break
+    if target != "decompose":
+        report.skipped = find_near_misses(model)
+    lower(model, target, log)
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.RemoveUnusedOpsetsPass()(model)
+    if target == "decompose":
+        for f in log.fused:
+            f.op = "primitive ops"
+    report.fused_norms = log.fused
+    report.opset_after = model.opset_imports.get("")
+    report.nodes_after = _count(model)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _count(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph)
+
+
+def _raise_opset(model: ir.Model, report: FuseReport) -> None:
+    opset = model.opset_imports.get("", 1)
+    if opset >= ONNX_TARGET_OPSET:
+        return
+    from onnxscript import version_converter
+
+    try:
+        version_converter.convert_version(model, ONNX_TARGET_OPSET, fallback=True)
+    except Exception as e:  # the converter's own failure: the model cannot move to opset 23
+        raise NormexportError(
+            f"cannot raise the model's opset from {opset} to {ONNX_TARGET_OPSET} for RMSNormalization ({str(e).splitlines()[0][:200]})",
+            "use --target ort (SimplifiedLayerNormalization needs no opset change), or export at --opset 23",
+        ) from None
+    if model.opset_imports.get("", 1) < ONNX_TARGET_OPSET:
+        raise NormexportError(
+            f"cannot raise the model's opset from {opset} to {ONNX_TARGET_OPSET} for RMSNormalization",
+            "use --target ort, or export at --opset 23",
+        )
+    model.ir_version = max(model.ir_version or 0, MIN_IR_FOR_OPSET23)
+    report.notes.append(f"opset raised from {opset} to {ONNX_TARGET_OPSET} for RMSNormalization")
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    """Shapes let the checks prove that a scale broadcasts along the normalized dims only.
+    ONNX's inference cannot see into onnxruntime's own ops; it keeps what it cannot infer."""
+    try:
+        common_passes.ShapeInferencePass()(model)
+    except Exception:
+        pass  # shapes stay as the exporter wrote them; checks refuse what they cannot prove
+
+
+def find_near_misses(model: ir.Model) -> list[Skipped]:
+    """Every mean of a square that is still in the graph: the reason the pattern refused it.
+
+    The reason comes from the pattern itself (onnxscript's matcher and our checks) run on
+    the nodes downstream of the mean, so the report and the fusion cannot disagree."""
+    graph = model.graph
+    skipped = []
+    rules = list(P.core_rules(P.FusionLog()))
+    for node in graph:
+        if node.op_type != "ReduceMean" or node.domain != "":
+            continue
+        src = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        if src is None or not (src.op_type == "Pow" or (src.op_type == "Mul" and src.inputs[0] is src.inputs[1])):
+            continue
+        best, best_score = None, -1
+        for root in _downstream(node, depth=4):
+            if root.op_type not in ("Div", "Mul"):
+                continue
+            for rule in rules:
+                tracer = _basics.MatchingTracer()
+                rule.match(model, graph, root, tracer=tracer)
+                for info in tracer.best_matches_map.get(rule, []):
+                    if info.match_result.reason and info.score() > best_score:
+                        best, best_score = info.match_result.reason, info.score()
+        if best is None:
+            best = "a mean of squares not followed by + eps, a square root and a division of the same input"
+        skipped.append(Skipped(node.name or "ReduceMean", _plain(best)))
+    return skipped
+
+
+def _plain(reason: str) -> str:
+    if "other uses" in reason:
+        return "an intermediate value (the mean square, the root or the normalized input) has another consumer"
+    return reason
+
+
+def _downstream(node: ir.Node, depth: int):
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for out in n.outputs:
+                for use in out.uses():
+                    c = use.node
+                    if id(c) not in seen:
+                        seen.add(id(c))
+                        nxt.append(c)
+                        yield c
+        frontier = nxt
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def load_onnx(path: str | Path) -> ir.Model:
+    path = Path(path)
+    if not path.exists():
+        raise NormexportError(f"{path}: no such file", "check the path")
+    try:
+        return ir.load(str(path))
+    except Exception as e:
+        raise NormexportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})", "pass an .onnx file (with its external data next to it)") from None
+
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB limit
+
+
+def save_onnx(model: ir.Model, path: str | Path, external: bool | None = None) -> None:
+    """Write atomically: into a temp folder beside ``path``, then rename into place. Models
+    over ~2 GB get their weights in ``<name>.data`` next to the model."""
+    import os
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external is None:
+        external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        data_name = f"{path.name}.data"
+        tmp_model = tmpdir / path.name
+        if external:
+            ir.save(model, str(tmp_model), external_data=data_name)
+            os.replace(tmpdir / data_name, path.parent / data_name)
+        else:
+            ir.save(model, str(tmp_model))
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    total = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            total += v.const_value.nbytes
+    return total
+
+
+def fuse_file(src: str | Path, dst: str | Path, target: str = "ort") -> FuseReport:
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise NormexportError(f"refusing to write over the input {src}", "give another -o path")
+    model = load_onnx(src)
+    report = fuse_model(model, target)
+    save_onnx(model, dst)
+    return report

@@ -1,0 +1,295 @@
+"""One rewrite per target: the internal RMSNorm node into the op a runtime runs.
+
+Internal node semantics (see patterns.py): y = cast_out(rms(x) · scale + bias), with rms
+computed in ``stash_type`` over the dims from ``axis`` to the last.
+
+Every target computes the norm in fp32 (or fp64 where the model did) whatever the model's
+dtype, and gets X and scale of one dtype: the wider of the input's and the output's, so that
+no cast narrows a value before the norm (fp16 squares never overflow) and no fp32 output is
+rounded through fp16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from normexport.fuse.patterns import INTERNAL_DOMAIN, INTERNAL_OP, FusionLog, wider
+
+MS_DOMAIN = "com.microsoft"
+TRT_DOMAIN = "trt.plugins"
+TRT_PLUGIN_NAME = "RMSNorm"
+TRT_PLUGIN_VERSION = "1"
+TRT_PLUGIN_NAMESPACE = ""
+
+TARGETS = ("ort", "onnx", "trt-plugin", "decompose")
+TARGET_OPS = {
+    "ort": "SimplifiedLayerNormalization",
+    "onnx": "RMSNormalization",
+    "trt-plugin": TRT_PLUGIN_NAME,
+    "decompose": "primitive ops",
+}
+
+
+@dataclass
+class Lowered:
+    nodes: list[ir.Node]
+    old_nodes: list[ir.Node]
+    old_values: list[ir.Value]
+    new_values: list[ir.Value]
+    op: str
+    residual: bool = False
+
+
+class _Builder:
+    """Makes nodes and initializers with unique names next to one fused norm."""
+
+    def __init__(self, graph: ir.Graph, prefix: str):
+        self.graph = graph
+        self.prefix = prefix
+        self.nodes: list[ir.Node] = []
+        self._n = 0
+
+    def _name(self, what: str) -> str:
+        self._n += 1
+        return f"{self.prefix}/{what}_{self._n}"
+
+    def node(self, op_type: str, inputs, domain: str = "", num_outputs: int = 1, **attrs) -> ir.Node:
+        node = ir.Node(
+            domain,
+            op_type,
+            inputs,
+            attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items() if v is not None],
+            num_outputs=num_outputs,
+            name=self._name(op_type),
+        )
+        for i, out in enumerate(node.outputs):
+            out.name = f"{node.name}_out{i}"
+        self.nodes.append(node)
+        return node
+
+    def op(self, op_type: str, *inputs, domain: str = "", dtype: ir.DataType | None = None, shape=None, **attrs) -> ir.Value:
+        out = self.node(op_type, list(inputs), domain=domain, **attrs).outputs[0]
+        if dtype is not None:
+            out.dtype = dtype
+        if shape is not None:
+            out.shape = shape
+        return out
+
+    def const(self, array: np.ndarray, what: str) -> ir.Value:
+        value = ir.Value(name=self._name(what), shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+        value.const_value = ir.tensor(array, name=value.name)
+        self.graph.register_initializer(value)
+        return value
+
+    def cast(self, value: ir.Value, dtype: ir.DataType) -> ir.Value:
+        """Value in ``dtype``: constants are converted in place of a Cast node."""
+        if value.dtype == dtype:
+            return value
+        tensor = value.const_value if not value.is_graph_input() else None
+        if tensor is not None:
+            return self.const(tensor.numpy().astype(dtype.numpy()), f"{value.name}_as_{dtype.name.lower()}")
+        return self.op("Cast", value, to=int(dtype), dtype=dtype, shape=value.shape)
+
+
+def _normalized_shape(x: ir.Value, axis: int) -> list | None:
+    if x.shape is None:
+        return None
+    dims = list(x.shape)[axis:]
+    return dims if all(isinstance(d, int) for d in dims) else None
+
+
+def _scale_in(b: _Builder, x: ir.Value, scale: ir.Value | None, axis: int, dtype: ir.DataType, flat: bool) -> ir.Value:
+    """The scale as the fused op wants it: exactly the normalized shape (or flattened to one
+    dim for ops that normalize only the last dim) in ``dtype``; ones where there was none."""
+    dims = _normalized_shape(x, axis)
+    want = [int(np.prod(dims))] if (flat and dims is not None) else dims
+    if scale is None:
+        if want is not None:
+            return b.const(np.ones(want, dtype=dtype.numpy()), "ones_scale")
+        shape = b.op("Shape", x, start=axis, dtype=ir.DataType.INT64)
+        ones = ir.tensor(np.ones([1], dtype=dtype.numpy()))
+        return b.op("ConstantOfShape", shape, value=ones, dtype=dtype)
+    scale = b.cast(scale, dtype)
+    if want is not None and (scale.shape is None or list(scale.shape) != want):
+        if scale.const_value is not None and not scale.is_graph_input():
+            return b.const(scale.const_value.numpy().reshape(want), f"{scale.name}_reshaped")
+        target = b.const(np.array(want, dtype=np.int64), "scale_shape")
+        return b.op("Reshape", scale, target, dtype=dtype, shape=ir.Shape(want))
+    return scale
+
+
+def _residual_add(x: ir.Value, norm: ir.Node) -> ir.Node | None:
+    """The Add feeding the norm when it is a residual sum: two inputs of one shape (no
+    broadcasting), rank 2 or 3, float32 (what onnxruntime's CPU and CUDA kernels share)."""
+    add = x.producer()
+    if add is None or add.op_type != "Add" or add.domain != "":
+        return None
+    a, c = add.inputs
+    if a is None or c is None or a.shape is None or c.shape is None or x.shape is None:
+        return None
+    if x.dtype != ir.DataType.FLOAT or a.dtype != ir.DataType.FLOAT:
+        return None
+    if a.shape.rank() not in (2, 3) or list(a.shape) != list(c.shape) or list(a.shape) != list(x.shape):
+        return None
+    if any(not isinstance(d, int) and d.value is None for d in a.shape):
+        return None  # anonymous symbolic dims: equality unknown
+    if x.is_graph_output():
+        return None
+    return add
+
+
+def lower(model: ir.Model, target: str, log: FusionLog) -> list[Lowered]:
+    """Rewrite every internal node of ``model`` for ``target``; returns what was done."""
+    graph = model.graph
+    done = []
+    for node in list(graph):
+        if node.domain != INTERNAL_DOMAIN or node.op_type != INTERNAL_OP:
+            continue
+        entry = log.by_output.get(id(node.outputs[0]))
+        lowered = _lower_one(graph, node, target)
+        for n in lowered.nodes:
+            n.metadata_props["normexport.pattern"] = entry.pattern if entry else "rms"
+        final = lowered.new_values[0].producer()
+        if final is not None:  # where the norm's result is: validation's localisation reads it
+            final.metadata_props["normexport.role"] = "norm-output"
+            if entry is not None and entry.module:
+                final.metadata_props["normexport.module"] = entry.module
+        insertion = node
+        ir.convenience.replace_nodes_and_values(graph, insertion, lowered.old_nodes, lowered.nodes, lowered.old_values, lowered.new_values)
+        if entry is not None:
+            entry.name = lowered.nodes[0].name if lowered.nodes else node.name
+            entry.op = lowered.op
+            entry.residual = lowered.residual
+            entry.output = lowered.new_values[0].name
+        done.append(lowered)
+    if any(d.residual for d in done):
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    if target == "trt-plugin" and done:
+        model.opset_imports.setdefault(TRT_DOMAIN, 1)
+    graph.sort()
+    return done
+
+
+def _lower_one(graph: ir.Graph, node: ir.Node, target: str) -> Lowered:
+    inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
+    x, scale, bias = inputs[:3]
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    eps, axis, stash = float(attrs["epsilon"]), int(attrs["axis"]), int(attrs["stash_type"])
+    out_dtype = ir.DataType(int(attrs["out_dtype"]))
+    y_old = node.outputs[0]
+    b = _Builder(graph, (node.name or "rmsnorm").replace("/", "_") + "_fused")
+
+    if target == "decompose":
+        y = _decompose(b, x, scale, bias, eps, axis, ir.DataType(stash), out_dtype, graph)
+        return Lowered(b.nodes, [node], [y_old], [y], "primitive ops")
+
+    io = wider(x.dtype, out_dtype)  # one dtype for X, scale and Y
+    residual = None
+    if target in ("ort", "trt-plugin") and axis == -1 and io == x.dtype:
+        residual = _residual_add(x, node)
+    flat = target == "trt-plugin"  # the plugin normalizes the last dim only
+    gamma = _scale_in(b, x, scale, axis, io, flat=flat)
+    old_nodes, old_values, new_values = [node], [y_old], []
+
+    if target == "trt-plugin":
+        bias_in = b.cast(bias, io) if bias is not None else None
+        if bias_in is not None and bias_in.shape is not None and bias_in.shape.rank() != 1:
+            dims = _normalized_shape(x, axis)
+            bias_in = b.op("Reshape", bias_in, b.const(np.array([int(np.prod(dims))] if dims else [-1], np.int64), "bias_shape"), dtype=io)
+        x_in = b.cast(x, io)
+        x_in, unflatten = _flatten_trailing(b, x_in, axis, io)
+        # Inputs in the plugin's order: x, gamma, then the residual and the bias where present
+        # (has_residual / has_bias say which); TensorRT has no empty optional inputs.
+        plugin_inputs = [x_in, gamma]
+        if residual is not None:
+            plugin_inputs = [residual.inputs[0], gamma, residual.inputs[1]]
+        if bias_in is not None:
+            plugin_inputs.append(bias_in)
+        plug = b.node(
+            TRT_PLUGIN_NAME,
+            plugin_inputs,
+            domain=TRT_DOMAIN,
+            num_outputs=2 if residual is not None else 1,
+            plugin_version=TRT_PLUGIN_VERSION,
+            plugin_namespace=TRT_PLUGIN_NAMESPACE,
+            epsilon=eps,
+            has_residual=int(residual is not None),
+            has_bias=int(bias_in is not None),
+        )
+        y = plug.outputs[0]
+        y.dtype, y.shape = io, x_in.shape
+        y = unflatten(y)
+        if residual is not None:
+            plug.outputs[1].dtype, plug.outputs[1].shape = x.dtype, x.shape
+            old_nodes.append(residual)
+            old_values.append(residual.outputs[0])
+        y = b.cast(y, out_dtype)
+        new_values = [y] + ([plug.outputs[1]] if residual is not None else [])
+        return Lowered(b.nodes, old_nodes, old_values, new_values, TRT_PLUGIN_NAME, residual is not None)
+
+    if residual is not None and target == "ort":
+        skip = b.node(
+            "SkipSimplifiedLayerNormalization",
+            [residual.inputs[0], residual.inputs[1], gamma],
+            domain=MS_DOMAIN,
+            num_outputs=4,
+            epsilon=eps,
+        )
+        y = skip.outputs[0]
+        y.dtype, y.shape = io, x.shape
+        total = skip.outputs[3]
+        total.dtype, total.shape = x.dtype, x.shape
+        skip.outputs[1].name = skip.outputs[2].name = ""  # unused optional outputs
+        old_nodes.append(residual)
+        y = _finish(b, y, out_dtype, bias)
+        return Lowered(b.nodes, old_nodes, [y_old, residual.outputs[0]], [y, total], "SkipSimplifiedLayerNormalization", True)
+
+    op_type = "SimplifiedLayerNormalization" if target == "ort" else "RMSNormalization"
+    y = b.op(op_type, b.cast(x, io), gamma, axis=axis, epsilon=eps, stash_type=stash, dtype=io, shape=x.shape)
+    y = _finish(b, y, out_dtype, bias)
+    return Lowered(b.nodes, old_nodes, old_values, [y], op_type)
+
+
+def _finish(b: _Builder, y: ir.Value, out_dtype: ir.DataType, bias: ir.Value | None) -> ir.Value:
+    y = b.cast(y, out_dtype)
+    if bias is not None:
+        y = b.op("Add", y, b.cast(bias, out_dtype), dtype=out_dtype, shape=y.shape)
+    return y
+
+
+def _flatten_trailing(b: _Builder, x: ir.Value, axis: int, dtype: ir.DataType):
+    """For ops that normalize only the last dim: merge the normalized dims into one, and
+    give back a function that restores the original shape."""
+    if axis == -1:
+        return x, lambda y: y
+    rank = x.shape.rank() if x.shape is not None else None
+    if rank is None:
+        raise ValueError("multi-axis norm of unknown rank")  # the caller's check excludes it
+    flat_shape = b.const(np.array([0] * (rank + axis) + [-1], np.int64), "flat_shape")
+    flat = b.op("Reshape", x, flat_shape, dtype=dtype)
+    orig_shape = b.op("Shape", x, dtype=ir.DataType.INT64)
+    return flat, lambda y: b.op("Reshape", y, orig_shape, dtype=dtype, shape=x.shape)
+
+
+def _decompose(b, x, scale, bias, eps, axis, stash, out_dtype, graph) -> ir.Value:
+    """The norm as primitive ops (opset-aware ReduceMean), computing in ``stash``."""
+    opset = graph.opset_imports.get("", 17)
+    h = b.cast(x, stash) if x.dtype != stash else x
+    rank = x.shape.rank() if x.shape is not None else None
+    axes = list(range(axis, 0)) if rank is None else list(range(axis, 0))
+    sq = b.op("Mul", h, h, dtype=stash)
+    if opset >= 18:
+        mean = b.op("ReduceMean", sq, b.const(np.array(axes, np.int64), "axes"), keepdims=1, dtype=stash)
+    else:
+        mean = b.op("ReduceMean", sq, axes=axes, keepdims=1, dtype=stash)
+    var = b.op("Add", mean, b.const(np.array(eps, dtype=stash.numpy()), "eps"), dtype=stash)
+    inv = b.op("Reciprocal", b.op("Sqrt", var, dtype=stash), dtype=stash)
+    y = b.op("Mul", h, inv, dtype=stash, shape=x.shape)
+    if scale is not None:
+        y = b.op("Mul", y, b.cast(scale, stash), dtype=stash, shape=x.shape)
+    if bias is not None:
+        y = b.op("Add", y, b.cast(bias, stash), dtype=stash, shape=x.shape)
+    return b.cast(y, out_dtype)

@@ -1,0 +1,317 @@
+"""The stages wired together: load -> export -> fuse -> validate -> bench -> report.
+
+``convert`` is the whole chain; ``validate_models`` and ``bench_models`` are the stages the
+``validate`` and ``bench`` commands enter on their own (``convert`` calls the same code).
+The CLI only parses options, calls one of these and prints the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from normexport.errors import NormexportError
+from normexport.fuse import FuseReport, fuse_model, load_onnx, save_onnx
+from normexport.load import InputSpec, LoadedModel, load_model, make_inputs
+
+LARGE_INPUT_SCALE = 300.0  # fp16/bf16 draws whose squares overflow fp16 (300² > 65504)
+
+
+@dataclass
+class Options:
+    target: str = "ort"
+    opset: int | None = None
+    inputs: list[InputSpec] = field(default_factory=list)
+    factory: str | None = None
+    trust_pickle: bool = False
+    output: Path | None = None
+    dtype: str | None = None
+    validate: bool = True
+    bench: bool = True
+    backend: str = "ort-cpu"
+    atol: float | None = None
+    rtol: float | None = None
+    samples: int = 2
+    seed: int = 0
+    warmup: int = 5
+    iters: int = 30
+    threads: int | None = None
+    keep_failed: bool = False
+    localize: bool = True
+
+
+@dataclass
+class ConvertReport:
+    model: str
+    target: str
+    output: str | None
+    kind: str = ""
+    exporter: str = ""
+    opset: int | None = None
+    dynamic: bool = False
+    inputs: list[dict] = field(default_factory=list)
+    fusion: FuseReport | None = None
+    validation: object = None  # ValidationReport
+    bench: object = None  # BenchReport
+    steps: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    written: bool = False
+
+    def to_json(self) -> dict:
+        fusion = self.fusion.to_json() if self.fusion else None
+        out = {
+            "model": self.model,
+            "target": self.target,
+            "output": self.output if self.written else None,
+            "kind": self.kind,
+            "exporter": self.exporter,
+            "opset": self.opset,
+            "dynamic_shapes": self.dynamic,
+            "inputs": self.inputs,
+            "fusion": fusion,
+            "validation": self.validation.to_json() if self.validation is not None else None,
+            "latency_ms": None,
+            "bench": None,
+            "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
+            "notes": self.notes,
+        }
+        if self.bench is not None:
+            b = self.bench.to_json()
+            out["bench"] = b
+            out["latency_ms"] = b["latency_ms"]
+        return out
+
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def default_output(model: Path, target: str) -> Path:
+    return model.with_name(f"{model.stem}.{target}.onnx")
+
+
+def prepare_model(path: Path, opts: Options) -> tuple[LoadedModel, list[InputSpec]]:
+    """Load, apply --input and --dtype; the specs the rest of the run draws inputs from."""
+    loaded = load_model(path, factory=opts.factory, trust_pickle=opts.trust_pickle).with_inputs(opts.inputs or None)
+    specs = loaded.require_specs()
+    if opts.dtype:
+        specs = apply_dtype(loaded, specs, opts.dtype)
+    return loaded, specs
+
+
+def apply_dtype(loaded: LoadedModel, specs: list[InputSpec], dtype: str) -> list[InputSpec]:
+    import torch
+
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise NormexportError(f"unknown --dtype '{dtype}'", "one of float32, float16, bfloat16")
+    if loaded.exported_program is not None:
+        raise NormexportError("--dtype cannot convert a torch.export archive (its graph is fixed)", "export it in that dtype, or give a state_dict with --factory")
+    loaded.module.to(getattr(torch, dtype))
+    return [InputSpec(s.name, dtype, s.shape, s.low, s.high) if s.is_float else s for s in specs]
+
+
+def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) -> ConvertReport:
+    path = Path(path)
+    out = Path(opts.output) if opts.output else default_output(path, opts.target)
+    if out.exists() and out.resolve() == path.resolve():
+        raise NormexportError(f"refusing to write over the input {path}", "give another -o path")
+    from normexport.fuse import TARGETS
+
+    if opts.target not in TARGETS:
+        raise NormexportError(f"unknown target '{opts.target}'", f"one of {', '.join(TARGETS)}")
+    report = ConvertReport(model=str(path), target=opts.target, output=str(out))
+
+    t = time.perf_counter()
+    progress(f"loading {path}")
+    loaded, specs = prepare_model(path, opts)
+    report.kind = loaded.kind
+    report.notes += loaded.notes
+    report.inputs = [s.to_json() for s in specs]
+    report.steps["load"] = time.perf_counter() - t
+
+    workdir = Path(tempfile.mkdtemp(prefix="normexport-"))
+    try:
+        t = time.perf_counter()
+        progress(f"exporting ({'TorchScript' if loaded.kind == 'torchscript' else 'dynamo'} exporter)")
+        from normexport.export import export_onnx
+
+        example = make_inputs(specs, opts.seed)
+        exp = export_onnx(loaded, example, opts.opset)
+        report.exporter, report.opset, report.dynamic = exp.exporter, exp.opset, exp.dynamic
+        report.notes += exp.notes
+        unfused_path = workdir / "unfused.onnx"
+        save_onnx(exp.model, unfused_path)
+        report.steps["export"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        progress(f"fusing RMSNorm for target {opts.target}")
+        model = load_onnx(unfused_path)
+        fusion = fuse_model(model, opts.target)
+        report.fusion = fusion
+        if fusion.fused == 0:
+            reasons = "; ".join(sorted({s.reason for s in fusion.skipped}))[:300]
+            raise NormexportError(
+                f"no RMSNorm found in {path}" + (f" ({len(fusion.skipped)} near-miss(es): {reasons})" if fusion.skipped else ""),
+                "normexport fuses x / sqrt(mean(x²) + eps) · g; run `normexport inspect` to see what it sees",
+            )
+        fused_path = workdir / "fused.onnx"
+        save_onnx(model, fused_path)
+        report.steps["fuse"] = time.perf_counter() - t
+
+        feeds = None
+        if opts.validate:
+            t = time.perf_counter()
+            progress(f"validating against PyTorch ({opts.samples} sample(s))")
+            report.validation = validate_models(loaded, specs, unfused_path, fused_path, opts, fusion)
+            report.steps["validate"] = time.perf_counter() - t
+        if opts.bench:
+            t = time.perf_counter()
+            progress(f"benchmarking ({opts.iters} runs each)")
+            feeds = feeds or [make_inputs(specs, opts.seed + 1000 + i) for i in range(3)]
+            report.bench = bench_models(loaded, unfused_path, fused_path, feeds, opts)
+            report.steps["bench"] = time.perf_counter() - t
+
+        passed = report.validation is None or report.validation.passed
+        if passed or opts.keep_failed:
+            shutil.copyfile(fused_path, _tmp_beside(out))
+            os.replace(_tmp_beside(out), out)
+            report.written = True
+        else:
+            report.notes.append(f"validation failed: {out} not written (--keep-failed writes it anyway)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def _tmp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validate
+
+
+def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path | None, fused: Path, opts: Options, fusion: FuseReport | None = None):
+    """PyTorch vs the unfused export (when given) vs the fused model, on ``opts.samples``
+    seeded draws (plus large-magnitude draws for fp16/bf16 inputs), with onnxruntime's graph
+    optimizations off so that its own fusions cannot hide or fake ours."""
+    from normexport.runners import TorchRunner, make_onnx_runner
+    from normexport.runners.torch_runner import to_numpy
+    from normexport.validate import ValidationReport, compare_outputs, keep_worst
+
+    if opts.target == "trt-plugin" and opts.backend != "trt":
+        from normexport.validate import ValidationReport
+
+        return ValidationReport(
+            passed=True, samples=0, outputs=[], unfused=[], backend=opts.backend,
+            notes=["not validated: trt-plugin nodes run only on TensorRT (use --backend trt on a machine with TensorRT)"],
+        )
+    draws = [(opts.seed + i, 1.0) for i in range(opts.samples)]
+    if any(s.dtype in ("float16", "bfloat16") for s in specs):
+        draws.append((opts.seed + opts.samples, LARGE_INPUT_SCALE))
+    fused_acc, unfused_acc, cross_acc = {}, {}, {}
+    feeds = []
+    with contextlib.ExitStack() as stack:
+        fused_runner = stack.enter_context(make_onnx_runner(fused, opts.backend, optimize=False, threads=opts.threads))
+        unfused_runner = stack.enter_context(make_onnx_runner(unfused, "ort-cpu", optimize=False, threads=opts.threads)) if unfused else None
+        torch_runner = stack.enter_context(TorchRunner(loaded.module, [s.name for s in specs], fused_runner.output_names, threads=opts.threads))
+        for i, (seed, scale) in enumerate(draws):
+            feed = {k: to_numpy(v) for k, v in make_inputs(specs, seed, scale).items()}
+            feeds.append(feed)
+            ref = torch_runner.infer(feed)
+            got = fused_runner.infer(feed)
+            keep_worst(fused_acc, compare_outputs(ref, got, opts.atol, opts.rtol, sample=i))
+            if unfused_runner is not None:
+                base = unfused_runner.infer(feed)
+                keep_worst(unfused_acc, compare_outputs(ref, base, opts.atol, opts.rtol, sample=i))
+                keep_worst(cross_acc, compare_outputs(base, got, opts.atol, opts.rtol, sample=i))
+    outputs = list(fused_acc.values())
+    report = ValidationReport(
+        passed=all(c.passed for c in outputs),
+        samples=len(draws),
+        outputs=outputs,
+        unfused=list(unfused_acc.values()),
+        fused_vs_unfused=list(cross_acc.values()),
+        backend=opts.backend,
+    )
+    if len(draws) > opts.samples:
+        report.notes.append(f"sample {opts.samples} draws float inputs at scale {LARGE_INPUT_SCALE:g} (fp16 squares overflow there)")
+    if unfused_acc and not all(c.passed for c in unfused_acc.values()):
+        report.notes.append("the unfused export already differs from PyTorch: the exporter, not the fusion, is off")
+    if not report.passed and opts.localize:
+        from normexport.localize import localize
+
+        worst = report.worst
+        feed = feeds[worst.sample] if worst is not None and worst.sample < len(feeds) else feeds[0]
+        try:
+            report.norms, report.first_divergence = localize(loaded, [s.name for s in specs], fused, feed, opts)
+        except NormexportError as e:
+            report.notes.append(f"could not localise the divergence: {e.message}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Bench
+
+
+def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, feeds: list[dict], opts: Options):
+    """Latency of the variants side by side (interleaved rounds), and the normalization share."""
+    import torch
+
+    from normexport.bench import BenchReport, feeds_numpy, interleaved, norm_share, unfused_norm_node_names
+    from normexport.runners import TorchRunner, make_onnx_runner
+
+    threads = opts.threads or torch.get_num_threads()
+    np_feeds = feeds_numpy(feeds)
+    report = BenchReport(threads=threads, warmup=opts.warmup, iters=opts.iters, input_sets=len(feeds))
+    runners = {}
+    if loaded is not None:
+        runners["torch"] = TorchRunner(loaded.module, list(feeds[0]), threads=threads)
+    if unfused is not None:
+        runners["onnx_unfused"] = make_onnx_runner(unfused, "ort-cpu" if opts.backend == "ort-cpu" else opts.backend, optimize=True, threads=threads)
+    runners["onnx_fused"] = make_onnx_runner(fused, opts.backend, optimize=True, threads=threads)
+    entered = []
+    try:
+        for r in runners.values():
+            r.__enter__()
+            entered.append(r)
+        report.latency_ms = interleaved(runners, np_feeds, opts.warmup, opts.iters)
+    finally:
+        for r in entered:
+            r.__exit__(None, None, None)
+    if opts.backend.startswith("ort"):
+        prof_iters = max(5, min(opts.iters, 20))
+        if unfused is not None:
+            report.norm_share["onnx_unfused"] = norm_share(unfused, np_feeds, threads, prof_iters, unfused_norm_node_names(unfused))
+        report.norm_share["onnx_fused"] = norm_share(fused, np_feeds, threads, prof_iters)
+    report.notes.append("onnxruntime with its default graph optimizations (as deployed); PyTorch eager in inference_mode")
+    return report
+
+
+def check_inputs_cover(model_path: Path, specs: list[InputSpec]) -> None:
+    """The ONNX model's inputs must all have a spec (validate/bench on a given ONNX file)."""
+    import onnx
+
+    m = onnx.load_model(str(model_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    names = [i.name for i in m.graph.input if i.name not in inits]
+    missing = [n for n in names if n not in {s.name for s in specs}]
+    if missing:
+        raise NormexportError(f"{model_path} takes input(s) {', '.join(missing)} that have no spec", "name them as the ONNX model does with --input NAME:DTYPE:SHAPE")
+
+
+def numpy_feed(feed: dict) -> dict[str, np.ndarray]:
+    from normexport.runners.torch_runner import to_numpy
+
+    return {k: to_numpy(v) for k, v in feed.items()}

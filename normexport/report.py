@@ -1,0 +1,120 @@
+"""Print reports as rich tables; write them as JSON (atomically)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from normexport.load import atomic_write
+
+
+def console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr, highlight=False)
+    if not c.is_terminal:  # piped or captured: don't squeeze the tables into 80 columns
+        c = Console(stderr=stderr, highlight=False, width=160)
+    return c
+
+
+def write_json(data: dict, path: str | Path) -> None:
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def _fmt(v, digits=3) -> str:
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return "-"
+    if v == float("inf"):
+        return "inf"
+    if v == 0:
+        return "0"
+    if abs(v) < 1e-3 or abs(v) >= 1e5:
+        return f"{v:.2e}"
+    return f"{v:.{digits}g}"
+
+
+def print_fusion(c: Console, fusion, title: str = "Fusion") -> None:
+    t = Table(title=f"{title}: {fusion.fused} RMSNorm fused for target '{fusion.target}'", title_justify="left")
+    t.add_column("pattern")
+    t.add_column("count", justify="right")
+    for name, n in sorted(fusion.patterns.items()):
+        t.add_row(name, str(n))
+    ops = {}
+    for f in fusion.fused_norms:
+        ops[f.op] = ops.get(f.op, 0) + 1
+    for op, n in ops.items():
+        t.add_row(f"[dim]-> {op}[/dim]", f"[dim]{n}[/dim]")
+    c.print(t)
+    if fusion.skipped:
+        s = Table(title=f"Left alone: {len(fusion.skipped)} near-miss(es)", title_justify="left")
+        s.add_column("node")
+        s.add_column("reason")
+        for sk in fusion.skipped:
+            s.add_row(sk.node, sk.reason)
+        c.print(s)
+    for note in fusion.notes:
+        c.print(f"[dim]note: {note}[/dim]")
+    c.print(f"[dim]nodes {fusion.nodes_before} -> {fusion.nodes_after}, opset {fusion.opset_before} -> {fusion.opset_after}, {fusion.seconds:.2f} s[/dim]")
+
+
+def print_validation(c: Console, v) -> None:
+    if v is None:
+        return
+    status = "[green]PASSED[/green]" if v.passed else "[bold red]FAILED[/bold red]"
+    t = Table(title=f"Validation vs PyTorch ({v.backend}, {v.samples} sample(s), graph optimizations off): {status}", title_justify="left")
+    for col in ("output", "run", "max abs", "max rel", "mean abs", "cosine", "min atol", "min rtol", "atol/rtol", "ok"):
+        t.add_column(col, justify="right" if col not in ("output", "run") else "left")
+    rows = [("fused", c_) for c_ in v.outputs] + [("unfused", c_) for c_ in v.unfused]
+    for run, cmp in rows:
+        t.add_row(
+            cmp.name, run, _fmt(cmp.max_abs), _fmt(cmp.max_rel), _fmt(cmp.mean_abs), f"{cmp.cosine:.6f}" if cmp.cosine == cmp.cosine else "nan",
+            _fmt(cmp.min_atol), _fmt(cmp.min_rtol), f"{_fmt(cmp.atol)}/{_fmt(cmp.rtol)}",
+            "[green]yes[/green]" if cmp.passed else f"[red]NO{' (NaN/Inf x' + str(cmp.nonfinite_mismatch) + ')' if cmp.nonfinite_mismatch else ''}[/red]",
+        )
+    c.print(t)
+    if not v.passed and v.worst is not None:
+        w = v.worst
+        c.print(f"[red]worst output: {w.name}: max abs {_fmt(w.max_abs)}, max rel {_fmt(w.max_rel)} at index {w.worst_index} (sample {w.sample}); needs atol >= {_fmt(w.min_atol)} or rtol >= {_fmt(w.min_rtol)}[/red]")
+    if v.first_divergence is not None:
+        d = v.first_divergence
+        c.print(f"[red]first diverging norm: #{d.index} {d.module or '?'} (ONNX {d.onnx_node}): max abs {_fmt(d.max_abs)}, max rel {_fmt(d.max_rel)}, cosine {d.cosine:.6f}[/red]")
+    elif not v.passed and v.norms:
+        c.print("[yellow]every fused norm matches its PyTorch module: the divergence is elsewhere[/yellow]")
+    for note in v.notes:
+        c.print(f"[dim]note: {note}[/dim]")
+
+
+def print_bench(c: Console, b) -> None:
+    if b is None:
+        return
+    t = Table(title=f"Latency ({b.threads} thread(s), {b.warmup} warm-up, {b.iters} runs, {b.input_sets} input sets rotated)", title_justify="left")
+    for col in ("variant", "median ms", "p90 ms", "min ms", "runs/s", "vs unfused", "norm share"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    base = b.latency_ms.get("onnx_unfused")
+    for name, lat in b.latency_ms.items():
+        ratio = f"{lat.median / base.median:.2f}x" if base is not None and base.median > 0 else "-"
+        share = b.norm_share.get(name)
+        t.add_row(name, _fmt(lat.median, 4), _fmt(lat.p90, 4), _fmt(lat.min, 4), _fmt(lat.runs_per_s, 4), ratio, f"{share:.1%}" if share is not None else "-")
+    c.print(t)
+    r = b.ratio("onnx_fused", "onnx_unfused")
+    if r is not None:
+        c.print(f"fused / unfused median latency: [bold]{r:.3f}[/bold] ({(1 - r) * 100:+.1f}% time saved)" if r < 1 else f"fused / unfused median latency: [bold]{r:.3f}[/bold] (no gain in this run)")
+
+
+def print_convert(c: Console, r) -> None:
+    c.print(f"[bold]{r.model}[/bold] ({r.kind}) -> {r.exporter} exporter, opset {r.opset}, {'dynamic batch/sequence' if r.dynamic else 'static shapes'}")
+    c.print("inputs: " + ", ".join(f"{i['name']}:{i['dtype']}:{'x'.join(map(str, i['shape']))}" for i in r.inputs))
+    if r.fusion:
+        print_fusion(c, r.fusion)
+    print_validation(c, r.validation)
+    print_bench(c, r.bench)
+    for note in r.notes:
+        c.print(f"[dim]note: {note}[/dim]")
+    steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.steps.items())
+    c.print(f"[dim]{steps}[/dim]")
+    if r.written:
+        c.print(f"wrote [bold]{r.output}[/bold]")

@@ -1,0 +1,78 @@
+"""onnxruntime: CPU now; the CUDA and TensorRT providers where onnxruntime-gpu is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from normexport.errors import NormexportError
+from normexport.runners.base import Runner
+
+PROVIDERS = {
+    "ort-cpu": ["CPUExecutionProvider"],
+    "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class OrtRunner(Runner):
+    """``optimize=False`` disables onnxruntime's graph optimizations, so that its own fusions
+    can neither hide nor fake ours (validation); ``True`` is what a user deploys (bench)."""
+
+    def __init__(self, model: str | Path | bytes, backend: str = "ort-cpu", optimize: bool = True, threads: int | None = None, profile_prefix: str | None = None):
+        self.model = model
+        self.backend = backend
+        self.optimize = optimize
+        self.threads = threads
+        self.profile_prefix = profile_prefix
+        self.name = f"{backend}{'' if optimize else ' (no graph opt)'}"
+        self.session = None
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+
+        wanted = PROVIDERS[self.backend]
+        available = ort.get_available_providers()
+        if wanted[0] not in available:
+            raise NormexportError(
+                f"backend {self.backend} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks (it has {', '.join(available)})",
+                "install onnxruntime-gpu in place of onnxruntime (pip uninstall onnxruntime && pip install 'normexport[gpu]')",
+            )
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        if self.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.profile_prefix
+        model = str(self.model) if isinstance(self.model, Path) else self.model
+        try:
+            self.session = ort.InferenceSession(model, so, providers=wanted)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise NormexportError(f"onnxruntime cannot load the model: {msg}", "check the target matches your runtime (--target decompose for runtimes without the fused op)") from None
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    def end_profiling(self) -> str | None:
+        return self.session.end_profiling() if self.session is not None and self.profile_prefix else None
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = self.input_names
+        missing = [n for n in names if n not in feed]
+        if missing:
+            raise NormexportError(f"the ONNX model wants input(s) {', '.join(missing)}, the feed has {', '.join(feed)}", "name the inputs as the model does (--input NAME:...)")
+        outs = self.session.run(None, {n: feed[n] for n in names})
+        return dict(zip(self.output_names, outs))
