@@ -118,3 +118,29 @@ def print_convert(c: Console, r) -> None:
     c.print(f"[dim]{steps}[/dim]")
     if r.written:
         c.print(f"wrote [bold]{r.output}[/bold]")
+
+
+def print_inspect(c: Console, r: dict) -> None:
+    c.print(f"[bold]{r['model']}[/bold] ({r['kind']})")
+    if r.get("modules"):
+        t = Table(title="PyTorch norm modules", title_justify="left")
+        for col in ("module", "class", "eps", "weight", "status", "reason"):
+            t.add_column(col)
+        for m in r["modules"]:
+            t.add_row(m["module"], m["class"], _fmt(m["eps"]) if m["eps"] is not None else "-", str(m["weight"] or "-"), m["status"], m["reason"])
+        c.print(t)
+    t = Table(title=f"RMSNorm subgraphs normexport fuses: {len(r['norms'])}", title_justify="left")
+    for col in ("#", "module", "pattern", "eps", "axis", "dtype", "scale", "bias", "residual"):
+        t.add_column(col)
+    for i, n in enumerate(r["norms"]):
+        t.add_row(str(i), n["module"] or "-", n["pattern"], _fmt(n["epsilon"]), str(n["axis"]), n["dtype"], "yes" if n["scale"] else "no", "yes" if n["bias"] else "no", "yes" if n["residual"] else "no")
+    c.print(t)
+    if r["near_misses"]:
+        t = Table(title=f"Near-misses (left alone): {len(r['near_misses'])}", title_justify="left")
+        for col in ("node", "module", "reason"):
+            t.add_column(col)
+        for s in r["near_misses"]:
+            t.add_row(s["node"], s.get("module") or "-", s["reason"])
+        c.print(t)
+    for note in r.get("notes", []):
+        c.print(f"[dim]note: {note}[/dim]")

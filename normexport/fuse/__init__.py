@@ -34,6 +34,8 @@ def fuse_model(model: ir.Model, target: str = "ort") -> FuseReport:
         _raise_opset(model, report)
     _infer_shapes(model)
     log = P.FusionLog()
+    _count_plugin_nodes(model, log)
+    _import_skip_nodes(model, log)
     P.import_rules(log).apply_to_model(model)
     if target != "decompose":  # decompose only un-fuses
         P.core_rules(log).apply_to_model(model)
@@ -54,6 +56,60 @@ def fuse_model(model: ir.Model, target: str = "ort") -> FuseReport:
     report.nodes_after = _count(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _count_plugin_nodes(model: ir.Model, log: P.FusionLog) -> None:
+    """TensorRT plugin nodes from an earlier fusion stay as they are (only TensorRT runs
+    them), and count as fused norms."""
+    from normexport.fuse.targets import TRT_DOMAIN, TRT_PLUGIN_NAME
+
+    for node in model.graph:
+        if node.domain == TRT_DOMAIN and node.op_type == TRT_PLUGIN_NAME:
+            eps = node.attributes.get("epsilon")
+            entry = P.FusedNorm(node.name, "RMSNorm plugin (already fused)", float(eps.value) if eps else 1e-5, -1,
+                                (node.outputs[0].dtype or ir.DataType.FLOAT).name, scale=True, op=TRT_PLUGIN_NAME,
+                                module=node.metadata_props.get("normexport.module", ""), output=node.outputs[0].name)
+            log.fused.append(entry)
+
+
+def _import_skip_nodes(model: ir.Model, log: P.FusionLog) -> None:
+    """onnxruntime's SkipSimplifiedLayerNormalization -> Add + the internal norm, so that a
+    fused model can be fused again (same result), retargeted or decomposed. Its optional
+    mean / inv_std_var outputs must be unused; its sum output becomes the Add's."""
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
+            continue
+        outs = list(node.outputs)
+        if any(o.uses() or o.is_graph_output() for o in outs[1:3]):
+            continue
+        a, b, gamma = node.inputs[:3]
+        bias = node.inputs[3] if len(node.inputs) > 3 else None
+        eps = node.attributes.get("epsilon")
+        eps = float(eps.value) if eps is not None else 1e-12
+        total = ir.Node("", "Add", [a, b], name=f"{node.name}_sum")
+        total.outputs[0].dtype, total.outputs[0].shape = a.dtype, a.shape
+        new = [total]
+        if bias is not None:
+            with_bias = ir.Node("", "Add", [total.outputs[0], bias], name=f"{node.name}_sum_bias")
+            with_bias.outputs[0].dtype, with_bias.outputs[0].shape = a.dtype, a.shape
+            new.append(with_bias)
+        x = new[-1].outputs[0]
+        y = outs[0]
+        norm = ir.Node(
+            P.INTERNAL_DOMAIN, P.INTERNAL_OP, [x, gamma],
+            attributes=[ir.AttrFloat32("epsilon", eps), ir.AttrInt64("axis", -1), ir.AttrInt64("stash_type", int(ir.DataType.FLOAT)), ir.AttrInt64("out_dtype", int(y.dtype or a.dtype))],
+            name=f"{node.name}_norm",
+        )
+        norm.outputs[0].dtype, norm.outputs[0].shape = y.dtype or a.dtype, y.shape
+        new.append(norm)
+        old_values, new_values = [y], [norm.outputs[0]]
+        if len(outs) > 3:
+            old_values.append(outs[3])
+            new_values.append(x)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new, old_values, new_values)
+        module = node.metadata_props.get("normexport.module", "")
+        log.record(norm.outputs[0], P.FusedNorm("", "SkipSimplifiedLayerNormalization (already fused)", eps, -1, (y.dtype or a.dtype).name, scale=True, module=module))
 
 
 def _count(model: ir.Model) -> int:
@@ -117,7 +173,7 @@ def find_near_misses(model: ir.Model) -> list[Skipped]:
                         best, best_score = info.match_result.reason, info.score()
         if best is None:
             best = "a mean of squares not followed by + eps, a square root and a division of the same input"
-        skipped.append(Skipped(node.name or "ReduceMean", _plain(best)))
+        skipped.append(Skipped(node.name or "ReduceMean", _plain(best), P.module_path(node)))
     return skipped
 
 

@@ -12,6 +12,7 @@ from normexport.fuse.patterns import FusedNorm
 class Skipped:
     node: str
     reason: str
+    module: str = ""
 
 
 @dataclass

@@ -136,8 +136,6 @@ def _residual_add(x: ir.Value, norm: ir.Node) -> ir.Node | None:
         return None
     if any(not isinstance(d, int) and d.value is None for d in a.shape):
         return None  # anonymous symbolic dims: equality unknown
-    if x.is_graph_output():
-        return None
     return add
 
 
