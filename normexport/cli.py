@@ -126,7 +126,9 @@ def convert(model, output, target, opset, inputs, factory, trust_pickle, dtype, 
         warmup=warmup, iters=iters, threads=threads, keep_failed=keep_failed,
     )
     err = report.console(stderr=True)
-    result = pipeline.convert(model, opts, progress=lambda s: err.print(f"[dim]... {s}[/dim]"))
+    # Progress only on an interactive terminal: piped, the only stderr lines are errors.
+    progress = (lambda s: err.print(f"[dim]... {s}[/dim]")) if err.is_terminal else (lambda s: None)
+    result = pipeline.convert(model, opts, progress=progress)
     report.print_convert(report.console(), result)
     if report_path:
         report.write_json(result.to_json(), report_path)
