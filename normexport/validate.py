@@ -73,7 +73,8 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
     diff = np.where(both, np.abs(g - r), 0.0)
     mag = np.abs(np.where(both, r, 0.0))
     max_abs = float(diff.max()) if diff.size else 0.0
-    rel = diff / np.maximum(mag, np.finfo(np.float64).tiny)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        rel = diff / np.maximum(mag, np.finfo(np.float64).tiny)
     rel = np.where(diff == 0, 0.0, rel)
     max_rel = float(rel.max()) if rel.size else 0.0
     mean_abs = float(diff.mean()) if diff.size else 0.0
@@ -81,7 +82,7 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
     denom = np.linalg.norm(rf) * np.linalg.norm(gf)
     cosine = float(rf @ gf / denom) if denom > 0 else (1.0 if np.array_equal(rf, gf) else 0.0)
     min_atol = float(np.max(diff - rtol * mag)) if diff.size else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         need = np.where(diff > atol, (diff - atol) / np.maximum(mag, np.finfo(np.float64).tiny), 0.0)
     min_rtol = float(need.max()) if need.size else 0.0
     n_bad = int(bad_nonfinite.sum())
