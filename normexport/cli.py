@@ -105,6 +105,7 @@ def main(debug):
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Fused model path (default: MODEL's folder, named after it and the target).")
 @click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True, help="ort: SimplifiedLayerNormalization; onnx: RMSNormalization (opset 23); trt-plugin: TensorRT plugin node; decompose: primitive ops.")
 @click.option("--opset", type=click.IntRange(7, 25), help="Export opset (default 20; TorchScript models at most 20).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True, help="auto: dynamo, or TorchScript for ScriptModules.")
 @model_options
 @validate_options
 @bench_options
@@ -114,14 +115,14 @@ def main(debug):
 @click.option("--keep-failed", is_flag=True, help="Write the fused model even when validation fails.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @_handle_errors
-def convert(model, output, target, opset, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path):
+def convert(model, output, target, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path):
     """Load MODEL, export it to ONNX, fuse every RMSNorm, validate against PyTorch and time it.
 
     Exit 0: fused and validated; 1: validation failed; 2: bad input or usage."""
     from normexport import pipeline, report
 
     opts = pipeline.Options(
-        target=target, opset=opset, inputs=inputs, factory=factory, trust_pickle=trust_pickle, output=output, dtype=dtype,
+        target=target, opset=opset, exporter=exporter, inputs=inputs, factory=factory, trust_pickle=trust_pickle, output=output, dtype=dtype,
         validate=not no_validate, bench=not no_bench, backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed,
         warmup=warmup, iters=iters, threads=threads, keep_failed=keep_failed,
     )
@@ -269,6 +270,8 @@ def _register_optional_commands() -> None:
     try:
         from normexport.plugin import plugin_cli
 
+        for sub in plugin_cli.commands.values():
+            _wrap_command(sub)
         main.add_command(plugin_cli, "plugin")
     except ImportError:
         pass

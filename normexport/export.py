@@ -32,8 +32,14 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def export_onnx(loaded: LoadedModel, inputs: dict, opset: int | None = None, workdir: Path | None = None) -> ExportResult:
-    """Export ``loaded`` with example ``inputs`` (name -> tensor) and return the ONNX model."""
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+def export_onnx(loaded: LoadedModel, inputs: dict, opset: int | None = None, workdir: Path | None = None, exporter: str = "auto") -> ExportResult:
+    """Export ``loaded`` with example ``inputs`` (name -> tensor) and return the ONNX model.
+
+    ``exporter``: "auto" takes the dynamo exporter, except for ScriptModules, which only the
+    TorchScript exporter takes; "torchscript" forces that one for an nn.Module too."""
     import time
 
     import torch
@@ -46,8 +52,14 @@ def export_onnx(loaded: LoadedModel, inputs: dict, opset: int | None = None, wor
     path = tmp / "model.onnx"
     notes: list[str] = []
     is_script = isinstance(loaded.module, torch.jit.ScriptModule)
+    if exporter not in EXPORTERS:
+        raise NormexportError(f"unknown exporter '{exporter}'", f"one of {', '.join(EXPORTERS)}")
+    if is_script and exporter == "dynamo":
+        raise NormexportError("the dynamo exporter does not take TorchScript modules", "use --exporter torchscript (or auto)")
+    if loaded.exported_program is not None and exporter == "torchscript":
+        raise NormexportError("the TorchScript exporter does not take torch.export archives", "use --exporter dynamo (or auto)")
     try:
-        if is_script:
+        if is_script or exporter == "torchscript":
             if opset > TORCHSCRIPT_MAX_OPSET:
                 raise NormexportError(
                     f"a TorchScript model exports through torch's TorchScript exporter, which stops at opset {TORCHSCRIPT_MAX_OPSET}",

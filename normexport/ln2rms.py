@@ -34,6 +34,7 @@ import json
 import math
 import operator
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -454,7 +455,8 @@ def _analyse(model: nn.Module, example_inputs: dict, fold_affine: bool) -> tuple
 
     # ---- 2. every read of the stream goes through a LayerNorm --------------------------------
     leaves = set(emb_nodes) | {p.node for p in proj_nodes}  # start the stream, do not read it
-    for n in stream:
+    order = {n: i for i, n in enumerate(nodes)}
+    for n in sorted(stream, key=order.__getitem__):
         for u in n.users:
             if (u in stream and u not in leaves) or u.target in _META_USERS:
                 continue
@@ -495,7 +497,6 @@ def _analyse(model: nn.Module, example_inputs: dict, fold_affine: bool) -> tuple
         entry[2].append(ln)
 
     # ---- 4. embeddings, projections and who else uses their parameters ------------------------
-    order = {n: i for i, n in enumerate(nodes)}
     emb_nodes.sort(key=order.__getitem__)
     proj_nodes.sort(key=lambda p: order[p.node])
     for n in emb_nodes:
@@ -1098,17 +1099,19 @@ def _make_command():
                 if e.report is not None:
                     _print_table(e.report, {})
                 click.echo(f"error: {e}", err=True)
-                raise click.exceptions.Exit(ValidationFailed.exit_code) from None
+                sys.exit(ValidationFailed.exit_code)
             payload.update(report.to_dict())
             payload.update(facts)
             if report_path:
                 _write_json(report_path, payload)
             _print_table(report, facts)
         except NormexportError as e:
-            click.echo(f"error: {e.message}", err=True)
+            if click.get_current_context().parent is not None:
+                raise  # under `normexport`: the top-level handler prints it (and honours --debug)
+            click.echo(f"error: {e.message}", err=True)  # standalone: same two lines, exit 2
             if e.hint:
                 click.echo(f"hint: {e.hint}", err=True)
-            raise click.exceptions.Exit(e.exit_code) from None
+            sys.exit(e.exit_code)
 
     return ln2rms_command
 

@@ -29,6 +29,7 @@ LARGE_INPUT_SCALE = 300.0  # fp16/bf16 draws whose squares overflow fp16 (300² 
 class Options:
     target: str = "ort"
     opset: int | None = None
+    exporter: str = "auto"
     inputs: list[InputSpec] = field(default_factory=list)
     factory: str | None = None
     trust_pickle: bool = False
@@ -143,11 +144,11 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
     workdir = Path(tempfile.mkdtemp(prefix="normexport-"))
     try:
         t = time.perf_counter()
-        progress(f"exporting ({'TorchScript' if loaded.kind == 'torchscript' else 'dynamo'} exporter)")
+        progress("exporting with torch.onnx")
         from normexport.export import export_onnx
 
         example = make_inputs(specs, opts.seed)
-        exp = export_onnx(loaded, example, opts.opset)
+        exp = export_onnx(loaded, example, opts.opset, exporter=opts.exporter)
         report.exporter, report.opset, report.dynamic = exp.exporter, exp.opset, exp.dynamic
         report.notes += exp.notes
         unfused_path = workdir / "unfused.onnx"

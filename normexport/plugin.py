@@ -32,9 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 # The node the TensorRT plugin implements: op type = plugin name; the ONNX parser reads these two attributes.
-PLUGIN_NAME = "RMSNorm"
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = ""
+from normexport.fuse.targets import TRT_PLUGIN_NAME as PLUGIN_NAME  # noqa: E402  one definition, shared with the ONNX node
+from normexport.fuse.targets import TRT_PLUGIN_NAMESPACE as PLUGIN_NAMESPACE  # noqa: E402
+from normexport.fuse.targets import TRT_PLUGIN_VERSION as PLUGIN_VERSION  # noqa: E402
 PLUGIN_FIELDS = ("epsilon", "has_residual", "has_bias")
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "plugins" / "rmsnorm"
@@ -406,6 +406,19 @@ def rmsnorm_reference(
     y = scaled + bias.double().reshape(-1) if bias is not None else scaled
     scale = scaled.abs() + (bias.double().reshape(-1).abs() if bias is not None else 0.0)
     return y, scale, (s if residual is not None else None)
+
+
+def error_ratio(actual: "torch.Tensor", expected: "torch.Tensor", scale: "torch.Tensor", rtol: float) -> float:
+    """max |actual - expected| / (rtol * scale + one subnormal ulp of actual's dtype); <= 1 passes.
+
+    The absolute floor covers values that underflow into the subnormal range (fp16 below 6e-5), where rounding
+    error is absolute; it is a single ulp of the smallest subnormal (6e-8 for fp16, 1e-45 for fp32).
+    """
+    import torch
+
+    info = torch.finfo(actual.dtype)
+    floor = info.tiny * info.eps
+    return ((actual.double() - expected.double()).abs() / (rtol * scale + floor)).max().item()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

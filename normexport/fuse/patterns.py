@@ -189,7 +189,9 @@ class CoreRule(pattern.RewriteRuleClassBase):
         xa, xb, xc = maybe_cast("xa"), maybe_cast("xb"), maybe_cast("xc")
         square = pattern.OrValue([op.Pow(xa, exponent), op.Mul(xa, xb)], tag_var="square", tag_values=["pow", "mul"])
         mean = op.ReduceMean(square, _allow_other_inputs=True, _outputs=["mean"])
-        var = op.Add(mean, eps)
+        # eps may be absent: torch's dynamo exporter drops `+ eps` for tiny eps (seen: 1e-8).
+        # The graph then computes an RMSNorm with eps = 0, and so does the fused node.
+        var = pattern.OrValue([op.Add(mean, eps), mean], tag_var="has_eps", tag_values=[True, False])
         rms = op.Sqrt(var)
         if self._root == "div":
             return op.Div(xc, rms)
@@ -200,7 +202,7 @@ class CoreRule(pattern.RewriteRuleClassBase):
         )
         return op.Mul(xc, inverse)
 
-    def check(self, context, x, exponent, eps, one, neg_half, mean, xa, xc, xb=None, square=None, inverse=None, **_):
+    def check(self, context, x, exponent, eps, one, neg_half, mean, xa, xc, xb=None, square=None, inverse=None, has_eps=True, **_):
         result = pattern.MatchResult()
         if x.dtype not in FLOAT_TYPES:
             return result.fail(f"the input is {x.dtype}, not a float type", x)
@@ -218,12 +220,12 @@ class CoreRule(pattern.RewriteRuleClassBase):
             return result.fail("the inverse root is Div(c, sqrt) with c != 1", one)
         if inverse == "pow" and scalar_of(neg_half) != -0.5:
             return result.fail("the inverse root is Pow with an exponent other than -0.5", neg_half)
-        epsilon = scalar_of(eps)
+        epsilon = scalar_of(eps) if has_eps else 0.0
         if epsilon is None:
             return result.fail("eps is not a constant scalar (a graph input or a computed value)", eps)
         if not np.isfinite(epsilon) or epsilon < 0:
             return result.fail(f"eps = {epsilon} is negative or not finite", eps)
-        if eps.shape is not None and x.shape is not None and eps.shape.rank() > x.shape.rank():
+        if has_eps and eps.shape is not None and x.shape is not None and eps.shape.rank() > x.shape.rank():
             return result.fail("eps has a higher rank than the input: it would broadcast the output", eps)
         mean_node = mean.producer()
         if _attr(mean_node, "keepdims", 1) != 1:
@@ -239,7 +241,8 @@ class CoreRule(pattern.RewriteRuleClassBase):
                 return result.fail("a LayerNorm: the mean is subtracted before the square (not an RMSNorm)", producer)
         self._epsilon, self._axis, self._compute = epsilon, axis, compute
         self._module = module_path(mean_node)
-        self._name = f"rms(square={square}, inverse={inverse or 'div-sqrt'}{', fp32 cast' if xa.producer() is not None and xa.producer().op_type == 'Cast' else ''})"
+        cast = ", fp32 cast" if xa.producer() is not None and xa.producer().op_type == "Cast" else ""
+        self._name = f"rms(square={square}, inverse={inverse or 'div-sqrt'}{cast}{'' if has_eps else ', no eps in graph'})"
         return result
 
     def rewrite(self, op, x, **_):

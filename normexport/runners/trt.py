@@ -58,16 +58,11 @@ class TrtRunner(Runner):
         return h.hexdigest()[:24]
 
     def _load_plugin(self, trt, logger) -> None:
-        import ctypes
+        from normexport.plugin import find_plugin_library, load_plugin
 
         trt.init_libnvinfer_plugins(logger, "")
-        lib = self.plugin_library
-        if lib is None:
-            from normexport.plugin import find_plugin_library
-
-            lib = find_plugin_library()
-        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)  # registering the creator is a side effect of loading
-        self.plugin_library = lib
+        self.plugin_library = Path(self.plugin_library) if self.plugin_library else find_plugin_library()
+        load_plugin(self.plugin_library)
 
     def _build(self, trt, shapes: dict[str, tuple]):
         logger = trt.Logger(trt.Logger.WARNING)
