@@ -92,12 +92,15 @@ def interleaved(runners: dict[str, Runner], feeds: list[dict], warmup: int, iter
     for r in runners.values():
         for i in range(warmup):
             r.infer(feeds[i % len(feeds)])
-    per_round = max(1, iters // rounds)
+    rounds = max(1, min(rounds, iters))
     samples: dict[str, list[float]] = {k: [] for k in runners}
+    done = 0
     for rnd in range(rounds):
+        n = iters // rounds + (1 if rnd < iters % rounds else 0)  # exactly `iters` in all
         for name, r in runners.items():
-            for i in range(per_round):
-                samples[name].append(r.time_once(feeds[(rnd * per_round + i) % len(feeds)]))
+            for i in range(n):
+                samples[name].append(r.time_once(feeds[(done + i) % len(feeds)]))
+        done += n
     return {k: Latency.of(v) for k, v in samples.items()}
 
 

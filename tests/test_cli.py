@@ -246,3 +246,34 @@ def test_trt_plugin_rejected_backend_message(tmp_path, shipped_convert):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu present: the CUDA backend exists here")
     assert result.exit_code == 2 and "onnxruntime-gpu" in result.stderr
+
+
+def test_bench_reports_three_variants_norm_share_and_plot(tmp_path, shipped_convert):
+    _, fused, _ = shipped_convert
+    rep, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = invoke("bench", SHIPPED, fused, "--iters", 6, "--warmup", 1, "--report", rep, "--plot", png)
+    assert result.exit_code == 0, result.output + result.stderr
+    b = json.loads(rep.read_text())["bench"]
+    for v in ("torch", "onnx_unfused", "onnx_fused"):
+        lat = b["latency_ms"][v]
+        assert 0 < lat["min"] <= lat["median"] <= lat["p90"] and lat["iters"] == 6 and lat["runs_per_s"] > 0
+    assert b["threads"] >= 1 and b["input_sets"] == 3
+    assert set(b["norm_share"]) == {"onnx_unfused", "onnx_fused"}
+    assert all(0 < s < 1 for s in b["norm_share"].values())
+    assert "onnx_fused/onnx_unfused" in b["ratios"]
+    assert "median ms" in result.output and "norm share" in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_fuse_command_on_onnx_and_bad_onnx(tmp_path, shipped_convert):
+    _, fused, _ = shipped_convert
+    # the fused model fused again: same norms, nothing new
+    out, rep = tmp_path / "again.onnx", tmp_path / "f.json"
+    r = invoke("fuse", fused, "-o", out, "--report", rep)
+    assert r.exit_code == 0, r.output + r.stderr
+    f = json.loads(rep.read_text())["fusion"]
+    assert f["fused"] == SHIPPED_NORMS and f["newly_fused"] == 0
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    _assert_clean_failure(invoke("fuse", bad, "-o", tmp_path / "x.onnx"), tmp_path / "x.onnx", "not a readable ONNX model")
+    _assert_clean_failure(invoke("fuse", tmp_path / "missing.onnx", "-o", tmp_path / "x.onnx"), tmp_path / "x.onnx", "no such file")
