@@ -255,3 +255,10 @@ def test_property_near_miss_is_never_fused(sp, flag, seed):
     assert not {n.op_type for n in fused.graph.node} & FUSED_OPS
     for b, a in zip(before, run(fused, feed)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_scale_computed_from_constants_is_folded():
+    sp = variant(dtype=TensorProto.FLOAT16, compute_fp32=True, weight="gemma")
+    fused, report = assert_fused_equal(sp, "ort")
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops == ["SimplifiedLayerNormalization"], ops  # the Add(w, 1) became an initializer

@@ -101,6 +101,44 @@ def _normalized_shape(x: ir.Value, axis: int) -> list | None:
     return dims if all(isinstance(d, int) for d in dims) else None
 
 
+MAX_FOLD_NODES = 16
+
+
+def fold_constant(value: ir.Value) -> np.ndarray | None:
+    """The value of ``value`` if it is computed from constants only (e.g. Gemma's 1 + w),
+    evaluated once here by ONNX's reference evaluator; None if any input is a graph input."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    nodes, leaves, todo, seen = [], {}, [value], set()
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.const_value is not None and not v.is_graph_input():
+            leaves[v.name] = v.const_value.numpy()
+            continue
+        node = v.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or len(nodes) >= MAX_FOLD_NODES or any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
+            return None
+        nodes.append(node)
+        todo.extend(i for i in node.inputs if i is not None)
+    if not nodes:
+        return None
+    order = [n for n in value.graph if n in set(nodes)] if value.graph is not None else list(reversed(nodes))
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in order], "fold", [],
+        [onnx.helper.make_tensor_value_info(value.name, int(value.dtype), None)],
+        [onnx.numpy_helper.from_array(np.asarray(a), name) for name, a in leaves.items()],
+    )
+    opset = value.graph.opset_imports.get("", 18) if value.graph is not None else 18
+    try:
+        return np.asarray(ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])).run(None, {})[0])
+    except Exception:
+        return None  # leave it computed: correct, one op more
+
+
 def _scale_in(b: _Builder, x: ir.Value, scale: ir.Value | None, axis: int, dtype: ir.DataType, flat: bool) -> ir.Value:
     """The scale as the fused op wants it: exactly the normalized shape (or flattened to one
     dim for ops that normalize only the last dim) in ``dtype``; ones where there was none."""
@@ -112,6 +150,10 @@ def _scale_in(b: _Builder, x: ir.Value, scale: ir.Value | None, axis: int, dtype
         shape = b.op("Shape", x, start=axis, dtype=ir.DataType.INT64)
         ones = ir.tensor(np.ones([1], dtype=dtype.numpy()))
         return b.op("ConstantOfShape", shape, value=ones, dtype=dtype)
+    if scale.const_value is None or scale.is_graph_input():
+        folded = fold_constant(scale)
+        if folded is not None:
+            scale = b.const(folded.astype(scale.dtype.numpy()), f"{scale.name}_folded")
     scale = b.cast(scale, dtype)
     if want is not None and (scale.shape is None or list(scale.shape) != want):
         if scale.const_value is not None and not scale.is_graph_input():
