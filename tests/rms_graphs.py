@@ -33,6 +33,7 @@ class Spelling:
     weight_shape: str = "vector"  # vector [H] | padded [1, 1, H] | bad [T, 1] (near-miss)
     bias: bool = False
     residual: bool = False  # x = a + b, the sum also a graph output
+    shared_cast: bool = False  # the fp32 Cast of x is also used elsewhere (a graph output)
     # near-misses
     keepdims0: bool = False
     eps_input: bool = False  # eps is a graph input, not a constant
@@ -79,6 +80,8 @@ def build(sp: Spelling, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.nd
         inputs.append(helper.make_tensor_value_info("x", sp.dtype, sp.shape))
         x = "x"
     h = node("Cast", [x], "h", to=comp) if sp.compute_fp32 else x
+    if sp.compute_fp32 and sp.shared_cast:
+        outputs.append(helper.make_tensor_value_info("h", comp, sp.shape))
     if sp.layernorm:
         m0 = node("ReduceMean", [h, const("ln_axes", np.array([-1], np.int64))] if sp.axes_input else [h], "ln_mean", **({} if sp.axes_input else {"axes": [-1]}))
         h = node("Sub", [h, m0], "centered")

@@ -78,6 +78,7 @@ SPELLINGS = {
     "eps-1e-12": variant(eps=1e-12),
     "eps-1e-2": variant(eps=1e-2),
     "residual": variant(residual=True),
+    "cast-shared-with-residual": variant(dtype=TensorProto.FLOAT16, compute_fp32=True, shared_cast=True),
     "attr-axes-fp16": variant(axes_input=False, dtype=TensorProto.FLOAT16, compute_fp32=True),
 }
 

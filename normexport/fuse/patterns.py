@@ -176,13 +176,19 @@ class CoreRule(pattern.RewriteRuleClassBase):
     """x / sqrt(mean(x²) + eps), every spelling. ``root`` picks the op that divides (Div, or a
     Mul by the inverse root); OrValue covers the rest, commutation covers operand order."""
 
-    def __init__(self, name: str, root: str, log: FusionLog):
+    def __init__(self, name: str, root: str, log: FusionLog, casts: bool = True):
         super().__init__(name)
         self._root = root
         self._log = log
+        # casts=False is the fallback for an input Cast whose output is also used elsewhere
+        # (the TorchScript exporter routes the residual stream through x.to(float32)): the
+        # norm is then fused from the Cast's output, and the Cast stays for its other users.
+        self._casts = casts
 
     def pattern(self, op, x, exponent, eps, one, neg_half):
         def maybe_cast(name):
+            if not self._casts:
+                return x
             # tag_var set because onnxscript 0.7's BacktrackingOr.clone (used by commute) fails without it
             return pattern.OrValue([op.Cast(x, _outputs=[f"{name}_cast"]), x], name=name, tag_var=f"{name}_is_cast", tag_values=[True, False])
 
@@ -202,8 +208,9 @@ class CoreRule(pattern.RewriteRuleClassBase):
         )
         return op.Mul(xc, inverse)
 
-    def check(self, context, x, exponent, eps, one, neg_half, mean, xa, xc, xb=None, square=None, inverse=None, has_eps=True, **_):
+    def check(self, context, x, exponent, eps, one, neg_half, mean, xa=None, xc=None, xb=None, square=None, inverse=None, has_eps=True, **_):
         result = pattern.MatchResult()
+        xa, xc = xa or x, xc or x
         if x.dtype not in FLOAT_TYPES:
             return result.fail(f"the input is {x.dtype}, not a float type", x)
         compute = xa.dtype
@@ -382,7 +389,12 @@ class AffineTailRule(pattern.RewriteRuleClassBase):
 
 def core_rules(log: FusionLog) -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet(
-        [CoreRule.rule("rms-core-mul", root="mul", log=log), CoreRule.rule("rms-core-div", root="div", log=log)],
+        [
+            CoreRule.rule("rms-core-mul", root="mul", log=log),
+            CoreRule.rule("rms-core-div", root="div", log=log),
+            CoreRule.rule("rms-core-mul-shared-cast", root="mul", log=log, casts=False),
+            CoreRule.rule("rms-core-div-shared-cast", root="div", log=log, casts=False),
+        ],
         commute=True,
     )
 

@@ -53,7 +53,10 @@ class OrtRunner(Runner):
             self.session = ort.InferenceSession(model, so, providers=wanted)
         except Exception as e:
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise NormexportError(f"onnxruntime cannot load the model: {msg}", "check the target matches your runtime (--target decompose for runtimes without the fused op)") from None
+            hint = "check the target matches your runtime (--target decompose for runtimes without the fused op)"
+            if "NOT_IMPLEMENTED" in msg and self.backend == "ort-cpu":
+                hint = "onnxruntime's CPU provider lacks kernels for this dtype (bfloat16 has almost none): validate on --backend ort-cuda or trt, or pass --no-validate --no-bench"
+            raise NormexportError(f"onnxruntime ({self.backend}) cannot load the model: {msg}", hint) from None
 
     def deactivate(self) -> None:
         self.session = None
