@@ -249,10 +249,14 @@ def _load_exported(path: Path) -> LoadedModel:
 
 
 def _signature_names_from_ep(ep) -> list[str] | None:
+    import warnings
+
     try:
-        spec = ep.call_spec.in_spec  # ((args...), {kwargs})
-        n_args = spec.children_specs[0].num_children if spec is not None else None
-        kw = spec.children_specs[1].context if spec is not None else []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            spec = ep.call_spec.in_spec  # ((args...), {kwargs})
+            n_args = spec.children_specs[0].num_children if spec is not None else None
+            kw = spec.children_specs[1].context if spec is not None else []
         user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
         if n_args is not None and n_args + len(kw) == len(user):
             return user[:n_args] + list(kw)

@@ -206,6 +206,10 @@ def load_onnx(path: str | Path) -> ir.Model:
     path = Path(path)
     if not path.exists():
         raise NormexportError(f"{path}: no such file", "check the path")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        raise NormexportError(f"{path} is a PyTorch file, not an ONNX model", "use `normexport convert` for PyTorch models")
     try:
         return ir.load(str(path))
     except Exception as e:
