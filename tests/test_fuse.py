@@ -263,3 +263,20 @@ def test_scale_computed_from_constants_is_folded():
     fused, report = assert_fused_equal(sp, "ort")
     ops = [n.op_type for n in fused.graph.node]
     assert ops == ["SimplifiedLayerNormalization"], ops  # the Add(w, 1) became an initializer
+
+
+def test_external_data_save_is_atomic_and_loads(tmp_path):
+    from normexport.fuse import load_onnx, save_onnx
+
+    sp = variant(shape=(2, 4, 1024))  # weights above onnx-ir's inline-size threshold
+    model, feed = build(sp)
+    m = ir.serde.deserialize_model(model)
+    fuse_model(m, "ort")
+    out = tmp_path / "big.onnx"
+    save_onnx(m, out, external=True)
+    assert (tmp_path / "big.onnx.data").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # no temp leftovers
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, feed)[0].astype(np.float64), reference(sp, model, feed), rtol=2e-5, atol=2e-4)
+    again = load_onnx(out)  # external data read back through the loader
+    assert sum(1 for n in again.graph if n.op_type == "SimplifiedLayerNormalization") == 1
