@@ -149,9 +149,17 @@ _SPECS = {
     ),
 }
 
+
+def _available(attr: str) -> bool:
+    try:  # transformers imports a family's module lazily, here; it may fail on its own imports
+        return hasattr(transformers, attr)
+    except Exception:
+        return False
+
+
 if transformers is not None:
     for _name, (_cfg, _cls, _kwargs, _norms, _desc, *_wrap) in _SPECS.items():
-        if not (hasattr(transformers, _cfg) and hasattr(transformers, _cls)):
+        if not (_available(_cfg) and _available(_cls)):
             continue  # older transformers: the family does not exist yet
         HF_ZOO[_name] = ZooEntry(
             name=_name,
@@ -170,3 +178,15 @@ def factory(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         raise KeyError(f"no tiny transformers model {name!r}: {reason}")
     entry = HF_ZOO[name]
     return entry.build(), entry.example_inputs()
+
+
+def _module_factory(name: str) -> Callable[[], tuple[nn.Module, dict[str, torch.Tensor]]]:
+    def make():
+        return factory(name)
+
+    make.__name__ = make.__qualname__ = name
+    return make
+
+
+# Factories for `--factory models.hf_tiny:<name>` (only the families this transformers has).
+globals().update({_name: _module_factory(_name) for _name in HF_ZOO})
