@@ -65,8 +65,8 @@ def export_onnx(loaded: LoadedModel, inputs: dict, opset: int | None = None, wor
                     f"a TorchScript model exports through torch's TorchScript exporter, which stops at opset {TORCHSCRIPT_MAX_OPSET}",
                     f"use --opset {TORCHSCRIPT_MAX_OPSET} or lower (--target onnx raises the opset after export)",
                 )
-            _register_rms_norm_symbolic()
-            dynamic = _export_torchscript(loaded.module, args, names, path, opset)
+            with _rms_norm_symbolic():
+                dynamic = _export_torchscript(loaded.module, args, names, path, opset)
             exporter = "torchscript"
         else:
             exporter = "dynamo"
@@ -160,15 +160,12 @@ def _brief(e: Exception, err=None) -> str:
     return type(e).__name__
 
 
-_RMS_NORM_REGISTERED = False
-
-
-def _register_rms_norm_symbolic() -> None:
+@contextlib.contextmanager
+def _rms_norm_symbolic():
     """torch's TorchScript exporter has no aten::rms_norm (torch.nn.RMSNorm, F.rms_norm):
-    emit its decomposed chain (computed in fp32), which the fusion then turns into one node."""
-    global _RMS_NORM_REGISTERED
-    if _RMS_NORM_REGISTERED:
-        return
+    for the duration of one export, emit its decomposed chain (computed in fp32), which the
+    fusion then turns into one node. Unregistered afterwards: torch's global state is the
+    user's."""
     import torch
     from torch.onnx import symbolic_helper as sh
 
@@ -194,6 +191,11 @@ def _register_rms_norm_symbolic() -> None:
             y = g.op("Mul", y, weight)
         return y
 
-    for opset in range(9, TORCHSCRIPT_MAX_OPSET + 1):
+    opsets = range(9, TORCHSCRIPT_MAX_OPSET + 1)
+    for opset in opsets:
         torch.onnx.register_custom_op_symbolic("aten::rms_norm", rms_norm, opset)
-    _RMS_NORM_REGISTERED = True
+    try:
+        yield
+    finally:
+        for opset in opsets:
+            torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", opset)

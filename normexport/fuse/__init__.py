@@ -52,6 +52,13 @@ def fuse_model(model: ir.Model, target: str = "ort") -> FuseReport:
         for f in log.fused:
             f.op = "primitive ops"
     report.fused_norms = log.fused
+    no_eps = sum(1 for f in log.fused if "no eps in graph" in f.pattern)
+    if no_eps:
+        report.notes.append(
+            f"{no_eps} norm(s) have no eps in the graph and were fused with epsilon 0, as the graph computes: "
+            "torch's dynamo exporter drops `+ eps` for |eps| <= 1e-8 (onnxscript's add_0 rule), so an all-zero row "
+            "gives NaN where PyTorch gives 0"
+        )
     report.opset_after = model.opset_imports.get("")
     report.nodes_after = _count(model)
     report.seconds = time.perf_counter() - start
