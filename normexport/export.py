@@ -160,12 +160,16 @@ def _brief(e: Exception, err=None) -> str:
     return type(e).__name__
 
 
+_RMS_NORM_REGISTERED = False
+
+
 @contextlib.contextmanager
 def _rms_norm_symbolic():
     """torch's TorchScript exporter has no aten::rms_norm (torch.nn.RMSNorm, F.rms_norm):
-    for the duration of one export, emit its decomposed chain (computed in fp32), which the
-    fusion then turns into one node. Unregistered afterwards: torch's global state is the
-    user's."""
+    emit its decomposed chain (computed in fp32), which the fusion then turns into one node.
+    Registered once and left registered: it only adds an op torch lacks, and torch 2.13's
+    unregister_custom_op_symbolic leaves an empty entry that breaks the next export."""
+    global _RMS_NORM_REGISTERED
     import torch
     from torch.onnx import symbolic_helper as sh
 
@@ -191,11 +195,8 @@ def _rms_norm_symbolic():
             y = g.op("Mul", y, weight)
         return y
 
-    opsets = range(9, TORCHSCRIPT_MAX_OPSET + 1)
-    for opset in opsets:
-        torch.onnx.register_custom_op_symbolic("aten::rms_norm", rms_norm, opset)
-    try:
-        yield
-    finally:
-        for opset in opsets:
-            torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", opset)
+    if not _RMS_NORM_REGISTERED:
+        for opset in range(9, TORCHSCRIPT_MAX_OPSET + 1):
+            torch.onnx.register_custom_op_symbolic("aten::rms_norm", rms_norm, opset)
+        _RMS_NORM_REGISTERED = True
+    yield

@@ -224,7 +224,7 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
     fused_acc, unfused_acc, cross_acc = {}, {}, {}
     feeds = []
     with contextlib.ExitStack() as stack:
-        fused_runner = stack.enter_context(make_onnx_runner(fused, opts.backend, optimize=False, threads=opts.threads))
+        fused_runner = stack.enter_context(make_onnx_runner(fused, opts.backend, optimize=False, threads=opts.threads, dtype=opts.dtype))
         unfused_runner = stack.enter_context(make_onnx_runner(unfused, "ort-cpu", optimize=False, threads=opts.threads)) if unfused else None
         torch_runner = stack.enter_context(TorchRunner(loaded.module, [s.name for s in specs], fused_runner.output_names, threads=opts.threads))
         for i, (seed, scale) in enumerate(draws):
@@ -280,8 +280,8 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
     if loaded is not None:
         runners["torch"] = TorchRunner(loaded.module, list(feeds[0]), threads=threads)
     if unfused is not None:
-        runners["onnx_unfused"] = make_onnx_runner(unfused, "ort-cpu" if opts.backend == "ort-cpu" else opts.backend, optimize=True, threads=threads)
-    runners["onnx_fused"] = make_onnx_runner(fused, opts.backend, optimize=True, threads=threads)
+        runners["onnx_unfused"] = make_onnx_runner(unfused, opts.backend, optimize=True, threads=threads, dtype=opts.dtype)
+    runners["onnx_fused"] = make_onnx_runner(fused, opts.backend, optimize=True, threads=threads, dtype=opts.dtype)
     entered = []
     try:
         for r in runners.values():
