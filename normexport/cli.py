@@ -249,9 +249,6 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
             unfused = tmp / "unfused.onnx"
             save_onnx(exp.model, unfused)
         result = pipeline.bench_models(loaded, unfused, fused, feeds, opts)
-    finally:
-        pass
-    try:
         c = report.console()
         report.print_bench(c, result)
         if plot:

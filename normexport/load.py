@@ -99,8 +99,10 @@ def spec_of(name: str, tensor) -> InputSpec:
     dtype = str(tensor.dtype).removeprefix("torch.")
     if dtype not in DTYPES.values():
         raise NormexportError(f"input '{name}' has unsupported dtype {dtype}", f"supported: {', '.join(sorted(set(DTYPES.values())))}")
+    import torch
+
     low = high = None
-    if tensor.dtype.is_floating_point is False and tensor.dtype != __import__("torch").bool and tensor.numel():
+    if not tensor.dtype.is_floating_point and tensor.dtype != torch.bool and tensor.numel():
         # Integer inputs are indices (token ids): never draw beyond what the example used.
         low, high = 0.0, float(int(tensor.max()) + 1)
     return InputSpec(name, dtype, tuple(tensor.shape), low, high)

@@ -170,7 +170,6 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
         save_onnx(model, fused_path)
         report.steps["fuse"] = time.perf_counter() - t
 
-        feeds = None
         if opts.validate:
             t = time.perf_counter()
             progress(f"validating against PyTorch ({opts.samples} sample(s))")
@@ -179,7 +178,7 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
         if opts.bench:
             t = time.perf_counter()
             progress(f"benchmarking ({opts.iters} runs each)")
-            feeds = feeds or [make_inputs(specs, opts.seed + 1000 + i) for i in range(3)]
+            feeds = [make_inputs(specs, opts.seed + 1000 + i) for i in range(3)]
             report.bench = bench_models(loaded, unfused_path, fused_path, feeds, opts)
             report.steps["bench"] = time.perf_counter() - t
 
