@@ -280,3 +280,20 @@ def test_external_data_save_is_atomic_and_loads(tmp_path):
     np.testing.assert_allclose(sess.run(None, feed)[0].astype(np.float64), reference(sp, model, feed), rtol=2e-5, atol=2e-4)
     again = load_onnx(out)  # external data read back through the loader
     assert sum(1 for n in again.graph if n.op_type == "SimplifiedLayerNormalization") == 1
+
+
+def test_model_with_external_data_saved_elsewhere_carries_its_weights(tmp_path):
+    """A model read with external data and written (inline) to another folder must not point
+    at the source's .data file."""
+    from normexport.fuse import fuse_file
+
+    sp = variant(shape=(2, 4, 1024))
+    model, feed = build(sp)
+    src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
+    src_dir.mkdir()
+    ref = reference(sp, model, feed)
+    onnx.save_model(model, str(src_dir / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    fuse_file(src_dir / "m.onnx", dst_dir / "fused.onnx", "ort")
+    (src_dir / "m.onnx.data").unlink()  # the source's weights are gone: the copy must stand alone
+    sess = ort.InferenceSession(str(dst_dir / "fused.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, feed)[0].astype(np.float64), ref, rtol=2e-5, atol=2e-4)

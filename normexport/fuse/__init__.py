@@ -245,10 +245,17 @@ def save_onnx(model: ir.Model, path: str | Path, external: bool | None = None) -
             ir.save(model, str(tmp_model), external_data=data_name)
             os.replace(tmpdir / data_name, path.parent / data_name)
         else:
+            _internalize(model)  # weights read lazily from the source's .data go into the file
             ir.save(model, str(tmp_model))
         os.replace(tmp_model, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _internalize(model: ir.Model) -> None:
+    for v in model.graph.initializers.values():
+        if isinstance(v.const_value, ir.ExternalTensor):
+            v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
 
 
 def _initializer_bytes(model: ir.Model) -> int:
