@@ -104,24 +104,26 @@ def interleaved(runners: dict[str, Runner], feeds: list[dict], warmup: int, iter
     return {k: Latency.of(v) for k, v in samples.items()}
 
 
-def norm_share(model, feeds: list[dict], threads: int, iters: int, norm_nodes: set[str] | None = None) -> float:
-    """Fraction of onnxruntime's summed node time spent in normalization, from its profiler.
-    A node counts as normalization if its op is a norm op or its name is in ``norm_nodes``
-    (the primitive ops of an unfused norm)."""
+def norm_share(model, feeds: list[dict], threads: int, iters: int, norm_nodes: set[str] | None = None, warmup: int = 2) -> float:
+    """Fraction of onnxruntime's summed node time spent in normalization, from its profiler,
+    over ``iters`` runs after ``warmup`` runs. A node counts as normalization if its op is a
+    norm op or its name is in ``norm_nodes`` (the primitive ops of an unfused norm)."""
     from normexport.runners.ort import OrtRunner
 
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "prof")
         runner = OrtRunner(model, optimize=True, threads=threads, profile_prefix=prefix)
         with runner:
-            for i in range(iters):
+            for i in range(warmup + iters):
                 runner.infer(feeds[i % len(feeds)])
             path = runner.end_profiling()
         events = json.loads(Path(path).read_text())
+    runs = sorted(ev["ts"] for ev in events if ev.get("cat") == "Session" and ev.get("name") == "model_run")
+    start = runs[warmup] if len(runs) > warmup else 0  # the profiler records from session start
     total = norm = 0.0
     names = norm_nodes or set()
     for ev in events:
-        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time") or ev.get("ts", 0) < start:
             continue
         dur = float(ev.get("dur", 0))
         total += dur
@@ -141,7 +143,7 @@ def unfused_norm_node_names(model_path) -> set[str]:
 
     before = ir.load(str(model_path))
     names_before = {n.name for n in before.graph}
-    fuse_model(before, "ort")
+    fuse_model(before, "ort", residual=False)  # the residual Adds are not norm time
     names_after = {n.name for n in before.graph}
     return names_before - names_after
 
@@ -150,3 +152,21 @@ def feeds_numpy(feeds) -> list[dict[str, np.ndarray]]:
     from normexport.runners.torch_runner import to_numpy
 
     return [{k: to_numpy(v) for k, v in f.items()} for f in feeds]
+
+
+def ort_norm_ops(model_path) -> dict[str, int]:
+    """The normalization ops onnxruntime runs for a model after its own graph optimizer
+    (default level): shows when onnxruntime already fuses an 'unfused' export itself."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        m = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    return dict(Counter(n.op_type for n in m.graph.node if n.op_type in NORM_OPS))

@@ -105,6 +105,7 @@ def main(debug):
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Fused model path (default: MODEL's folder, named after it and the target).")
 @click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True, help="ort: SimplifiedLayerNormalization; onnx: RMSNormalization (opset 23); trt-plugin: TensorRT plugin node; decompose: primitive ops.")
 @click.option("--opset", type=click.IntRange(7, 25), help="Export opset (default 20; TorchScript models at most 20).")
+@click.option("--residual-fusion/--no-residual-fusion", "residual", default=True, show_default=True, help="Fold a residual Add that feeds a norm into the fused op (SkipSimplifiedLayerNormalization for ort). onnxruntime's CPU kernel of that op is slower than Add + SimplifiedLayerNormalization: for CPU deployment, --no-residual-fusion.")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True, help="auto: dynamo, or TorchScript for ScriptModules.")
 @model_options
 @validate_options
@@ -115,14 +116,14 @@ def main(debug):
 @click.option("--keep-failed", is_flag=True, help="Write the fused model even when validation fails.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @_handle_errors
-def convert(model, output, target, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path):
+def convert(model, output, target, residual, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path):
     """Load MODEL, export it to ONNX, fuse every RMSNorm, validate against PyTorch and time it.
 
     Exit 0: fused and validated; 1: validation failed; 2: bad input or usage."""
     from normexport import pipeline, report
 
     opts = pipeline.Options(
-        target=target, opset=opset, exporter=exporter, inputs=inputs, factory=factory, trust_pickle=trust_pickle, output=output, dtype=dtype,
+        target=target, residual=residual, opset=opset, exporter=exporter, inputs=inputs, factory=factory, trust_pickle=trust_pickle, output=output, dtype=dtype,
         validate=not no_validate, bench=not no_bench, backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed,
         warmup=warmup, iters=iters, threads=threads, keep_failed=keep_failed,
     )
@@ -141,10 +142,11 @@ def convert(model, output, target, opset, exporter, inputs, factory, trust_pickl
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Fused model path (default: MODEL's folder, named after it and the target).")
 @click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True)
+@click.option("--residual-fusion/--no-residual-fusion", "residual", default=True, show_default=True, help="Fold a residual Add that feeds a norm into the fused op (SkipSimplifiedLayerNormalization for ort). onnxruntime's CPU kernel of that op is slower than Add + SimplifiedLayerNormalization: for CPU deployment, --no-residual-fusion.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the fusion report as JSON.")
 @click.option("--allow-none", is_flag=True, help="Exit 0 even when no RMSNorm is found (the model is then written unchanged).")
 @_handle_errors
-def fuse(model, output, target, report_path, allow_none):
+def fuse(model, output, target, residual, report_path, allow_none):
     """Fuse every RMSNorm subgraph of an ONNX MODEL for a target runtime."""
     from normexport import fuse as fuse_mod
     from normexport import report
@@ -153,7 +155,7 @@ def fuse(model, output, target, report_path, allow_none):
     if out.exists() and model.exists() and out.resolve() == model.resolve():
         raise NormexportError(f"refusing to write over the input {model}", "give another -o path")
     m = fuse_mod.load_onnx(model)
-    result = fuse_mod.fuse_model(m, target)
+    result = fuse_mod.fuse_model(m, target, residual=residual)
     if result.fused == 0 and not allow_none and target != "decompose":
         reasons = "; ".join(sorted({s.reason for s in result.skipped}))[:300]
         raise NormexportError(

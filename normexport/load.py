@@ -511,7 +511,9 @@ def save_exported(module, example_inputs: dict, path: Path, dynamic: bool = True
 
     module.eval()
     ep = export_program(module, example_inputs, dynamic=dynamic)
-    atomic_write(path, lambda tmp: torch.export.save(ep, str(tmp)))
+    buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temp file has neither
+    torch.export.save(ep, buf)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
 
 
 def export_program(module, example_inputs: dict, dynamic: bool = True):

@@ -28,6 +28,7 @@ LARGE_INPUT_SCALE = 300.0  # fp16/bf16 draws whose squares overflow fp16 (300² 
 @dataclass
 class Options:
     target: str = "ort"
+    residual: bool = True  # fold residual Adds into the fused op (Skip...) where one feeds a norm
     opset: int | None = None
     exporter: str = "auto"
     inputs: list[InputSpec] = field(default_factory=list)
@@ -158,7 +159,7 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
         t = time.perf_counter()
         progress(f"fusing RMSNorm for target {opts.target}")
         model = load_onnx(unfused_path)
-        fusion = fuse_model(model, opts.target)
+        fusion = fuse_model(model, opts.target, residual=opts.residual)
         report.fusion = fusion
         if fusion.fused == 0:
             reasons = "; ".join(sorted({s.reason for s in fusion.skipped}))[:300]
@@ -269,7 +270,7 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
     """Latency of the variants side by side (interleaved rounds), and the normalization share."""
     import torch
 
-    from normexport.bench import BenchReport, feeds_numpy, interleaved, norm_share, unfused_norm_node_names
+    from normexport.bench import BenchReport, feeds_numpy, interleaved, norm_share, ort_norm_ops, unfused_norm_node_names
     from normexport.runners import TorchRunner, make_onnx_runner
 
     threads = opts.threads or torch.get_num_threads()
@@ -294,7 +295,21 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
         prof_iters = max(5, min(opts.iters, 20))
         if unfused is not None:
             report.norm_share["onnx_unfused"] = norm_share(unfused, np_feeds, threads, prof_iters, unfused_norm_node_names(unfused))
+            if opts.backend == "ort-cpu":
+                own = ort_norm_ops(unfused)
+                if own:
+                    report.notes.append(
+                        "onnxruntime's own optimizer already fuses norms of the unfused model ("
+                        + ", ".join(f"{n}x {op}" for op, n in own.items())
+                        + "): the unfused baseline runs fused norms too"
+                    )
         report.norm_share["onnx_fused"] = norm_share(fused, np_feeds, threads, prof_iters)
+        ratio = report.ratio("onnx_fused", "onnx_unfused")
+        if opts.backend == "ort-cpu" and ratio is not None and ratio > 1.0 and "SkipSimplifiedLayerNormalization" in ort_norm_ops(fused):
+            report.notes.append(
+                "onnxruntime's CPU SkipSimplifiedLayerNormalization is slower than Add + SimplifiedLayerNormalization "
+                "(docs/BENCHMARKS.md): for CPU deployment convert with --no-residual-fusion"
+            )
     report.notes.append("onnxruntime with its default graph optimizations (as deployed); PyTorch eager in inference_mode")
     return report
 

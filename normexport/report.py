@@ -100,6 +100,8 @@ def print_bench(c: Console, b) -> None:
         share = b.norm_share.get(name)
         t.add_row(name, _fmt(lat.median, 4), _fmt(lat.p90, 4), _fmt(lat.min, 4), _fmt(lat.runs_per_s, 4), ratio, f"{share:.1%}" if share is not None else "-")
     c.print(t)
+    for note in b.notes:
+        c.print(f"[dim]note: {note}[/dim]")
     r = b.ratio("onnx_fused", "onnx_unfused")
     if r is not None:
         c.print(f"fused / unfused median latency: [bold]{r:.3f}[/bold] ({(1 - r) * 100:+.1f}% time saved)" if r < 1 else f"fused / unfused median latency: [bold]{r:.3f}[/bold] (no gain in this run)")

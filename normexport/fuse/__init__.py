@@ -24,8 +24,12 @@ ONNX_TARGET_OPSET = 23
 MIN_IR_FOR_OPSET23 = 11
 
 
-def fuse_model(model: ir.Model, target: str = "ort") -> FuseReport:
-    """Rewrite ``model`` in place; every RMSNorm becomes one node of ``target``'s op."""
+def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> FuseReport:
+    """Rewrite ``model`` in place; every RMSNorm becomes one node of ``target``'s op.
+
+    ``residual=False`` leaves a residual Add that feeds a norm as its own node instead of
+    folding it in (SkipSimplifiedLayerNormalization for ``ort``): onnxruntime's CPU kernel of
+    that op is slower than Add + SimplifiedLayerNormalization (docs/BENCHMARKS.md)."""
     if target not in TARGETS:
         raise NormexportError(f"unknown target '{target}'", f"one of {', '.join(TARGETS)}")
     start = time.perf_counter()
@@ -45,7 +49,7 @@ def fuse_model(model: ir.Model, target: str = "ort") -> FuseReport:
             break
     if target != "decompose":
         report.skipped = find_near_misses(model)
-    lower(model, target, log)
+    lower(model, target, log, residual=residual)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
     if target == "decompose":
@@ -266,11 +270,11 @@ def _initializer_bytes(model: ir.Model) -> int:
     return total
 
 
-def fuse_file(src: str | Path, dst: str | Path, target: str = "ort") -> FuseReport:
+def fuse_file(src: str | Path, dst: str | Path, target: str = "ort", residual: bool = True) -> FuseReport:
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise NormexportError(f"refusing to write over the input {src}", "give another -o path")
     model = load_onnx(src)
-    report = fuse_model(model, target)
+    report = fuse_model(model, target, residual=residual)
     save_onnx(model, dst)
     return report

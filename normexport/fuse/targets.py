@@ -181,15 +181,16 @@ def _residual_add(x: ir.Value, norm: ir.Node) -> ir.Node | None:
     return add
 
 
-def lower(model: ir.Model, target: str, log: FusionLog) -> list[Lowered]:
-    """Rewrite every internal node of ``model`` for ``target``; returns what was done."""
+def lower(model: ir.Model, target: str, log: FusionLog, residual: bool = True) -> list[Lowered]:
+    """Rewrite every internal node of ``model`` for ``target``; returns what was done.
+    ``residual``: fold a residual Add that feeds a norm into the fused op (ort: Skip...)."""
     graph = model.graph
     done = []
     for node in list(graph):
         if node.domain != INTERNAL_DOMAIN or node.op_type != INTERNAL_OP:
             continue
         entry = log.by_output.get(id(node.outputs[0]))
-        lowered = _lower_one(graph, node, target)
+        lowered = _lower_one(graph, node, target, residual)
         for n in lowered.nodes:
             n.metadata_props["normexport.pattern"] = entry.pattern if entry else "rms"
         final = lowered.new_values[0].producer()
@@ -213,7 +214,7 @@ def lower(model: ir.Model, target: str, log: FusionLog) -> list[Lowered]:
     return done
 
 
-def _lower_one(graph: ir.Graph, node: ir.Node, target: str) -> Lowered:
+def _lower_one(graph: ir.Graph, node: ir.Node, target: str, fold_residual: bool = True) -> Lowered:
     inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
     x, scale, bias = inputs[:3]
     attrs = {k: a.value for k, a in node.attributes.items()}
@@ -228,7 +229,7 @@ def _lower_one(graph: ir.Graph, node: ir.Node, target: str) -> Lowered:
 
     io = wider(x.dtype, out_dtype)  # one dtype for X, scale and Y
     residual = None
-    if target in ("ort", "trt-plugin") and axis == -1 and io == x.dtype:
+    if fold_residual and target in ("ort", "trt-plugin") and axis == -1 and io == x.dtype:
         residual = _residual_add(x, node)
     flat = target == "trt-plugin"  # the plugin normalizes the last dim only
     gamma = _scale_in(b, x, scale, axis, io, flat=flat)
