@@ -43,53 +43,75 @@ NORM_SHAPE = (1, 2048, 4096)
 
 
 def part_a(args, threads: int, tmp: Path) -> str:
-    opts = pipeline.Options(
-        target="ort", validate=False, bench=True, output=tmp / "tinyllama.ort.onnx",
-        warmup=args.warmup_model, iters=args.iters_model, threads=threads,
-    )
-    t = time.perf_counter()
-    rep = pipeline.convert(MODEL, opts)
-    wall = time.perf_counter() - t
-    b = rep.bench
-    lat = b.latency_ms
-
-    # What onnxruntime runs: re-export the same way the pipeline did (same exporter, opset)
-    # for the unfused model (convert deletes its work folder); the fused one is the output.
+    """The shipped model, exported the way `convert` does, timed as PyTorch eager, unfused ONNX,
+    fused ONNX with the residual Adds folded (SkipSimplifiedLayerNormalization, convert's
+    default) and fused with them left separate (--no-residual-fusion), all in one interleaved run."""
+    from normexport.bench import feeds_numpy, norm_share, unfused_norm_node_names
     from normexport.export import export_onnx
-    from normexport.fuse import save_onnx
+    from normexport.fuse import fuse_model, load_onnx, save_onnx
     from normexport.load import make_inputs
+    from normexport.runners import TorchRunner
 
+    t = time.perf_counter()
     loaded, specs = pipeline.prepare_model(MODEL, pipeline.Options())
     with common.quiet():
-        exp = export_onnx(loaded, make_inputs(specs, 0), rep.opset)
-    save_onnx(exp.model, tmp / "unfused.onnx")
-    ops_u = common.norm_ops(common.ort_optimized_ops(tmp / "unfused.onnx", threads))
-    ops_f = common.norm_ops(common.ort_optimized_ops(tmp / "tinyllama.ort.onnx", threads))
+        exp = export_onnx(loaded, make_inputs(specs, 0))
+    paths = {"onnx_unfused": tmp / "unfused.onnx", "onnx_fused": tmp / "fused_skip.onnx", "onnx_fused_separate": tmp / "fused_separate.onnx"}
+    save_onnx(exp.model, paths["onnx_unfused"])
+    reports = {}
+    for key, residual in (("onnx_fused", True), ("onnx_fused_separate", False)):
+        m = load_onnx(paths["onnx_unfused"])
+        reports[key] = fuse_model(m, "ort", residual=residual)
+        save_onnx(m, paths[key])
+    prep = time.perf_counter() - t
 
-    names = {"torch": "PyTorch eager", "onnx_unfused": "ONNX unfused (ORT CPU)", "onnx_fused": "ONNX fused, normexport `ort` (ORT CPU)"}
-    ops = {"torch": "-", "onnx_unfused": common.fmt_ops(ops_u), "onnx_fused": common.fmt_ops(ops_f)}
+    feeds = [make_inputs(specs, 1000 + i) for i in range(3)]
+    np_feeds = feeds_numpy(feeds)
+    runners = {"torch": TorchRunner(loaded.module, [s.name for s in specs], threads=threads)}
+    runners.update({k: make_onnx_runner(p, "ort-cpu", optimize=True, threads=threads) for k, p in paths.items()})
+    for r in runners.values():
+        r.__enter__()
+    try:
+        lat = interleaved(runners, np_feeds, args.warmup_model, args.iters_model, rounds=10)
+    finally:
+        for r in runners.values():
+            r.__exit__(None, None, None)
+    prof = max(5, min(args.iters_model, 20))
+    share = {
+        "onnx_unfused": norm_share(paths["onnx_unfused"], np_feeds, threads, prof, unfused_norm_node_names(paths["onnx_unfused"])),
+        "onnx_fused": norm_share(paths["onnx_fused"], np_feeds, threads, prof),
+        "onnx_fused_separate": norm_share(paths["onnx_fused_separate"], np_feeds, threads, prof),
+    }
+    ops = {k: common.fmt_ops(common.norm_ops(common.ort_optimized_ops(p, threads))) for k, p in paths.items()}
+    names = {
+        "torch": "PyTorch eager",
+        "onnx_unfused": "ONNX unfused (dynamo chain)",
+        "onnx_fused": "ONNX fused, `ort`, residual folded (convert's default)",
+        "onnx_fused_separate": "ONNX fused, `ort`, `--no-residual-fusion`",
+    }
     rows = []
-    for k in ("torch", "onnx_unfused", "onnx_fused"):
+    for k in names:
         lt = lat[k]
-        share = b.norm_share.get(k)
-        rows.append([names[k], common.ms(lt.median), common.ms(lt.p90), common.ms(lt.min), common.ratio(lt.median, lat["torch"].median),
-                     f"{100 * share:.1f}%" if share is not None else "-", ops[k]])
-    table = common.md_table(["variant", "median ms", "p90 ms", "min ms", "/ torch", "norm share (ORT profiler)", "norm ops ORT runs after its optimizer"], rows, "lrrrrrl")
-    fused_unfused = b.ratio("onnx_fused", "onnx_unfused")
-    fused_torch = b.ratio("onnx_fused", "torch")
-    inp = ", ".join(f"{i['name']} {i['dtype']} {'x'.join(map(str, i['shape']))}" for i in rep.inputs)
+        rows.append([names[k], common.ms(lt.median), common.ms(lt.p90), common.ms(lt.min), common.ratio(lt.median, lat["onnx_unfused"].median),
+                     f"{100 * share[k]:.1f}%" if k in share else "-", ops.get(k, "-")])
+    table = common.md_table(["variant", "median ms", "p90 ms", "min ms", "/ unfused", "norm share (ORT profiler)", "norm ops ORT runs after its optimizer"], rows, "lrrrrrl")
+    inp = ", ".join(f"{s.name} {s.dtype} {'x'.join(map(str, s.shape))}" for s in specs)
+    r_skip = lat["onnx_fused"].median / lat["onnx_unfused"].median
+    r_sep = lat["onnx_fused_separate"].median / lat["onnx_unfused"].median
     lines = [
         f"### (a) {MODEL.relative_to(common.ROOT)}: PyTorch vs unfused vs fused ONNX",
         "",
-        f"Input {inp}; exported by normexport with the {rep.exporter} exporter at opset {rep.opset} (a TorchScript archive takes no other); "
-        f"{rep.fusion.fused} RMSNorms fused ({', '.join(f'{v}x {k}' for k, v in rep.fusion.to_json()['ops'].items())}). "
-        f"onnxruntime CPU, default graph optimizations (ORT_ENABLE_ALL); {b.threads} threads for every variant "
-        f"(torch.set_num_threads / intra_op_num_threads); {b.warmup} warm-up calls each, then {b.iters} timed calls each in 5 interleaved rounds, "
-        f"{b.input_sets} input sets rotated (`normexport.bench.interleaved` via `pipeline.convert`). convert's wall time {wall:.1f} s.",
+        f"Input {inp}; a torch.export archive, exported by normexport with the {exp.exporter} exporter at opset {exp.opset}; "
+        f"{reports['onnx_fused'].fused} RMSNorms fused ({', '.join(f'{v}x {k}' for k, v in reports['onnx_fused'].to_json()['ops'].items())}; "
+        f"with --no-residual-fusion: {', '.join(f'{v}x {k}' for k, v in reports['onnx_fused_separate'].to_json()['ops'].items())}). "
+        f"onnxruntime CPU, default graph optimizations (ORT_ENABLE_ALL); {threads} thread(s) for every variant; "
+        f"{args.warmup_model} warm-up calls each, then {args.iters_model} timed calls each in 10 interleaved rounds, 3 input sets rotated "
+        f"(`normexport.bench.interleaved`). Export and fusion took {prep:.1f} s.",
         "",
         table,
         "",
-        f"**fused / unfused = {fused_unfused:.3f}**, fused / torch = {fused_torch:.3f}, unfused / torch = {b.ratio('onnx_unfused', 'torch'):.3f} (medians).",
+        f"**fused / unfused = {r_skip:.3f}** (residual folded), **{r_sep:.3f}** (--no-residual-fusion); "
+        f"fused / torch = {lat['onnx_fused'].median / lat['torch'].median:.3f} (medians, one run).",
     ]
     return "\n".join(lines)
 

@@ -264,7 +264,7 @@ def run_size(size: Size, args, threads: int, tmp: Path) -> dict:
         paths[variant] = common.export_dynamo(model, (ids,), tmp / f"{size.name}-{norm}.onnx", opset=18, input_names=["input_ids"])
         del model
         gc.collect()
-    fuse = common.fuse_copy(paths["RMS-unfused"], tmp / f"{size.name}-rms-fused.onnx", "ort")
+    fuse = common.fuse_copy(paths["RMS-unfused"], tmp / f"{size.name}-rms-fused.onnx", "ort", residual=not args.no_residual_fusion)
     paths["RMS-fused"] = tmp / f"{size.name}-rms-fused.onnx"
     expected = 2 * args.layers + 1
     if fuse.fused != expected:
@@ -397,6 +397,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="warm-up calls per variant (after two sizing calls)")
     ap.add_argument("--micro-iters", type=int, default=100, help="calls per variant in the one-norm micro-benchmark")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few calls, not for recording")
+    ap.add_argument("--no-residual-fusion", action="store_true",
+                    help="RMS-fused keeps the residual Adds separate (Add + SimplifiedLayerNormalization) instead of "
+                         "SkipSimplifiedLayerNormalization, whose onnxruntime CPU kernel is slower")
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.min_iters, args.rounds, args.warmup, args.micro_iters = 2.0, 5, 5, 1, 20

@@ -109,12 +109,12 @@ def export_dynamo(module, args: tuple, path: str | os.PathLike, opset: int = 18,
     return path
 
 
-def fuse_copy(src: str | os.PathLike, dst: str | os.PathLike, target: str = "ort"):
+def fuse_copy(src: str | os.PathLike, dst: str | os.PathLike, target: str = "ort", residual: bool = True):
     """normexport's fusion of ``src`` for ``target`` written to ``dst``; returns the FuseReport."""
     from normexport.fuse import fuse_model, load_onnx, save_onnx
 
     model = load_onnx(src)
-    report = fuse_model(model, target)
+    report = fuse_model(model, target, residual=residual)
     save_onnx(model, dst)
     return report
 

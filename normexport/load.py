@@ -234,7 +234,8 @@ def _load_exported(path: Path) -> LoadedModel:
     import torch
 
     try:
-        ep = torch.export.load(str(path))
+        # From a buffer: torch.export.load warns about any file name not ending in .pt2.
+        ep = torch.export.load(io.BytesIO(path.read_bytes()))
     except Exception as e:
         raise NormexportError(f"{path}: torch.export archive fails to load ({_first_line(e)})", "re-save it with torch.export.save") from None
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
