@@ -512,6 +512,8 @@ def save_exported(module, example_inputs: dict, path: Path, dynamic: bool = True
 
     module.eval()
     ep = export_program(module, example_inputs, dynamic=dynamic)
+    for node in ep.graph.nodes:  # stack traces hold absolute paths: the archive would depend on where it was made
+        node.meta.pop("stack_trace", None)
     buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temp file has neither
     torch.export.save(ep, buf)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
