@@ -204,12 +204,9 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
 
     Exit 0: match; 1: mismatch; 2: bad input or usage."""
     from normexport import pipeline, report
-    from normexport.fuse import load_onnx
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate")
-    load_onnx(fused)  # a clear error for a missing or corrupt file before loading PyTorch
-    loaded, specs = pipeline.prepare_model(model, opts)
-    pipeline.check_inputs_cover(fused, specs)
+    loaded, specs = pipeline.prepare_model_for(model, fused, opts)
     result = pipeline.validate_models(loaded, specs, unfused, fused, opts)
     report.print_validation(report.console(), result)
     if report_path:
@@ -234,13 +231,11 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
     import tempfile
 
     from normexport import pipeline, report
-    from normexport.fuse import load_onnx, save_onnx
+    from normexport.fuse import save_onnx
     from normexport.load import make_inputs
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, warmup=warmup, iters=iters, backend=backend)
-    load_onnx(fused)
-    loaded, specs = pipeline.prepare_model(model, opts)
-    pipeline.check_inputs_cover(fused, specs)
+    loaded, specs = pipeline.prepare_model_for(model, fused, opts)
     feeds = [make_inputs(specs, seed + 1000 + i) for i in range(3)]
     tmp = Path(tempfile.mkdtemp(prefix="normexport-bench-"))
     try:

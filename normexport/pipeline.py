@@ -314,6 +314,15 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
     return report
 
 
+def prepare_model_for(path: Path, onnx_path: Path, opts: Options) -> tuple[LoadedModel, list[InputSpec]]:
+    """For validate / bench on a given ONNX file: a clear error for a missing or corrupt ONNX
+    file before PyTorch loads anything, then the model, then inputs that cover the ONNX's."""
+    load_onnx(onnx_path)
+    loaded, specs = prepare_model(path, opts)
+    check_inputs_cover(onnx_path, specs)
+    return loaded, specs
+
+
 def check_inputs_cover(model_path: Path, specs: list[InputSpec]) -> None:
     """The ONNX model's inputs must all have a spec (validate/bench on a given ONNX file)."""
     import onnx
