@@ -120,7 +120,7 @@ def build_decoder(path: Path, layers: int, hidden: int, inter: int, vocab: int, 
         d = b.op("MatMul", [b.op("Mul", [silu, u], "gated"), b.weight(f"{p}.mlp.down_proj.weight", (inter, hidden))], "down")
         x = b.op("Add", [x, d], "residual")
     n = rms_norm(b, x, b.weight("model.norm.weight", (hidden,), True), fp16)
-    logits = b.op("MatMul", [n, b.weight("lm_head.weight", (hidden, vocab))], "logits")
+    b.op("MatMul", [n, b.weight("lm_head.weight", (hidden, vocab))], "logits")
     b.nodes[-1].output[0] = "logits"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
     outputs = [helper.make_tensor_value_info("logits", b.onnx_dtype, ["batch", "seq", vocab])]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.zoo import ZooEntry, example_inputs, randomize_norm_params_
+from models.zoo import ZooEntry, example_inputs, module_factories, randomize_norm_params_
 
 HF_ZOO: dict[str, ZooEntry] = {}
 HF_UNAVAILABLE_REASON: str | None = None
@@ -180,13 +180,5 @@ def factory(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return entry.build(), entry.example_inputs()
 
 
-def _module_factory(name: str) -> Callable[[], tuple[nn.Module, dict[str, torch.Tensor]]]:
-    def make():
-        return factory(name)
-
-    make.__name__ = make.__qualname__ = name
-    return make
-
-
 # Factories for `--factory models.hf_tiny:<name>` (only the families this transformers has).
-globals().update({_name: _module_factory(_name) for _name in HF_ZOO})
+globals().update(module_factories(factory, HF_ZOO))

@@ -520,46 +520,18 @@ def factory(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return entry.build(), entry.example_inputs()
 
 
-# Factories for `--factory models.zoo:<name>`.
-def llama():
-    return factory("llama")
+def module_factories(factory: Callable, names) -> dict[str, Callable]:
+    """One zero-argument function per name, for `--factory MODULE:<name>`."""
+
+    def make_one(name):
+        def make():
+            return factory(name)
+
+        make.__name__ = make.__qualname__ = name
+        return make
+
+    return {name: make_one(name) for name in names}
 
 
-def gemma():
-    return factory("gemma")
-
-
-def olmo2():
-    return factory("olmo2")
-
-
-def t5():
-    return factory("t5")
-
-
-def torch_rmsnorm():
-    return factory("torch_rmsnorm")
-
-
-def f_rms_norm():
-    return factory("f_rms_norm")
-
-
-def tutorial():
-    return factory("tutorial")
-
-
-def with_bias():
-    return factory("with_bias")
-
-
-def nonparametric():
-    return factory("nonparametric")
-
-
-def qk_norm():
-    return factory("qk_norm")
-
-
-def pow_half():
-    return factory("pow_half")
+# Factories for `--factory models.zoo:<name>`, one per entry (llama, gemma, olmo2, ...).
+globals().update(module_factories(factory, ZOO))

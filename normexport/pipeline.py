@@ -171,12 +171,17 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
         save_onnx(model, fused_path)
         report.steps["fuse"] = time.perf_counter() - t
 
-        if opts.validate:
+        runs_here = not (opts.target == "trt-plugin" and opts.backend != "trt")  # plugin nodes run on TensorRT only
+        if opts.validate and not runs_here:
+            report.notes.append("not validated: trt-plugin nodes run only on TensorRT (use --backend trt on a machine with TensorRT)")
+        elif opts.validate:
             t = time.perf_counter()
             progress(f"validating against PyTorch ({opts.samples} sample(s))")
-            report.validation = validate_models(loaded, specs, unfused_path, fused_path, opts, fusion)
+            report.validation = validate_models(loaded, specs, unfused_path, fused_path, opts)
             report.steps["validate"] = time.perf_counter() - t
-        if opts.bench:
+        if opts.bench and not runs_here:
+            report.notes.append("not benchmarked: trt-plugin nodes run only on TensorRT (use --backend trt)")
+        elif opts.bench:
             t = time.perf_counter()
             progress(f"benchmarking ({opts.iters} runs each)")
             feeds = [make_inputs(specs, opts.seed + 1000 + i) for i in range(3)]
@@ -203,7 +208,7 @@ def _tmp_beside(path: Path) -> Path:
 # Validate
 
 
-def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path | None, fused: Path, opts: Options, fusion: FuseReport | None = None):
+def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path | None, fused: Path, opts: Options):
     """PyTorch vs the unfused export (when given) vs the fused model, on ``opts.samples``
     seeded draws (plus large-magnitude draws for fp16/bf16 inputs), with onnxruntime's graph
     optimizations off so that its own fusions cannot hide or fake ours."""
@@ -211,13 +216,6 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
     from normexport.runners.torch_runner import to_numpy
     from normexport.validate import ValidationReport, compare_outputs, keep_worst
 
-    if opts.target == "trt-plugin" and opts.backend != "trt":
-        from normexport.validate import ValidationReport
-
-        return ValidationReport(
-            passed=True, samples=0, outputs=[], unfused=[], backend=opts.backend,
-            notes=["not validated: trt-plugin nodes run only on TensorRT (use --backend trt on a machine with TensorRT)"],
-        )
     draws = [(opts.seed + i, 1.0) for i in range(opts.samples)]
     if any(s.dtype in ("float16", "bfloat16") for s in specs):
         draws.append((opts.seed + opts.samples, LARGE_INPUT_SCALE))

@@ -303,15 +303,13 @@ def _finish(b: _Builder, y: ir.Value, out_dtype: ir.DataType, bias: ir.Value | N
 
 def _flatten_trailing(b: _Builder, x: ir.Value, axis: int, dtype: ir.DataType):
     """For ops that normalize only the last dim: merge the normalized dims into one, and
-    give back a function that restores the original shape."""
+    give back a function that restores the original shape (ranks known or not)."""
     if axis == -1:
         return x, lambda y: y
-    rank = x.shape.rank() if x.shape is not None else None
-    if rank is None:
-        raise ValueError("multi-axis norm of unknown rank")  # the caller's check excludes it
-    flat_shape = b.const(np.array([0] * (rank + axis) + [-1], np.int64), "flat_shape")
-    flat = b.op("Reshape", x, flat_shape, dtype=dtype)
     orig_shape = b.op("Shape", x, dtype=ir.DataType.INT64)
+    leading = b.op("Shape", x, end=axis, dtype=ir.DataType.INT64)
+    flat_shape = b.op("Concat", leading, b.const(np.array([-1], np.int64), "minus_one"), axis=0, dtype=ir.DataType.INT64)
+    flat = b.op("Reshape", x, flat_shape, dtype=dtype)
     return flat, lambda y: b.op("Reshape", y, orig_shape, dtype=dtype, shape=x.shape)
 
 
@@ -319,8 +317,7 @@ def _decompose(b, x, scale, bias, eps, axis, stash, out_dtype, graph) -> ir.Valu
     """The norm as primitive ops (opset-aware ReduceMean), computing in ``stash``."""
     opset = graph.opset_imports.get("", 17)
     h = b.cast(x, stash) if x.dtype != stash else x
-    rank = x.shape.rank() if x.shape is not None else None
-    axes = list(range(axis, 0)) if rank is None else list(range(axis, 0))
+    axes = list(range(axis, 0))
     sq = b.op("Mul", h, h, dtype=stash)
     if opset >= 18:
         mean = b.op("ReduceMean", sq, b.const(np.array(axes, np.int64), "axes"), keepdims=1, dtype=stash)
