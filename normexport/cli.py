@@ -20,6 +20,9 @@ def _handle_errors(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        from normexport.outputs import install_signal_handlers
+
+        install_signal_handlers()  # SIGTERM cleans up as Ctrl-C does: no temp file stays
         ctx = click.get_current_context()
         debug = (ctx.find_root().params or {}).get("debug", False)
         try:
@@ -31,9 +34,9 @@ def _handle_errors(fn):
             if e.hint:
                 click.echo(f"hint: {e.hint}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            sys.exit(getattr(e, "exit_code", 130))
         except Exception as e:  # a bug, not the user's doing
             if debug:
                 raise
@@ -68,6 +71,14 @@ def model_options(fn):
     ):
         fn = deco(fn)
     return fn
+
+
+force_option = click.option("--force", is_flag=True, help="Replace an existing file at --report / --plot (or -o) that normexport did not write. Never an input.")
+
+
+def _factory_file(factory: str | None) -> str | None:
+    path = (factory or "").rpartition(":")[0]
+    return path if path.endswith(".py") else None
 
 
 def validate_options(fn):
@@ -115,12 +126,17 @@ def main(debug):
 @click.option("--no-bench", is_flag=True, help="Skip the latency benchmark.")
 @click.option("--keep-failed", is_flag=True, help="Write the fused model even when validation fails.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@force_option
 @_handle_errors
-def convert(model, output, target, residual, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path):
+def convert(model, output, target, residual, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path, force):
     """Load MODEL, export it to ONNX, fuse every RMSNorm, validate against PyTorch and time it.
 
     Exit 0: fused and validated; 1: validation failed; 2: bad input or usage."""
     from normexport import pipeline, report
+    from normexport.outputs import Output, check
+
+    out = output or pipeline.default_output(model, target)
+    check([model, _factory_file(factory)], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
 
     opts = pipeline.Options(
         target=target, residual=residual, opset=opset, exporter=exporter, inputs=inputs, factory=factory, trust_pickle=trust_pickle, output=output, dtype=dtype,
@@ -145,15 +161,16 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
 @click.option("--residual-fusion/--no-residual-fusion", "residual", default=True, show_default=True, help="Fold a residual Add that feeds a norm into the fused op (SkipSimplifiedLayerNormalization for ort). onnxruntime's CPU kernel of that op is slower than Add + SimplifiedLayerNormalization: for CPU deployment, --no-residual-fusion.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the fusion report as JSON.")
 @click.option("--allow-none", is_flag=True, help="Exit 0 even when no RMSNorm is found (the model is then written unchanged).")
+@force_option
 @_handle_errors
-def fuse(model, output, target, residual, report_path, allow_none):
+def fuse(model, output, target, residual, report_path, allow_none, force):
     """Fuse every RMSNorm subgraph of an ONNX MODEL for a target runtime."""
     from normexport import fuse as fuse_mod
     from normexport import report
+    from normexport.outputs import Output, check
 
     out = output or model.with_name(f"{model.stem}.{target}.onnx")
-    if out.exists() and model.exists() and out.resolve() == model.resolve():
-        raise NormexportError(f"refusing to write over the input {model}", "give another -o path")
+    check([model], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
     m = fuse_mod.load_onnx(model)
     result = fuse_mod.fuse_model(m, target, residual=residual)
     if result.fused == 0 and not allow_none and target != "decompose":
@@ -198,12 +215,16 @@ def inspect(model, as_json, factory, trust_pickle):
 @validate_options
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@force_option
 @_handle_errors
-def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, backend, report_path):
+def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, backend, report_path, force):
     """Compare FUSED (ONNX) with the PyTorch MODEL, output by output; name the first diverging norm.
 
     Exit 0: match; 1: mismatch; 2: bad input or usage."""
     from normexport import pipeline, report
+    from normexport.outputs import Output, check
+
+    check([model, fused, unfused, _factory_file(factory)], [Output("--report", report_path, "report")], force)
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate")
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)
@@ -224,8 +245,9 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a bar chart of the latencies (PNG; needs matplotlib).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@force_option
 @_handle_errors
-def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, warmup, iters, backend, plot, report_path):
+def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, warmup, iters, backend, plot, report_path, force):
     """Time PyTorch eager, the unfused and the FUSED ONNX model side by side, and the normalization share."""
     import shutil
     import tempfile
@@ -233,6 +255,9 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
     from normexport import pipeline, report
     from normexport.fuse import save_onnx
     from normexport.load import make_inputs
+    from normexport.outputs import Output, check
+
+    check([model, fused, unfused, _factory_file(factory)], [Output("--plot", plot, "plot"), Output("--report", report_path, "report")], force)
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, warmup=warmup, iters=iters, backend=backend)
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)

@@ -48,8 +48,6 @@ def export_onnx(loaded: LoadedModel, inputs: dict, opset: int | None = None, wor
     opset = opset or DEFAULT_OPSET
     names = list(inputs)
     args = tuple(inputs.values())
-    tmp = Path(tempfile.mkdtemp(prefix="normexport-export-", dir=workdir))
-    path = tmp / "model.onnx"
     notes: list[str] = []
     is_script = isinstance(loaded.module, torch.jit.ScriptModule)
     if exporter not in EXPORTERS:
@@ -58,6 +56,8 @@ def export_onnx(loaded: LoadedModel, inputs: dict, opset: int | None = None, wor
         raise NormexportError("the dynamo exporter does not take TorchScript modules", "use --exporter torchscript (or auto)")
     if loaded.exported_program is not None and exporter == "torchscript":
         raise NormexportError("the TorchScript exporter does not take torch.export archives", "use --exporter dynamo (or auto)")
+    tmp = Path(tempfile.mkdtemp(prefix="normexport-export-", dir=workdir))  # after the checks: an early error leaves none
+    path = tmp / "model.onnx"
     try:
         if is_script or exporter == "torchscript":
             if opset > TORCHSCRIPT_MAX_OPSET:

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
+import io
 import math
 import operator
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -975,31 +974,27 @@ def export_program(module: nn.Module, example_inputs: dict, dynamic: bool = True
 def export_archive(
     converted: nn.Module, example_inputs: dict, out: str | os.PathLike, check_inputs: list[dict] | None = None
 ) -> dict:
-    """torch.export ``converted`` and save it to ``out`` atomically (temp file in the same
-    folder, checked by loading it back, then ``os.replace``). Returns facts for the report."""
+    """torch.export ``converted``, check the archive by loading it back, and write it to ``out``
+    atomically (normexport.outputs). Returns facts for the report."""
+    from normexport import outputs
+
     out = Path(out)
     ep, dynamic = export_program(converted, example_inputs)
+    buf = io.BytesIO()  # serialised and checked in memory; only a checked archive is written
+    torch.export.save(ep, buf)
+    loaded = torch.export.load(io.BytesIO(buf.getvalue())).module()
+    worst = 0.0
+    for inputs in check_inputs or [example_inputs]:
+        ref = _float_leaves(_run(converted, inputs))
+        args, kwargs = _bind(converted, inputs)
+        with torch.no_grad():
+            got = _float_leaves(loaded(*args, **kwargs))
+        for a, b in zip(ref, got):
+            worst = max(worst, (a.double() - b.double()).abs().max().item())
+    if not worst <= 1e-5 * max(1.0, max(r.abs().max().item() for r in ref)):
+        raise ValidationFailed(f"the exported archive does not reproduce the converted model (max abs {worst:.3g})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.pt2", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.export.save(ep, tmp)
-        loaded = torch.export.load(tmp).module()
-        worst = 0.0
-        for inputs in check_inputs or [example_inputs]:
-            ref = _float_leaves(_run(converted, inputs))
-            args, kwargs = _bind(converted, inputs)
-            with torch.no_grad():
-                got = _float_leaves(loaded(*args, **kwargs))
-            for a, b in zip(ref, got):
-                worst = max(worst, (a.double() - b.double()).abs().max().item())
-        if not worst <= 1e-5 * max(1.0, max(r.abs().max().item() for r in ref)):
-            raise ValidationFailed(f"the exported archive does not reproduce the converted model (max abs {worst:.3g})")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    outputs.write_bytes(out, buf.getvalue())
     return {"output": str(out), "dynamic_dims": dynamic, "archive_max_abs_vs_converted": worst}
 
 
@@ -1057,19 +1052,9 @@ def _print_table(report: Ln2RmsReport, facts: dict) -> None:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, p)
+    from normexport.report import write_json
 
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-    except OSError:
-        return False
+    write_json(payload, path)
 
 
 def _make_command():
@@ -1082,11 +1067,15 @@ def _make_command():
     @click.option("--fold-affine", is_flag=True, help="Fold each norm's gain and bias into the linear layers it feeds, where all its consumers are linear.")
     @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the conversion report as JSON.")
     @click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module (runs code from the file).")
-    def ln2rms_command(model, output, factory, fold_affine, report_path, trust_pickle):
+    @click.option("--force", is_flag=True, help="Replace an existing file at -o / --report that normexport did not write. Never an input.")
+    def ln2rms_command(model, output, factory, fold_affine, report_path, trust_pickle, force):
         """Convert a Pre-LN transformer into an equivalent Pre-RMSNorm one (Jiang et al. 2023)."""
+        from normexport.outputs import Output, check
+
         try:
-            if os.path.abspath(output) == os.path.abspath(model) or _same_file(output, model):
-                raise NormexportError(f"-o {output} would overwrite MODEL", "write the converted model to a new file")
+            factory_file = (factory or "").rpartition(":")[0]
+            reads = [model, factory_file if factory_file.endswith(".py") else None]
+            check(reads, [Output("-o", Path(output), "pt2"), Output("--report", report_path and Path(report_path), "report")], force)
             module, example = _load_for_cli(model, factory, trust_pickle)
             payload: dict = {"model": model, "output": output, "fold_affine": fold_affine}
             try:

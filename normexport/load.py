@@ -18,7 +18,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,21 +475,21 @@ def make_inputs(specs: list[InputSpec], seed: int, scale: float = 1.0) -> dict:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so a failure leaves no partial file."""
+    """Call ``write(tmp_path)`` then rename into place, so a failure leaves no partial file
+    (normexport.outputs: a fresh temp beside ``path``, fsynced, then ``os.replace``)."""
+    from normexport import outputs
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    outputs.write_with(path, write)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    from normexport import outputs
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs.write_bytes(path, data)
 
 
 def save_torchscript(module, example_inputs: dict, path: Path) -> None:
@@ -503,7 +502,9 @@ def save_torchscript(module, example_inputs: dict, path: Path) -> None:
     except Exception:
         scripted = torch.jit.trace(module, tuple(example_inputs.values()), strict=False)
     meta = json.dumps({"inputs": [spec_of(k, v).to_json() for k, v in example_inputs.items()]})
-    atomic_write(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: meta}))
+    buf = io.BytesIO()  # serialised first: a write error is then Python's OSError (a full disk: exit 2)
+    torch.jit.save(scripted, buf, _extra_files={METADATA_NAME: meta})
+    _write_bytes(path, buf.getvalue())
 
 
 def save_exported(module, example_inputs: dict, path: Path, dynamic: bool = True) -> None:
@@ -516,7 +517,7 @@ def save_exported(module, example_inputs: dict, path: Path, dynamic: bool = True
         node.meta.pop("stack_trace", None)
     buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temp file has neither
     torch.export.save(ep, buf)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+    _write_bytes(path, buf.getvalue())
 
 
 def export_program(module, example_inputs: dict, dynamic: bool = True):

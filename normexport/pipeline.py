@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from normexport import outputs
 from normexport.errors import NormexportError
 from normexport.fuse import FuseReport, fuse_model, load_onnx, save_onnx
 from normexport.load import InputSpec, LoadedModel, load_model, make_inputs
@@ -126,8 +127,7 @@ def apply_dtype(loaded: LoadedModel, specs: list[InputSpec], dtype: str) -> list
 def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) -> ConvertReport:
     path = Path(path)
     out = Path(opts.output) if opts.output else default_output(path, opts.target)
-    if out.exists() and out.resolve() == path.resolve():
-        raise NormexportError(f"refusing to write over the input {path}", "give another -o path")
+    outputs.check_distinct([path], [outputs.Output("-o", out, "onnx")])
     from normexport.fuse import TARGETS
 
     if opts.target not in TARGETS:
@@ -167,7 +167,7 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
                 f"no RMSNorm found in {path}" + (f" ({len(fusion.skipped)} near-miss(es): {reasons})" if fusion.skipped else ""),
                 "normexport fuses x / sqrt(mean(x²) + eps) · g; run `normexport inspect` to see what it sees",
             )
-        fused_path = workdir / "fused.onnx"
+        fused_path = workdir / "fused" / out.name  # named as the output: its external data file too
         save_onnx(model, fused_path)
         report.steps["fuse"] = time.perf_counter() - t
 
@@ -190,18 +190,13 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
 
         passed = report.validation is None or report.validation.passed
         if passed or opts.keep_failed:
-            shutil.copyfile(fused_path, _tmp_beside(out))
-            os.replace(_tmp_beside(out), out)
+            outputs.install_onnx(fused_path, out)
             report.written = True
         else:
             report.notes.append(f"validation failed: {out} not written (--keep-failed writes it anyway)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return report
-
-
-def _tmp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def plot_bench(report, path: str | Path, title: str = "latency") -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise NormexportError("--plot needs matplotlib", "pip install 'normexport[plot]'") from None
-    from normexport.load import atomic_write
+    from normexport import __version__, outputs
 
     names = list(report.latency_ms)
     med = [report.latency_ms[n].median for n in names]
@@ -46,5 +46,8 @@ def plot_bench(report, path: str | Path, title: str = "latency") -> None:
         ax2.set_ylabel("% of summed node time")
         ax2.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(str(tmp), format="png", dpi=110))
-    plt.close(fig)
+    try:  # marked as normexport's: an existing file at --plot is replaced only when it carries the mark
+        meta = {"Software": f"{outputs.PLOT_SOFTWARE} {__version__}"}
+        outputs.write_with(Path(path), lambda tmp: fig.savefig(str(tmp), format="png", dpi=110, metadata=meta))
+    finally:
+        plt.close(fig)

@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from normexport.load import atomic_write
+from normexport import __version__, outputs
+from normexport.outputs import REPORT_MARKER
 
 
 def console(stderr: bool = False) -> Console:
@@ -19,8 +20,10 @@ def console(stderr: bool = False) -> Console:
 
 
 def write_json(data: dict, path: str | Path) -> None:
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    """Write a report atomically, marked as normexport's (an existing file at --report is
+    replaced only when it carries that mark, or with --force)."""
+    text = json.dumps({REPORT_MARKER: __version__, **data}, indent=2, default=str) + "\n"
+    outputs.write_text(path, text)
 
 
 def _fmt(v, digits=3) -> str:

@@ -231,29 +231,22 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB limit
 
 
 def save_onnx(model: ir.Model, path: str | Path, external: bool | None = None) -> None:
-    """Write atomically: into a temp folder beside ``path``, then rename into place. Models
-    over ~2 GB get their weights in ``<name>.data`` next to the model."""
-    import os
-    import shutil
-    import tempfile
+    """Write atomically (normexport.outputs): into a fresh temp beside ``path``, fsynced, then
+    renamed into place. Models over ~2 GB get their weights in ``<name>.data`` next to the
+    model; the data file is renamed into place before the model."""
+    from normexport import outputs
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
         external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        data_name = f"{path.name}.data"
-        tmp_model = tmpdir / path.name
-        if external:
-            ir.save(model, str(tmp_model), external_data=data_name)
-            os.replace(tmpdir / data_name, path.parent / data_name)
-        else:
-            _internalize(model)  # weights read lazily from the source's .data go into the file
-            ir.save(model, str(tmp_model))
-        os.replace(tmp_model, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    if external:
+        data = outputs.data_path(path)
+        with outputs.staged(data, path) as tmpdir:
+            ir.save(model, str(tmpdir / path.name), external_data=data.name)
+    else:
+        _internalize(model)  # weights read lazily from the source's .data go into the file
+        outputs.write_with(path, lambda tmp: ir.save(model, str(tmp)))
 
 
 def _internalize(model: ir.Model) -> None:
@@ -271,9 +264,10 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 
 def fuse_file(src: str | Path, dst: str | Path, target: str = "ort", residual: bool = True) -> FuseReport:
+    from normexport import outputs
+
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise NormexportError(f"refusing to write over the input {src}", "give another -o path")
+    outputs.check_distinct([src], [outputs.Output("dst", dst, "onnx")])
     model = load_onnx(src)
     report = fuse_model(model, target, residual=residual)
     save_onnx(model, dst)
