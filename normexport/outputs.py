@@ -134,6 +134,8 @@ def check_place(option: str, path: Path, names: list[str]) -> None:
             raise NormexportError(f"{option} {shown}: the file name is longer than this file system allows ({name_max} bytes){also}", "give a shorter name")
     if path.is_dir():
         raise NormexportError(f"{option} {shown} is a folder", f"give a file path, e.g. {option} {_short(str(path / 'out'))}")
+    if path.exists() and not path.is_file():
+        raise NormexportError(f"{option} {shown} exists and is not a regular file", f"give {option} a file path")
     try:
         fd, probe = tempfile.mkstemp(dir=parent, prefix=_tmp_prefix(path), suffix=".tmp")
         os.close(fd)
@@ -146,7 +148,7 @@ def _check_existing(option: str, label: str, path: Path, kind: str, force: bool,
     if not os.path.lexists(path):
         return
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        raise NormexportError(f"{label} exists and is not a regular file", f"give {option} a file path")
+        raise NormexportError(f"{label} exists and is not a regular file", f"give {option} another path")
     if force or is_own(path, kind, owner):
         return
     raise NormexportError(
@@ -369,9 +371,9 @@ def _cleaned() -> Iterator[list[Path]]:
     try:
         yield temps
     except OSError as e:
+        where = temps[0].parent if temps else "the output folder"
         _remove(temps)
         if e.errno in NO_SPACE:
-            where = temps[0].parent if temps else "the output folder"
             raise NormexportError(f"no space left to write the output in {where} ({e.strerror})", "free space there (or raise the file-size limit), or write elsewhere") from None
         raise
     except BaseException:
