@@ -101,10 +101,10 @@ class TrtRunner(Runner):
         if serialized is None:
             raise NormexportError(f"TensorRT could not build an engine for {self.model}", "rerun with --debug and read TensorRT's log above")
         if self.cache:
+            from normexport import outputs
+
             CACHE_DIR.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".partial")
-            tmp.write_bytes(bytes(serialized))
-            os.replace(tmp, path)
+            outputs.write_bytes(path, bytes(serialized))
         return runtime.deserialize_cuda_engine(serialized)
 
     def activate(self) -> None:
