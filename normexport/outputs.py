@@ -80,6 +80,10 @@ KIND_WORDS = {
 def check(reads: Iterable[str | os.PathLike | None], writes: Iterable[Output], force: bool = False) -> None:
     """Refuse (NormexportError) any output that would clobber an input, another output, a
     file of another kind (without ``force``), or that cannot be written where it is named."""
+    reads = [r for r in reads if r is not None]
+    for r in reads:  # a missing input is reported as such, not as a problem with an output beside it
+        if not os.path.lexists(r):
+            raise NormexportError(f"{r}: no such file", "check the path")
     writes = [w for w in writes if w.path is not None]
     for out in writes:
         check_place(out.option, Path(out.path), [t[1].name for t in _targets(out)])

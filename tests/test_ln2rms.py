@@ -315,6 +315,7 @@ def _save_state(factory, path):
 
 def test_cli_end_to_end(cli_env):
     sd, out, rep = cli_env / "sd.pt", cli_env / "out" / "conv.pt2", cli_env / "rep.json"
+    out.parent.mkdir()  # an output folder must exist (a missing one is refused before any work)
     model = _save_state(gpt2_small, sd)
     res = CliRunner().invoke(
         ln2rms_command,
