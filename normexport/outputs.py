@@ -35,6 +35,7 @@ _TMP_STEM = 40  # temp names keep at most this much of the target's name: any va
 _READ_LIMIT = 64 << 20  # a report or chart larger than this is not one of ours
 _ONNX_PARSE_LIMIT = 2 << 30  # protobuf's limit: larger files are not parsed to be recognised
 NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class Terminated(KeyboardInterrupt):
@@ -122,7 +123,7 @@ def _targets(out: Output) -> list[tuple[str, Path, str]]:
 
 def check_place(option: str, path: Path, names: list[str]) -> None:
     """The folder exists, is a folder, takes a new file; the name(s) fit the file system."""
-    parent = Path(os.path.abspath(path)).parent
+    parent = path.parent  # not normalised: "missing/../x" fails in the file system too
     shown = _short(str(path))
     try:
         if not parent.exists():
@@ -330,7 +331,7 @@ def replacing(path: Path) -> Iterator[Path]:
     block without an exception it is fsynced, given the usual mode and renamed over ``path``;
     otherwise removed."""
     path = Path(path)
-    with _cleaned() as temps:
+    with _cleaned(path.parent) as temps:
         with _signals_blocked():
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
             temps.append(Path(tmp))
@@ -346,7 +347,7 @@ def staged(*targets: Path) -> Iterator[Path]:
     in the order given (an ONNX model's external data before the model); otherwise removed."""
     targets = tuple(Path(t) for t in targets)
     parent = targets[0].parent
-    with _cleaned() as temps:
+    with _cleaned(parent) as temps:
         with _signals_blocked():
             d = Path(tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(targets[0]), suffix=".tmp"))
             temps.append(d)
@@ -369,16 +370,19 @@ def _publish(pairs: list[tuple[Path, Path]], temps: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def _cleaned() -> Iterator[list[Path]]:
-    """Remove the listed temps on any exception; a full disk becomes a NormexportError."""
+def _cleaned(folder: Path) -> Iterator[list[Path]]:
+    """Remove the listed temps on any exception; a full disk, or an output folder that went
+    away or became read-only during the run, becomes a NormexportError."""
     temps: list[Path] = []
     try:
         yield temps
     except OSError as e:
-        where = temps[0].parent if temps else "the output folder"
+        where = _short(str(folder))
         _remove(temps)
         if e.errno in NO_SPACE:
             raise NormexportError(f"no space left to write the output in {where} ({e.strerror})", "free space there (or raise the file-size limit), or write elsewhere") from None
+        if e.errno in CANNOT_WRITE or (e.errno in (errno.ENOENT, errno.ENOTDIR) and not folder.is_dir()):
+            raise NormexportError(f"cannot write the output in {where} ({e.strerror})", "check the output folder, or write elsewhere") from None
         raise
     except BaseException:
         _remove(temps)
@@ -392,7 +396,7 @@ def _remove(temps: list[Path]) -> None:
             if t.is_dir() and not t.is_symlink():
                 shutil.rmtree(t, ignore_errors=True)
             else:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # best effort: already gone, or the folder turned read-only
                     os.unlink(t)
         temps.clear()
 

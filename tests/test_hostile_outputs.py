@@ -168,6 +168,7 @@ def test_bench_plot_naming_the_fused_model_is_refused(work, no_load):
 
 
 def test_output_and_report_the_same_file_is_refused(work, no_load):
+    (work / "sub").mkdir()
     before = snapshot(work)
     assert_refused(invoke("convert", "m.pt2", "-o", "out.onnx", "--report", "out.onnx", cwd=work), work, before, "-o out.onnx")
     assert_refused(invoke("bench", "m.pt2", "F.onnx", "--plot", "p.png", "--report", "./sub/../p.png", cwd=work), work, before, "--plot p.png")
@@ -518,3 +519,35 @@ def test_external_data_model_is_written_data_first_and_loads(tmp_path, monkeypat
     x = np.random.default_rng(1).standard_normal((1, 4, 64)).astype(np.float32)
     np.testing.assert_allclose(ort.InferenceSession(str(out)).run(None, {"x": x})[0], ort.InferenceSession(str(src)).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx", "fused.onnx.data"]
+
+
+def test_output_folder_removed_during_the_write_is_a_user_error(tmp_path):
+    from normexport.errors import NormexportError
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+
+    def write(tmp):
+        tmp.write_bytes(b"half")
+        shutil.rmtree(folder)
+
+    with pytest.raises(NormexportError, match="cannot write the output"):
+        outputs.write_with(folder / "o.json", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_writer_leaves_the_previous_file_and_no_temp(tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("previous")
+
+    def write(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError, match="writer failed"):
+        outputs.write_with(out, write)
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with outputs.staged(tmp_path / "m.onnx.data", tmp_path / "m.onnx") as d:
+            (d / "m.onnx.data").write_bytes(b"w")
+            raise RuntimeError("writer failed")
+    assert out.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
