@@ -174,23 +174,29 @@ def test_output_and_report_the_same_file_is_refused(work, no_load):
     assert_refused(invoke("bench", "m.pt2", "F.onnx", "--plot", "p.png", "--report", "./sub/../p.png", cwd=work), work, before, "--plot p.png")
 
 
+def spell(work: Path, name: str, spelling: str) -> str:
+    """Another path to ``work / name``: a hard link, a symlink, through ``..``, absolute."""
+    (work / "sub").mkdir(exist_ok=True)
+    if spelling == "hard":
+        os.link(work / name, work / "sub" / f"h-{name}")
+        return f"sub/h-{name}"
+    if spelling == "symlink":
+        (work / "sub" / f"s-{name}").symlink_to(work / name)
+        return f"sub/s-{name}"
+    if spelling == "dotdot":
+        return f"sub/../{name}"
+    return str(work / name)
+
+
 @pytest.mark.parametrize("spelling", ["hard", "symlink", "dotdot", "absolute"])
 def test_input_spelled_another_way_is_refused(work, no_load, spelling):
-    (work / "sub").mkdir()
-    if spelling == "hard":
-        os.link(work / "m.pt2", work / "sub" / "h.pt2")
-        other = "sub/h.pt2"
-    elif spelling == "symlink":
-        (work / "sub" / "s.pt2").symlink_to(work / "m.pt2")
-        other = "sub/s.pt2"
-    elif spelling == "dotdot":
-        other = "sub/../m.pt2"
-    else:
-        other = str(work / "m.pt2")
+    model, fused = spell(work, "m.pt2", spelling), spell(work, "F.onnx", spelling)
     before = snapshot(work)
-    assert_refused(invoke("convert", "m.pt2", "--report", other, cwd=work), work, before, "input m.pt2")
-    assert_refused(invoke("convert", "m.pt2", "-o", other, cwd=work), work, before, "input m.pt2")
-    assert_refused(invoke("fuse", "F.onnx", "-o", "F.onnx", cwd=work), work, before, "input F.onnx")
+    assert_refused(invoke("convert", "m.pt2", "--report", model, cwd=work), work, before, "input m.pt2")
+    assert_refused(invoke("convert", "m.pt2", "-o", model, cwd=work), work, before, "input m.pt2")
+    assert_refused(invoke("validate", "m.pt2", "F.onnx", "--report", fused, cwd=work), work, before, "input F.onnx")
+    assert_refused(invoke("fuse", "F.onnx", "-o", fused, cwd=work), work, before, "input F.onnx")
+    assert_refused(invoke("fuse", "F.onnx", "-o", "x.onnx", "--report", fused, cwd=work), work, before, "input F.onnx")
 
 
 def test_fuse_output_naming_the_inputs_external_data_is_refused(tmp_path):
