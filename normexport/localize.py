@@ -36,9 +36,13 @@ def hookable_module(loaded):
     """The module to hook: a torch.export archive's graph, unflattened back into submodules
     at their original paths (``ExportedProgram.module()`` is one flat graph)."""
     if getattr(loaded, "exported_program", None) is not None:
+        import warnings
+
         import torch
 
-        return torch.export.unflatten(loaded.exported_program)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
+            return torch.export.unflatten(loaded.exported_program)
     return loaded.module
 
 

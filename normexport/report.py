@@ -86,6 +86,31 @@ def print_validation(c: Console, v) -> None:
         c.print("[yellow]every fused norm matches its PyTorch module: the divergence is elsewhere[/yellow]")
     for note in v.notes:
         c.print(f"[dim]note: {note}[/dim]")
+    print_stress(c, v.stress)
+
+
+def print_stress(c: Console, s) -> None:
+    """One row per fused norm run alone on large-magnitude, tiny and zero rows."""
+    if s is None:
+        return
+    status = "[green]PASSED[/green]" if s.passed else "[bold red]FAILED[/bold red]"
+    t = Table(title=f"Stress: each fused norm alone ({s.backend}) vs float64 RMSNorm: {status}", title_justify="left")
+    for col in ("#", "module", "op", "dtype", "max |x|", "max abs", "max rel", "vs unfused", "ok", "failing rows"):
+        t.add_column(col, justify="right" if col in ("#", "max |x|", "max abs", "max rel", "vs unfused") else "left")
+    for n in s.norms:
+        r, u = n.vs_reference, n.vs_unfused
+        nonfinite = f" (NaN/Inf x{r.nonfinite_mismatch})" if r.nonfinite_mismatch else ""
+        t.add_row(
+            str(n.index), n.module or n.node, n.op, n.dtype, _fmt(n.max_input), _fmt(r.max_abs) + nonfinite, _fmt(r.max_rel),
+            _fmt(u.max_abs) if u is not None else "-", "[green]yes[/green]" if n.passed else "[red]NO[/red]", ", ".join(n.failed_rows) or "-",
+        )
+    c.print(t)
+    for name, reason in s.not_checked:
+        c.print(f"[yellow]not stressed: {name}: {reason}[/yellow]")
+    for n in s.failed:
+        c.print(f"[red]norm {n.module or n.node} (ONNX {n.node}) fails the stress check on: {', '.join(n.failed_rows)}[/red]")
+    for note in s.notes:
+        c.print(f"[dim]note: {note}[/dim]")
 
 
 def print_bench(c: Console, b) -> None:
