@@ -38,7 +38,8 @@ def _fmt(v, digits=3) -> str:
 
 
 def print_fusion(c: Console, fusion, title: str = "Fusion") -> None:
-    t = Table(title=f"{title}: {fusion.fused} RMSNorm fused for target '{fusion.target}'", title_justify="left")
+    done = "found and decomposed" if fusion.target == "decompose" else "fused"
+    t = Table(title=f"{title}: {fusion.fused} RMSNorm {done} for target '{fusion.target}'", title_justify="left")
     t.add_column("pattern")
     t.add_column("count", justify="right")
     for name, n in sorted(fusion.patterns.items()):

@@ -191,3 +191,42 @@ def test_shipped_model_fused_norms_pass_and_a_perturbed_one_is_named(shipped_exp
     save_onnx(model, tmp / "perturbed.onnx")
     bad = stress_check(tmp / "perturbed.onnx", unfused, Options(stress=True))
     assert [n.module for n in bad.failed] == ["layers.2.input_norm"]
+
+
+def _convert(*args):
+    from click.testing import CliRunner
+
+    from normexport.cli import main
+
+    return CliRunner().invoke(main, ["convert", *map(str, args)], catch_exceptions=False)
+
+
+def test_convert_decompose_shipped_model_validates_and_stresses(tmp_path):
+    out, rep = tmp_path / "decomposed.onnx", tmp_path / "report.json"
+    result = _convert(ROOT / "models" / "tinyllama.pt", "--target", "decompose", "-o", out, "--report", rep, "--no-bench", "--stress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(rep.read_text())
+    assert report["fusion"]["fused"] == 9 and report["fusion"]["ops"] == {"primitive ops": 9}
+    v = report["validation"]
+    assert v["passed"] and all(o["max_abs"] < 1e-4 for o in v["outputs"])
+    assert v["stress"]["passed"] and v["stress"]["checked"] == 9
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert not ops & {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization", "RMSNorm"}
+    assert "ReduceMean" in ops
+
+
+@pytest.mark.slow
+def test_convert_fp16_zoo_model_stresses_every_norm_by_default(tmp_path):
+    from models import zoo
+
+    state = tmp_path / "llama.pt"
+    torch.save(zoo.factory("llama")[0].state_dict(), state)
+    rep = tmp_path / "report.json"
+    result = _convert(state, "--factory", "models.zoo:llama", "--dtype", "float16", "-o", tmp_path / "out.onnx", "--report", rep, "--no-bench")
+    assert result.exit_code == 0, result.output
+    stress = json.loads(rep.read_text())["validation"]["stress"]
+    assert stress is not None and stress["passed"] and stress["checked"] == zoo.ZOO["llama"].num_norms
+    for n in stress["norms"]:
+        assert n["dtype"] == "float16" and n["max_input"] == pytest.approx(3e4, rel=1e-2)
+        assert n["vs_reference"]["nonfinite_mismatch"] == 0 and n["vs_unfused"]["passed"]
+    assert "Stress: each fused norm alone" in result.output
