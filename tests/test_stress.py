@@ -230,3 +230,18 @@ def test_convert_fp16_zoo_model_stresses_every_norm_by_default(tmp_path):
         assert n["dtype"] == "float16" and n["max_input"] == pytest.approx(3e4, rel=1e-2)
         assert n["vs_reference"]["nonfinite_mismatch"] == 0 and n["vs_unfused"]["passed"]
     assert "Stress: each fused norm alone" in result.output
+
+
+def test_fused_op_written_by_another_tool_is_stressed(tmp_path):
+    """A SimplifiedLayerNormalization with no normexport metadata (another tool's fusion)."""
+    sp = variant(shape=SHAPE, dtype=TensorProto.FLOAT16, compute_fp32=True, eps=1e-5)
+    unfused, _ = build(sp, seed=4)
+    w = next(i for i in unfused.graph.initializer if i.name == "w")
+    node = helper.make_node("SimplifiedLayerNormalization", ["x", "w"], ["y"], name="other_tool_norm", axis=-1, epsilon=1e-5, stash_type=1)
+    graph = helper.make_graph([node], "other", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, SHAPE)], [helper.make_tensor_value_info("y", TensorProto.FLOAT16, SHAPE)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = IR_VERSION
+    report = stress_check(_write(model, tmp_path / "other.onnx"), _write(unfused, tmp_path / "unfused.onnx"), Options())
+    [n] = report.norms
+    assert report.passed and n.node == "y" and n.module == "" and n.op == "SimplifiedLayerNormalization"
+    assert n.vs_unfused.passed and n.epsilon == pytest.approx(1e-5)
