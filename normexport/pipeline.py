@@ -249,11 +249,6 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
         report.notes.append(f"sample {opts.samples} draws float inputs at scale {LARGE_INPUT_SCALE:g} (fp16 squares overflow there)")
     if unfused_acc and not all(c.passed for c in unfused_acc.values()):
         report.notes.append("the unfused export already differs from PyTorch: the exporter, not the fusion, is off")
-    from normexport.stress import stress_check, wanted
-
-    if wanted(opts.stress, opts.dtype, fused):
-        report.stress = stress_check(fused, unfused, opts, opts.seed)
-        report.passed = report.passed and report.stress.passed
     if not report.passed and opts.localize:
         from normexport.localize import localize
 
@@ -263,6 +258,11 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
             report.norms, report.first_divergence = localize(loaded, [s.name for s in specs], fused, feed, opts)
         except NormexportError as e:
             report.notes.append(f"could not localise the divergence: {e.message}")
+    from normexport.stress import stress_check, wanted
+
+    if wanted(opts.stress, opts.dtype, fused):
+        report.stress = stress_check(fused, unfused, opts, opts.seed)
+        report.passed = report.passed and report.stress.passed
     return report
 
 

@@ -77,7 +77,7 @@ def print_validation(c: Console, v) -> None:
             "[green]yes[/green]" if cmp.passed else f"[red]NO{' (NaN/Inf x' + str(cmp.nonfinite_mismatch) + ')' if cmp.nonfinite_mismatch else ''}[/red]",
         )
     c.print(t)
-    if not v.passed and v.worst is not None:
+    if v.worst is not None and not v.worst.passed:
         w = v.worst
         c.print(f"[red]worst output: {w.name}: max abs {_fmt(w.max_abs)}, max rel {_fmt(w.max_rel)} at index {w.worst_index} (sample {w.sample}); needs atol >= {_fmt(w.min_atol)} or rtol >= {_fmt(w.min_rtol)}[/red]")
     if v.first_divergence is not None:

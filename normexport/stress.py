@@ -333,7 +333,7 @@ def check_site(site: NormSite, fused_ext, unfused_ext, opts, tmp: Path, seed: in
     rows = int(np.prod(shape[: params.axis % len(shape)]))
     ref2, got2 = ref.reshape(rows, -1), got.astype(np.float64).reshape(rows, -1)
     kind_of = np.array(kinds)
-    failed = [k for k in row_kinds(dtype_name) if (kind_of == k).any() and not compare_arrays(k, ref2[kind_of == k], got2[kind_of == k], atol, rtol).passed]
+    failed = [f"{k} ({_symptom(ref2[kind_of == k], got2[kind_of == k])})" for k in row_kinds(dtype_name) if (kind_of == k).any() and not compare_arrays(k, ref2[kind_of == k], got2[kind_of == k], atol, rtol).passed]
     result = NormStress(
         site.index, site.module, site.output, site.op, dtype_name, shape, params.epsilon, float(np.abs(x).max()), False, failed,
         vs_reference=compare_arrays(site.output, ref, got.astype(np.float64), atol, rtol),
@@ -342,6 +342,15 @@ def check_site(site: NormSite, fused_ext, unfused_ext, opts, tmp: Path, seed: in
         _compare_unfused(result, site, unfused_ext, feed, ref2, got2, kind_of, (atol, rtol), opts, tmp)
     result.passed = result.vs_reference.passed and (result.vs_unfused is None or result.vs_unfused.passed)
     return result
+
+
+def _symptom(ref: np.ndarray, got: np.ndarray) -> str:
+    """What a failing set of rows shows: NaN/Inf, zeros where the reference is not, or an error."""
+    if not np.isfinite(got).all() and np.isfinite(ref).all():
+        return "NaN/Inf"
+    if np.any(np.all(got == 0, axis=1) & np.any(ref != 0, axis=1)):
+        return "zeros"
+    return f"max abs error {np.nanmax(np.abs(got - ref)):.3g}"
 
 
 def _compare_unfused(result: NormStress, site: NormSite, unfused_ext, feed, ref2, got2, kind_of, tol, opts, tmp: Path) -> None:

@@ -130,7 +130,7 @@ def test_norm_whose_squares_overflow_fp16_fails_and_is_named(tmp_path):
     [n] = report.failed
     assert n.module == "layers.3.input_layernorm" and n.node == "y"
     # exactly the rows whose squares pass 65504 fail; ordinary, tiny and zero rows agree
-    assert n.failed_rows == [f"max |x| {m:g}" for m in LARGE_MAGNITUDES["float16"]]
+    assert n.failed_rows == [f"max |x| {m:g} (zeros)" for m in LARGE_MAGNITUDES["float16"]]
     assert n.vs_unfused is not None and n.vs_unfused.passed and n.unfused_matches_reference
     assert n.vs_reference.max_abs > 0.5  # zeros where the reference is O(1)
     data = report.to_json()
