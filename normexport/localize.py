@@ -42,7 +42,10 @@ def hookable_module(loaded):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
-            return torch.export.unflatten(loaded.exported_program)
+            try:
+                return torch.export.unflatten(loaded.exported_program)
+            except Exception:  # a program torch cannot unflatten: its flat graph has no norm modules to hook
+                return loaded.module
     return loaded.module
 
 
