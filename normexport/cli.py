@@ -87,6 +87,7 @@ def validate_options(fn):
             click.option("--atol", type=float, help="Absolute tolerance (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2)."),
             click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-3, fp16 1e-2, bf16 2e-2)."),
             click.option("--samples", type=click.IntRange(1, 100), default=2, show_default=True, help="Seeded input draws (fp16/bf16 models get one large-magnitude draw more)."),
+            click.option("--stress/--no-stress", default=None, help="Run each fused norm alone on large-magnitude, tiny and zero rows against a float64 RMSNorm (default: on for fp16/bf16 norms)."),
         ]
     ):
         fn = deco(fn)
@@ -128,7 +129,7 @@ def main(debug):
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option
 @_handle_errors
-def convert(model, output, target, residual, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path, force):
+def convert(model, output, target, residual, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path, force):
     """Load MODEL, export it to ONNX, fuse every RMSNorm, validate against PyTorch and time it.
 
     Exit 0: fused and validated; 1: validation failed; 2: bad input or usage."""
@@ -141,7 +142,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     opts = pipeline.Options(
         target=target, residual=residual, opset=opset, exporter=exporter, inputs=inputs, factory=factory, trust_pickle=trust_pickle, output=output, dtype=dtype,
         validate=not no_validate, bench=not no_bench, backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed,
-        warmup=warmup, iters=iters, threads=threads, keep_failed=keep_failed,
+        warmup=warmup, iters=iters, threads=threads, keep_failed=keep_failed, stress=stress,
     )
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
@@ -217,7 +218,7 @@ def inspect(model, as_json, factory, trust_pickle):
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option
 @_handle_errors
-def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, backend, report_path, force):
+def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, backend, report_path, force):
     """Compare FUSED (ONNX) with the PyTorch MODEL, output by output; name the first diverging norm.
 
     Exit 0: match; 1: mismatch; 2: bad input or usage."""
@@ -226,7 +227,7 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
 
     check([model, fused, unfused, _factory_file(factory)], [Output("--report", report_path, "report")], force)
 
-    opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate")
+    opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate", stress=stress)
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)
     result = pipeline.validate_models(loaded, specs, unfused, fused, opts)
     report.print_validation(report.console(), result)

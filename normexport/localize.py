@@ -3,7 +3,7 @@
 PyTorch side: forward hooks on the norm modules record their outputs in call order. ONNX side:
 the values the fusion marked as norm outputs (``normexport.role = norm-output``) are added as
 graph outputs and the fused model is run on the same feed. Norms pair by the module path the
-exporter recorded where there is one, else by order.
+exporter recorded where every fused norm has one that names a submodule, else by order.
 """
 
 from __future__ import annotations
@@ -32,20 +32,67 @@ def norm_output_values(model: ir.Model) -> list[tuple[ir.Value, str]]:
     return found
 
 
-def torch_norm_outputs(module, input_names: list[str], feed: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+def hookable_module(loaded):
+    """The module to hook: a torch.export archive's graph, unflattened back into submodules
+    at their original paths (``ExportedProgram.module()`` is one flat graph)."""
+    if getattr(loaded, "exported_program", None) is not None:
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
+            try:
+                return torch.export.unflatten(loaded.exported_program)
+            except Exception:  # a program torch cannot unflatten: its flat graph has no norm modules to hook
+                return loaded.module
+    return loaded.module
+
+
+def norm_modules(module, paths: list[str]) -> tuple[list[tuple[str, object]], str]:
+    """The modules to hook and how they pair with the fused norms: by the module paths the
+    exporter recorded ("name") where every one is a submodule, else the innermost modules
+    whose class names a norm, in call order ("order")."""
+    by_name = dict(module.named_modules())
+    if paths and all(p and p in by_name for p in paths):
+        return [(p, by_name[p]) for p in dict.fromkeys(paths)], "name"
+    named = [(n, m) for n, m in by_name.items() if n and NORM_CLASS.search(type(m).__name__ if not hasattr(m, "original_name") else m.original_name)]
+    # Keep the innermost norm modules only (a wrapper "Norm" around an RMSNorm would double count).
+    leaf = [(n, m) for n, m in named if not any(o != n and o.startswith(n + ".") for o, _ in named)]
+    return leaf, "order"
+
+
+def _module_result(m, out):
+    """The tensor a module returned. An unflattened submodule returns every value used
+    outside it; its result is the one computed last in its graph."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)) and hasattr(m, "graph"):
+        order = {node: i for i, node in enumerate(m.graph.nodes)}
+        results = next(n for n in m.graph.nodes if n.op == "output").args[0]
+        if isinstance(results, (list, tuple)) and len(results) == len(out):
+            last = max(range(len(out)), key=lambda i: order.get(results[i], -1))
+            return out[last] if isinstance(out[last], torch.Tensor) else None
+    return None
+
+
+def torch_norm_outputs(module, input_names: list[str], feed: dict[str, np.ndarray], paths: list[str] | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
+    """(module path, output) of each norm module call, in call order, and the pairing mode
+    (see ``norm_modules``)."""
     import torch
 
     from normexport.runners.torch_runner import to_numpy, to_torch
 
-    named = [(n, m) for n, m in module.named_modules() if n and NORM_CLASS.search(type(m).__name__ if not hasattr(m, "original_name") else m.original_name)]
-    # Keep the innermost norm modules only (a wrapper "Norm" around an RMSNorm would double count).
-    leaf = [(n, m) for n, m in named if not any(o != n and o.startswith(n + ".") for o, _ in named)]
+    modules, mode = norm_modules(module, paths or [])
     records: list[tuple[str, np.ndarray]] = []
     handles = []
-    for name, m in leaf:
-        def hook(_m, _inp, out, name=name):
-            if isinstance(out, torch.Tensor):
-                records.append((name, to_numpy(out)))
+    for name, m in modules:
+        def hook(m_, _inp, out, name=name):
+            result = _module_result(m_, out)
+            if result is not None:
+                records.append((name, to_numpy(result)))
         try:
             handles.append(m.register_forward_hook(hook))
         except Exception:  # ScriptModules take no hooks
@@ -56,19 +103,31 @@ def torch_norm_outputs(module, input_names: list[str], feed: dict[str, np.ndarra
     finally:
         for h in handles:
             h.remove()
-    return records
+    return records, mode
+
+
+def pair_norms(norms: list[tuple[object, str]], torch_outs: list[tuple[str, np.ndarray]], mode: str) -> list[tuple[str, np.ndarray]]:
+    """The PyTorch (module path, output) for each fused norm: by path, or by position."""
+    if mode == "name":
+        by_module = {name: arr for name, arr in torch_outs}
+        if all(mod in by_module for _, mod in norms):
+            return [(mod, by_module[mod]) for _, mod in norms]
+    if len(norms) != len(torch_outs):
+        raise NormexportError(f"{len(norms)} fused norms but {len(torch_outs)} norm calls in PyTorch, and no module names to pair them by", "compare outputs only (--no-localize)")
+    return list(torch_outs)
 
 
 def localize(loaded, input_names: list[str], fused_path: Path, feed: dict[str, np.ndarray], opts) -> tuple[list[NormDivergence], NormDivergence | None]:
     from normexport.runners.ort import OrtRunner
 
-    torch_outs = torch_norm_outputs(loaded.module, input_names, feed)
-    if not torch_outs:
-        raise NormexportError("no norm module outputs could be recorded in PyTorch (hooks need an nn.Module with *Norm classes)", "load the model as a state_dict with --factory")
     model = ir.load(str(fused_path))
     norms = norm_output_values(model)
     if not norms:
         raise NormexportError("the fused model has no marked norm outputs", "fuse it with normexport")
+    torch_outs, mode = torch_norm_outputs(hookable_module(loaded), input_names, feed, [mod for _, mod in norms])
+    if not torch_outs:
+        raise NormexportError("no norm module outputs could be recorded in PyTorch (hooks need an nn.Module with *Norm classes)", "load the model as a state_dict with --factory")
+    refs = pair_norms(norms, torch_outs, mode)
     existing = {v.name for v in model.graph.outputs}
     for value, _ in norms:
         if value.name not in existing:
@@ -78,20 +137,10 @@ def localize(loaded, input_names: list[str], fused_path: Path, feed: dict[str, n
         ir.save(model, str(path))
         with OrtRunner(path, opts.backend if opts.backend.startswith("ort") else "ort-cpu", optimize=False, threads=opts.threads) as r:
             got = r.infer(feed)
-    by_module = {name: arr for name, arr in torch_outs}
-    paired = []
-    use_names = all(mod in by_module for _, mod in norms)
-    if not use_names and len(norms) != len(torch_outs):
-        raise NormexportError(f"{len(norms)} fused norms but {len(torch_outs)} norm calls in PyTorch, and no module names to pair them by", "compare outputs only (--no-localize)")
-    for i, (value, mod) in enumerate(norms):
-        if use_names:
-            ref_name, ref = mod, by_module[mod]
-        else:
-            ref_name, ref = torch_outs[i]
-        paired.append((i, ref_name, value.name, ref, got[value.name]))
     results = []
-    for i, ref_name, node_name, ref, arr in paired:
-        c = compare_arrays(node_name, ref, arr.reshape(ref.shape) if arr.size == ref.size else arr, opts.atol, opts.rtol)
-        results.append(NormDivergence(i, ref_name, node_name, c.max_abs, c.max_rel, c.cosine, c.passed))
+    for i, ((value, _), (ref_name, ref)) in enumerate(zip(norms, refs)):
+        arr = got[value.name]
+        c = compare_arrays(value.name, ref, arr.reshape(ref.shape) if arr.size == ref.size else arr, opts.atol, opts.rtol)
+        results.append(NormDivergence(i, ref_name, value.name, c.max_abs, c.max_rel, c.cosine, c.passed))
     first = next((r for r in results if not r.passed), None)
     return results, first

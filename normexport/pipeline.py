@@ -49,6 +49,7 @@ class Options:
     threads: int | None = None
     keep_failed: bool = False
     localize: bool = True
+    stress: bool | None = None  # each fused norm alone on large rows; None: on for fp16/bf16 norms
 
 
 @dataclass
@@ -252,6 +253,11 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
             report.norms, report.first_divergence = localize(loaded, [s.name for s in specs], fused, feed, opts)
         except NormexportError as e:
             report.notes.append(f"could not localise the divergence: {e.message}")
+    from normexport.stress import stress_check, wanted
+
+    if wanted(opts.stress, opts.dtype, fused):
+        report.stress = stress_check(fused, unfused, opts, opts.seed)
+        report.passed = report.passed and report.stress.passed
     return report
 
 

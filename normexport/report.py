@@ -41,7 +41,8 @@ def _fmt(v, digits=3) -> str:
 
 
 def print_fusion(c: Console, fusion, title: str = "Fusion") -> None:
-    t = Table(title=f"{title}: {fusion.fused} RMSNorm fused for target '{fusion.target}'", title_justify="left")
+    done = "found and decomposed" if fusion.target == "decompose" else "fused"
+    t = Table(title=f"{title}: {fusion.fused} RMSNorm {done} for target '{fusion.target}'", title_justify="left")
     t.add_column("pattern")
     t.add_column("count", justify="right")
     for name, n in sorted(fusion.patterns.items()):
@@ -79,7 +80,7 @@ def print_validation(c: Console, v) -> None:
             "[green]yes[/green]" if cmp.passed else f"[red]NO{' (NaN/Inf x' + str(cmp.nonfinite_mismatch) + ')' if cmp.nonfinite_mismatch else ''}[/red]",
         )
     c.print(t)
-    if not v.passed and v.worst is not None:
+    if v.worst is not None and not v.worst.passed:
         w = v.worst
         c.print(f"[red]worst output: {w.name}: max abs {_fmt(w.max_abs)}, max rel {_fmt(w.max_rel)} at index {w.worst_index} (sample {w.sample}); needs atol >= {_fmt(w.min_atol)} or rtol >= {_fmt(w.min_rtol)}[/red]")
     if v.first_divergence is not None:
@@ -88,6 +89,36 @@ def print_validation(c: Console, v) -> None:
     elif not v.passed and v.norms:
         c.print("[yellow]every fused norm matches its PyTorch module: the divergence is elsewhere[/yellow]")
     for note in v.notes:
+        c.print(f"[dim]note: {note}[/dim]")
+    print_stress(c, v.stress)
+
+
+def print_stress(c: Console, s) -> None:
+    """One row per fused norm run alone on large-magnitude, tiny and zero rows."""
+    if s is None:
+        return
+    status = "[green]PASSED[/green]" if s.passed else "[bold red]FAILED[/bold red]"
+    if not s.norms:
+        status = "[yellow]no norm checked[/yellow]"
+    t = Table(title=f"Stress: each fused norm alone ({s.backend}) vs float64 RMSNorm: {status}", title_justify="left")
+    for col in ("#", "module", "op", "dtype", "max |x|", "max abs", "max rel", "vs unfused", "ok", "failing rows"):
+        t.add_column(col, justify="right" if col in ("#", "max |x|", "max abs", "max rel", "vs unfused") else "left")
+    for n in s.norms:
+        r, u = n.vs_reference, n.vs_unfused
+        nonfinite = f" (NaN/Inf x{r.nonfinite_mismatch})" if r.nonfinite_mismatch else ""
+        t.add_row(
+            str(n.index), n.module or n.node, n.op, n.dtype, _fmt(n.max_input), _fmt(r.max_abs) + nonfinite, _fmt(r.max_rel),
+            _fmt(u.max_abs) if u is not None else "-", "[green]yes[/green]" if n.passed else "[red]NO[/red]", ", ".join(n.failed_rows) or "-",
+        )
+    if s.norms:
+        c.print(t)
+    else:
+        c.print(f"Stress: {status}")
+    for name, reason in s.not_checked:
+        c.print(f"[yellow]not stressed: {name}: {reason}[/yellow]")
+    for n in s.failed:
+        c.print(f"[red]norm {n.module or n.node} (ONNX {n.node}) fails the stress check on: {', '.join(n.failed_rows)}[/red]")
+    for note in s.notes:
         c.print(f"[dim]note: {note}[/dim]")
 
 

@@ -136,6 +136,7 @@ class ValidationReport:
     norms: list[NormDivergence] = field(default_factory=list)
     backend: str = "ort-cpu"
     notes: list[str] = field(default_factory=list)
+    stress: object = None  # normexport.stress.StressReport
 
     @property
     def worst(self) -> OutputComparison | None:
@@ -153,6 +154,7 @@ class ValidationReport:
             "worst_output": worst.name if worst else None,
             "first_divergent_norm": self.first_divergence.to_json() if self.first_divergence else None,
             "norms": [n.to_json() for n in self.norms],
+            "stress": self.stress.to_json() if self.stress is not None else None,
             "notes": self.notes,
         }
 

@@ -41,14 +41,12 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     _count_plugin_nodes(model, log)
     _import_skip_nodes(model, log)
     P.import_rules(log).apply_to_model(model)
-    if target != "decompose":  # decompose only un-fuses
-        P.core_rules(log).apply_to_model(model)
+    P.core_rules(log).apply_to_model(model)  # decompose too: every norm found is rewritten as canonical primitive ops
     tails = P.tail_rules(log)
     for _ in range(8):  # each pass absorbs at least one op per norm; a norm's tail is <= 4 ops
         if tails.apply_to_model(model) == 0:
             break
-    if target != "decompose":
-        report.skipped = find_near_misses(model)
+    report.skipped = find_near_misses(model)
     lower(model, target, log, residual=residual)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)

@@ -75,13 +75,28 @@ def module_path(node: ir.Node) -> str:
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
     if scopes:
         try:
-            parts = ast.literal_eval(scopes)
-            return ".".join(p for p in parts[1:-1] if p)
-        except (ValueError, SyntaxError):
+            return scope_path(ast.literal_eval(scopes)[1:-1])
+        except (ValueError, SyntaxError, TypeError):
             pass
     if node.name and node.name.startswith("/") and node.name.count("/") > 1:
         return ".".join(p for p in node.name.split("/")[1:-1] if p)
     return ""
+
+
+def scope_path(scopes: list[str]) -> str:
+    """One module path from the exporter's name scopes, outermost first. torch 2.13 writes
+    each scope as the module's full path ("model", "model.layers.0", ...); a scope written as
+    the module's own name ("model", "layers.0", ...) is taken too: a scope that extends the
+    path so far replaces it, any other is appended to it."""
+    path = ""
+    for scope in scopes:
+        if not scope:
+            continue
+        if path and (scope == path or scope.startswith(path + ".")):
+            path = scope
+        else:
+            path = f"{path}.{scope}" if path else scope
+    return path
 
 
 def _attr(node: ir.Node, name: str, default=None):
