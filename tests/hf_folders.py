@@ -28,7 +28,7 @@ FAMILIES = {
 }
 
 
-def save_tiny(family: str, folder: Path, seed: int = 0, attn: str | None = None) -> Path:
+def save_tiny(family: str, folder: Path, seed: int = 0, attn: str | None = None, max_shard_size: str | None = None) -> Path:
     import transformers
 
     cfg_name, model_name, overrides = FAMILIES[family]
@@ -42,5 +42,6 @@ def save_tiny(family: str, folder: Path, seed: int = 0, attn: str | None = None)
             for m in model.modules():
                 if type(m).__name__.endswith("RMSNorm") and getattr(m, "weight", None) is not None:
                     m.weight.normal_(0.0 if "Gemma" in type(m).__name__ else 1.0, 0.2)
-    model.save_pretrained(folder, safe_serialization=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
     return folder

@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from hf_folders import FAMILIES, save_tiny  # noqa: E402
 from normexport.cli import main  # noqa: E402
-from normexport.hf.generation import OnnxDecoder, random_prompts, torch_generate  # noqa: E402
+from normexport.hf.generation import OnnxDecoder, flip_tolerated, random_prompts, torch_generate  # noqa: E402
+from normexport.hf.kv_export import cache_kwarg, output_cache  # noqa: E402
 
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
 NEW_TOKENS = 32
@@ -109,16 +110,16 @@ def test_batch_and_past_are_dynamic(llama):
     decoder = OnnxDecoder(out)
     ids = np.random.default_rng(7).integers(0, 1000, size=(3, 6))
     logits, past = decoder.step(ids, decoder.empty_past(3), 0)
-    cache = transformers.DynamicCache()
+    key = cache_kwarg(model)
     with torch.inference_mode():
-        ref = model(input_ids=torch.tensor(ids), cache=cache, use_cache=True)
+        ref = model(input_ids=torch.tensor(ids), use_cache=True, **{key: transformers.DynamicCache()})
     np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4, rtol=1e-3)
     n = 6
     for _ in range(2):
         nxt = logits[:, -1].argmax(-1)[:, None]
         logits, past = decoder.step(nxt, past, n)
         with torch.inference_mode():
-            ref = model(input_ids=torch.tensor(nxt), cache=ref.cache, use_cache=True)
+            ref = model(input_ids=torch.tensor(nxt), use_cache=True, **{key: output_cache(ref)})
         np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4, rtol=1e-3)
         n += 1
     assert past["past_key_values.0.key"].shape == (3, 2, 8, 16)
@@ -138,6 +139,41 @@ def test_generate_command_bad_ids(llama):
     assert invoke("generate", out, "--prompt-ids", "a,b").exit_code == 2
 
 
+def test_onnxruntime_genai_generates_the_same_tokens(llama):
+    """onnxruntime-genai reads the folder (genai_config.json) and decodes greedily."""
+    og = pytest.importorskip("onnxruntime_genai")
+    folder, out = llama
+    prompt = [511, 7, 998, 250, 63]
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + NEW_TOKENS, min_length=len(prompt) + NEW_TOKENS)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    assert tokens == torch_generate(load_torch(folder), prompt, NEW_TOKENS)
+
+
+def test_flip_rule():
+    assert not flip_tolerated("float32", 0.0, 0.0, 1e-6)  # fp32: tokens must be equal
+    assert flip_tolerated("float16", 0.05, 0.1, 0.01)  # a near-tie within the tolerance
+    assert flip_tolerated("bfloat16", 0.3, 0.1, 0.2)  # within twice the measured logit error
+    assert not flip_tolerated("float16", 2.5, 0.1, 0.01)  # a clear margin: a real error
+
+
+@pytest.mark.slow
+def test_sharded_safetensors_folder(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m", max_shard_size="200KB")
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 1
+    out = tmp_path / "o"
+    result = invoke("convert", folder, "-o", out, "--gen-tokens", 8)
+    assert result.exit_code == 0, result.output + result.stderr
+    ours, _ = OnnxDecoder(out).generate([3, 500, 999], NEW_TOKENS)
+    assert ours == torch_generate(load_torch(folder), [3, 500, 999], NEW_TOKENS)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task,output", [("text-generation", "logits"), ("feature-extraction", "last_hidden_state")])
 def test_tasks_without_cache(tmp_path, task, output):
@@ -148,7 +184,7 @@ def test_tasks_without_cache(tmp_path, task, output):
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask", "position_ids"]
     assert [o.name for o in m.graph.output] == [output]
-    assert sum(1 for n in m.graph.node if n.op_type in FUSED_OPS) == (5 if task == "text-generation" else 5)
+    assert sum(1 for n in m.graph.node if n.op_type in FUSED_OPS) == 5  # 2 per layer + final
     outputs = json.loads(rep.read_text())["validation"]["outputs"]
     assert outputs and all(o["passed"] and o["max_abs"] < 1e-4 for o in outputs)
 
