@@ -97,10 +97,25 @@ def test_greedy_tokens_equal_transformers(converted):
 def llama(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llama")
     folder = save_tiny("llama", tmp / "llama", seed=3)
+    save_tokenizer(folder, 1000)
     out = tmp / "out"
     result = invoke("convert", folder, "-o", out, "--gen-tokens", 4)
     assert result.exit_code == 0, result.output + result.stderr
     return folder, out
+
+
+def save_tokenizer(folder: Path, size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder)
+
+
+def test_tokenizer_files_travel_with_the_model(llama):
+    folder, out = llama
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (folder / name).read_bytes()
 
 
 def test_batch_and_past_are_dynamic(llama):
@@ -260,6 +275,27 @@ def test_remote_code_needs_trust(tmp_path):
     out = tmp_path / "o"
     _assert_clean_failure(invoke("convert", folder, "-o", out), out, "--trust-remote-code")
     assert not marker.exists()
+
+
+def test_export_failure_is_one_line_and_cleans_up(tmp_path, monkeypatch):
+    """An architecture torch.onnx cannot export: the exporter's reason, exit 2, no temp left."""
+    folder = save_tiny("llama", tmp_path / "m")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported: data-dependent guard in rotary embedding\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "cannot export LlamaForCausalLM", "data-dependent guard")
+
+
+def test_unknown_architecture(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "no_such_family"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "transformers cannot build")
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
