@@ -53,6 +53,10 @@ class HFConvertReport:
         return self  # the CLI reads .validation.passed
 
     @property
+    def checked(self) -> bool:
+        return self.generation is not None or bool(self.outputs)
+
+    @property
     def passed(self) -> bool:
         gen_ok = self.generation is None or self.generation.passed
         return gen_ok and all(c.passed for c in self.outputs)
@@ -65,7 +69,7 @@ class HFConvertReport:
             "rmsnorm_modules": self.rmsnorm_modules,
             "fusion": self.fusion.to_json() if self.fusion else None,
             "generation": self.generation.to_json() if self.generation else None,
-            "validation": {"passed": self.passed, "outputs": [c.to_json() for c in self.outputs]},
+            "validation": {"passed": self.passed, "outputs": [c.to_json() for c in self.outputs]} if self.checked else None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
             "notes": self.notes,
         }
@@ -111,6 +115,8 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
             progress("checking generation against transformers")
             _validate(hf, opts, hf_opts, report, staged / MODEL_NAME)
             report.steps["validate"] = time.perf_counter() - t
+        else:
+            report.notes.append("not validated (--no-validate): nothing was compared with transformers")
         if report.passed or opts.keep_failed:
             _write_folder(hf, staged, report, out)
         else:
@@ -151,7 +157,14 @@ def _validate(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertReport, mo
     if hf.task == "text-generation-with-past":
         from normexport.hf.generation import OnnxDecoder, check_generation
 
-        decoder = OnnxDecoder(model_path, threads=opts.threads)
+        try:
+            decoder = OnnxDecoder(model_path, threads=opts.threads)
+        except NormexportError as e:
+            reason = e.message.split("(", 1)[-1].rstrip(")")
+            raise NormexportError(
+                f"onnxruntime (CPU) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
+                "convert in float32 or float16, or pass --no-validate to write it unchecked",
+            ) from None
         report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed)
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
