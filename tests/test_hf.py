@@ -179,6 +179,28 @@ def test_flip_rule():
 
 
 @pytest.mark.slow
+def test_float16_generation_check(tmp_path):
+    """fp16: per-step logits close to transformers' fp16 logits; any greedy flip sits on a
+    near-tie of PyTorch's own top-2 logits."""
+    folder = save_tiny("llama", tmp_path / "m", seed=5)
+    out, rep = tmp_path / "o", tmp_path / "r.json"
+    result = invoke("convert", folder, "-o", out, "--dtype", "float16", "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    gen = json.loads(rep.read_text())["generation"]
+    assert gen["dtype"] == "float16" and len(gen["prompts"]) == 2
+    for p in gen["prompts"]:
+        assert len(p["steps"]) == NEW_TOKENS and all(s["cosine"] > 0.999 and s["max_abs"] < 0.05 for s in p["steps"])
+        assert p["tokens_equal"] or p["top2_margin_at_difference"] <= max(gen["margin_tolerance"], 2 * p["steps"][p["first_difference"]]["max_abs"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).eval()
+    ids = np.array([[12, 640, 77, 901, 5]])
+    logits, _ = OnnxDecoder(out).step(ids, OnnxDecoder(out).empty_past(), 0)
+    assert logits.dtype == np.float16
+    with torch.inference_mode():
+        ref = model(input_ids=torch.tensor(ids)).logits.float().numpy()
+    np.testing.assert_allclose(logits.astype(np.float32), ref, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.slow
 def test_sharded_safetensors_folder(tmp_path):
     folder = save_tiny("llama", tmp_path / "m", max_shard_size="200KB")
     assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 1
@@ -296,6 +318,12 @@ def test_unknown_architecture(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "o"
     _assert_clean_failure(invoke("convert", folder, "-o", out), out, "transformers cannot build")
+
+
+def test_options_for_model_files_are_refused(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out, "--input", "input_ids:int64:1x8"), out, "--input", "does not apply")
 
 
 def test_existing_output_is_not_overwritten(tmp_path):

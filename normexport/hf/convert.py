@@ -95,6 +95,12 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     hf_opts = hf_opts or HFOptions()
     out = Path(opts.output) if opts.output else default_output(path, opts.target)
     check_output(out, path)
+    unused = [flag for flag, given in (("--factory", opts.factory), ("--input", opts.inputs), ("--opset", opts.opset)) if given]
+    if unused or opts.exporter not in ("auto", "dynamo"):
+        raise NormexportError(
+            f"{', '.join(unused) or '--exporter torchscript'} does not apply to a Hugging Face folder",
+            "the folder's config.json defines the model and its inputs; drop the option",
+        )
     if opts.target not in TARGETS:
         raise NormexportError(f"unknown target '{opts.target}'", f"one of {', '.join(TARGETS)}")
     t = time.perf_counter()
@@ -102,10 +108,13 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     hf = load_folder(path, hf_opts.task, opts.dtype, opts.trust_pickle, hf_opts.trust_remote_code)
     report = HFConvertReport(str(path), opts.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
     report.steps["load"] = time.perf_counter() - t
-    out.parent.mkdir(parents=True, exist_ok=True)
     from normexport.hf.kv_export import fresh_workdir, remove
 
-    work = fresh_workdir(out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = fresh_workdir(out.parent)
+    except OSError as e:
+        raise NormexportError(f"cannot write into {out.parent} ({e.strerror})", "give a writable output folder with -o") from None
     try:
         staged = work / "out"
         staged.mkdir()
