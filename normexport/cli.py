@@ -11,6 +11,8 @@ import click
 from normexport import __version__
 from normexport.errors import NormexportError
 from normexport.fuse.targets import TARGETS
+from normexport.hf import route_folder
+from normexport.hf.commands import convert_hf, generate_command, hf_convert_options
 
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
 
@@ -128,15 +130,21 @@ def main(debug):
 @click.option("--keep-failed", is_flag=True, help="Write the fused model even when validation fails.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option
+@hf_convert_options
 @_handle_errors
-def convert(model, output, target, residual, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path, force):
+def convert(model, output, target, residual, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path, force, **hf):
     """Load MODEL, export it to ONNX, fuse every RMSNorm, validate against PyTorch and time it.
+
+    MODEL may be a Hugging Face folder (config.json + safetensors): it becomes OUTDIR with a
+    KV-cache decoder (model.onnx, genai_config.json, tokenizer files), its greedy generation
+    checked token by token against transformers.
 
     Exit 0: fused and validated; 1: validation failed; 2: bad input or usage."""
     from normexport import pipeline, report
     from normexport.outputs import Output, check
 
-    out = output or pipeline.default_output(model, target)
+    folder = route_folder(model)  # a Hugging Face folder: normexport.hf converts it into an output folder
+    out = None if folder else output or pipeline.default_output(model, target)
     check([model, _factory_file(factory)], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
 
     opts = pipeline.Options(
@@ -147,6 +155,8 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
     progress = (lambda s: err.print(f"[dim]... {s}[/dim]")) if err.is_terminal else (lambda s: None)
+    if folder:
+        return convert_hf(model, opts, hf, report_path, progress)
     result = pipeline.convert(model, opts, progress=progress)
     report.print_convert(report.console(), result)
     if report_path:
@@ -295,6 +305,7 @@ def _register_optional_commands() -> None:
         main.add_command(plugin_cli, "plugin")
     except ImportError:
         pass
+    main.add_command(_wrap_command(generate_command), "generate")
     try:
         from normexport.ln2rms import ln2rms_command
 

@@ -156,6 +156,10 @@ def detect_kind(path: Path) -> str:
     """Tell the model kind from the file's bytes. Raises NormexportError for anything else."""
     if not path.exists():
         raise NormexportError(f"{path}: no such file", "check the path")
+    from normexport.hf import is_hf_folder
+
+    if is_hf_folder(path):  # before any file check: a folder with config.json is a Hugging Face model
+        raise NormexportError(f"{path} is a Hugging Face folder; this command takes a model file", "`normexport convert` takes the folder itself")
     if path.is_dir():
         raise NormexportError(f"{path} is a directory, not a model file", "pass the .pt / .pt2 file itself")
     with open(path, "rb") as f:

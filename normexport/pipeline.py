@@ -127,6 +127,12 @@ def apply_dtype(loaded: LoadedModel, specs: list[InputSpec], dtype: str) -> list
 
 def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) -> ConvertReport:
     path = Path(path)
+    from normexport.hf import route_folder
+
+    if route_folder(path):  # a Hugging Face folder: a KV-cache decoder folder, checked by generation
+        from normexport.hf.convert import convert_folder
+
+        return convert_folder(path, opts, progress=progress)
     out = Path(opts.output) if opts.output else default_output(path, opts.target)
     outputs.check_distinct([path], [outputs.Output("-o", out, "onnx")])
     from normexport.fuse import TARGETS

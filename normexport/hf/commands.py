@@ -1,0 +1,74 @@
+"""The CLI's Hugging Face parts: the folder branch of `convert`, and `generate`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from normexport.errors import NormexportError
+from normexport.hf.folder import TASKS
+
+
+def hf_convert_options(fn):
+    for deco in reversed(
+        [
+            click.option("--task", type=click.Choice(TASKS), help="Hugging Face folders: what to export (default: text-generation-with-past for *ForCausalLM, else feature-extraction)."),
+            click.option("--gen-tokens", type=click.IntRange(1, 4096), default=32, show_default=True, help="Hugging Face folders: greedy tokens generated per prompt to check against transformers."),
+            click.option("--trust-remote-code", is_flag=True, help="Hugging Face folders: allow custom modeling code (auto_map in config.json). It runs Python from the folder."),
+        ]
+    ):
+        fn = deco(fn)
+    return fn
+
+
+def convert_hf(model: Path, opts, hf: dict, report_path: Path | None, progress) -> None:
+    """convert for a folder: print the report, write the JSON, exit 1 when generation differs."""
+    from normexport import report
+    from normexport.hf.convert import HFOptions, convert_folder
+    from normexport.hf.show import print_hf_convert
+
+    hf_opts = HFOptions(task=hf.get("task"), gen_tokens=hf.get("gen_tokens") or 32, trust_remote_code=bool(hf.get("trust_remote_code")))
+    result = convert_folder(model, opts, hf_opts, progress=progress)
+    print_hf_convert(report.console(), result)
+    if report_path:
+        report.write_json(result.to_json(), report_path)
+    if not result.passed:
+        sys.exit(1)
+
+
+def _parse_ids(ctx, param, value):
+    try:
+        ids = [int(t) for t in value.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of token ids (e.g. 1,2,3)") from None
+    if not ids or any(i < 0 for i in ids):
+        raise click.BadParameter("give at least one token id, none negative (e.g. 1,2,3)")
+    return ids
+
+
+@click.command("generate")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--prompt-ids", required=True, callback=_parse_ids, metavar="ID,ID,...", help="The prompt as token ids.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 100000), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the tokens as JSON.")
+def generate_command(folder, prompt_ids, max_new_tokens, threads, as_json):
+    """Greedy generation with the decoder `normexport convert` wrote to FOLDER (onnxruntime, KV cache)."""
+    import json
+    import time
+
+    from normexport.hf.generation import OnnxDecoder
+
+    decoder = OnnxDecoder(folder, threads=threads)
+    vocab = decoder.session.get_outputs()[0].shape[-1]
+    if isinstance(vocab, int) and max(prompt_ids) >= vocab:
+        raise NormexportError(f"token id {max(prompt_ids)} is outside the vocabulary (size {vocab})", f"give ids below {vocab}")
+    start = time.perf_counter()
+    tokens, _ = decoder.generate(prompt_ids, max_new_tokens)
+    seconds = time.perf_counter() - start
+    if as_json:
+        click.echo(json.dumps({"prompt_ids": prompt_ids, "new_tokens": tokens, "seconds": round(seconds, 4)}))
+    else:
+        click.echo(",".join(map(str, tokens)))

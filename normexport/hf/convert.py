@@ -1,0 +1,214 @@
+"""`normexport convert DIR` for a Hugging Face folder: load -> export (KV cache) -> fuse ->
+check generation against transformers -> write OUTDIR (model.onnx, genai_config.json,
+tokenizer files, normexport_report.json), all or nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normexport.errors import NormexportError
+from normexport.hf.folder import HFModel, load_folder
+
+REPORT_NAME = "normexport_report.json"
+MODEL_NAME = "model.onnx"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+
+
+@dataclass
+class HFOptions:
+    """What a folder conversion takes beyond pipeline.Options."""
+
+    task: str | None = None
+    gen_tokens: int = 32
+    trust_remote_code: bool = False
+
+
+@dataclass
+class HFConvertReport:
+    model: str
+    target: str
+    output: str
+    task: str = ""
+    architecture: str = ""
+    rmsnorm_modules: int = 0
+    fusion: object = None  # FuseReport
+    generation: object = None  # GenerationReport
+    outputs: list = field(default_factory=list)  # OutputComparison (tasks without a cache)
+    inputs: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    steps: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    written: bool = False
+
+    @property
+    def validation(self):
+        return self  # the CLI reads .validation.passed
+
+    @property
+    def checked(self) -> bool:
+        return self.generation is not None or bool(self.outputs)
+
+    @property
+    def passed(self) -> bool:
+        gen_ok = self.generation is None or self.generation.passed
+        return gen_ok and all(c.passed for c in self.outputs)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "target": self.target, "output": self.output if self.written else None,
+            "kind": "huggingface", "task": self.task, "architecture": self.architecture,
+            "inputs": self.inputs, "outputs": self.output_names,
+            "rmsnorm_modules": self.rmsnorm_modules,
+            "fusion": self.fusion.to_json() if self.fusion else None,
+            "generation": self.generation.to_json() if self.generation else None,
+            "validation": {"passed": self.passed, "outputs": [c.to_json() for c in self.outputs]} if self.checked else None,
+            "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
+            "notes": self.notes,
+        }
+
+
+def default_output(path: Path, target: str) -> Path:
+    path = Path(os.path.abspath(path))
+    return path.with_name(f"{path.name}-onnx-{target}")
+
+
+def check_output(out: Path, src: Path) -> None:
+    if out.exists():
+        if out.resolve() == src.resolve():
+            raise NormexportError(f"refusing to write over the input {src}", "give another -o folder")
+        raise NormexportError(f"{out} already exists", "remove it or give another -o folder (normexport overwrites nothing)")
+
+
+def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda s: None) -> HFConvertReport:
+    """opts: pipeline.Options (target, residual, dtype, seed, threads, validate, keep_failed, output)."""
+    from normexport.fuse import TARGETS
+
+    path = Path(path)
+    hf_opts = hf_opts or HFOptions()
+    out = Path(opts.output) if opts.output else default_output(path, opts.target)
+    check_output(out, path)
+    unused = [flag for flag, given in (("--factory", opts.factory), ("--input", opts.inputs), ("--opset", opts.opset)) if given]
+    if unused or opts.exporter not in ("auto", "dynamo"):
+        raise NormexportError(
+            f"{', '.join(unused) or '--exporter torchscript'} does not apply to a Hugging Face folder",
+            "the folder's config.json defines the model and its inputs; drop the option",
+        )
+    if opts.target not in TARGETS:
+        raise NormexportError(f"unknown target '{opts.target}'", f"one of {', '.join(TARGETS)}")
+    t = time.perf_counter()
+    progress(f"loading {path} with transformers (local files only)")
+    hf = load_folder(path, hf_opts.task, opts.dtype, opts.trust_pickle, hf_opts.trust_remote_code)
+    report = HFConvertReport(str(path), opts.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
+    report.steps["load"] = time.perf_counter() - t
+    from normexport.hf.kv_export import fresh_workdir, remove
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = fresh_workdir(out.parent)
+    except OSError as e:
+        raise NormexportError(f"cannot write into {out.parent} ({e.strerror})", "give a writable output folder with -o") from None
+    try:
+        staged = work / "out"
+        staged.mkdir()
+        _export_and_fuse(hf, opts, report, staged / MODEL_NAME, progress)
+        if opts.validate:
+            t = time.perf_counter()
+            progress("checking generation against transformers")
+            _validate(hf, opts, hf_opts, report, staged / MODEL_NAME)
+            report.steps["validate"] = time.perf_counter() - t
+        else:
+            report.notes.append("not validated (--no-validate): nothing was compared with transformers")
+        if report.passed or opts.keep_failed:
+            _write_folder(hf, staged, report, out)
+        else:
+            report.notes.append(f"validation failed: {out} not written (--keep-failed writes it anyway)")
+    finally:
+        remove(work)
+    return report
+
+
+def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress) -> None:
+    from normexport.fuse import fuse_model, save_onnx
+    from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
+
+    t = time.perf_counter()
+    progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx")
+    exp = export_decoder(hf, dst.parent.parent)
+    report.inputs, report.output_names = exp.input_names, exp.output_names
+    report.steps["export"] = time.perf_counter() - t
+    t = time.perf_counter()
+    progress(f"fusing RMSNorm for target {opts.target}")
+    fusion = fuse_model(exp.model, opts.target, residual=opts.residual)
+    report.fusion = fusion
+    report.rmsnorm_modules = count_rmsnorm_modules(hf.module)
+    if fusion.fused == 0:
+        raise NormexportError(f"no RMSNorm found in {hf.path} ({hf.architecture})", "normexport fuses x / sqrt(mean(x²) + eps) · g; this model has none it recognises")
+    if fusion.fused < report.rmsnorm_modules:
+        report.notes.append(f"{report.rmsnorm_modules} RMSNorm modules in PyTorch, {fusion.fused} fused norms in the graph")
+    save_onnx(exp.model, dst)
+    report.steps["fuse"] = time.perf_counter() - t
+
+
+def _validate(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertReport, model_path: Path) -> None:
+    import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    dtype = opts.dtype or "float32"
+    if hf.task == "text-generation-with-past":
+        from normexport.hf.generation import OnnxDecoder, check_generation
+
+        try:
+            decoder = OnnxDecoder(model_path, threads=opts.threads)
+        except NormexportError as e:
+            reason = e.message.split("(", 1)[-1].rstrip(")")
+            raise NormexportError(
+                f"onnxruntime (CPU) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
+                "convert in float32 or float16, or pass --no-validate to write it unchecked",
+            ) from None
+        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed)
+        return
+    report.outputs = _compare_no_cache(hf, model_path, opts)
+
+
+def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
+    """Tasks without a cache: one output against PyTorch on seeded token ids."""
+    import torch
+
+    from normexport.hf.kv_export import DecoderNoCache, example_inputs, kv_layout
+    from normexport.runners import make_onnx_runner
+    from normexport.validate import compare_outputs
+
+    name = "logits" if hf.task == "text-generation" else "last_hidden_state"
+    wrapper = DecoderNoCache(hf.module, name).eval()
+    results = []
+    with make_onnx_runner(model_path, "ort-cpu", optimize=False, threads=opts.threads) as runner:
+        for i in range(max(1, opts.samples)):
+            feed = example_inputs(kv_layout(hf.text_config), torch.float32, seq=9, with_past=False, seed=opts.seed + i)
+            with torch.inference_mode():
+                ref = wrapper(**feed).float().numpy()
+            got = runner.infer({k: v.numpy() for k, v in feed.items()})
+            results += compare_outputs({name: ref}, {name: got[name].astype("float32")}, opts.atol, opts.rtol, sample=i)
+    return results
+
+
+def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path) -> None:
+    from normexport.hf.genai_config import genai_config
+
+    for name in TOKENIZER_FILES:
+        src = hf.path / name
+        if src.is_file():
+            shutil.copyfile(src, staged / name)
+    if hf.task == "text-generation-with-past":
+        (staged / "genai_config.json").write_text(json.dumps(genai_config(hf), indent=4))
+    report.written = True
+    (staged / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2, default=str))
+    os.replace(staged, out)  # one rename: the folder appears whole or not at all

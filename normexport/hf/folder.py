@@ -1,0 +1,158 @@
+"""Load a local Hugging Face folder with transformers; nothing is downloaded, nothing
+untrusted runs.
+
+- safetensors weights (one file, or shards with ``model.safetensors.index.json``) load as is;
+- pickled ``.bin`` weights need ``--trust-pickle`` (loaded with use_safetensors=False);
+- custom modeling code (``auto_map`` in config.json) needs ``--trust-remote-code``;
+- mixture-of-experts models run their experts with ``batched_mm``, which exports where the
+  default ``grouped_mm`` (a custom op with no ONNX translation) does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normexport.errors import NormexportError
+from normexport.hf import CONFIG_NAME
+
+TASKS = ("text-generation-with-past", "text-generation", "feature-extraction")
+EXPERTS_IMPLEMENTATION = "batched_mm"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass
+class HFModel:
+    module: Any  # the transformers PreTrainedModel, eval mode
+    config: Any
+    path: Path
+    task: str
+    architecture: str
+    weights: str  # "safetensors" | "pickle"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config(decoder=True)
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / CONFIG_NAME
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NormexportError(f"{cfg_path}: not a readable JSON config ({str(e).splitlines()[0][:200]})", "save the model again with save_pretrained") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise NormexportError(f"{cfg_path} has no model_type: not a transformers config", "save the model with save_pretrained (it writes model_type)")
+    return data
+
+
+def weight_format(path: Path, trust_pickle: bool) -> str:
+    """"safetensors" or "pickle", or a NormexportError for a folder without usable weights."""
+    names = {p.name for p in path.iterdir() if p.is_file()}
+    if SAFETENSORS_INDEX in names or any(n.endswith(".safetensors") for n in names):
+        return "safetensors"
+    if PICKLE_INDEX in names or any(n.endswith(".bin") for n in names):
+        if not trust_pickle:
+            raise NormexportError(
+                f"{path} holds pickled .bin weights only: loading them can run code from the files",
+                "only if you trust them, pass --trust-pickle (or re-save with save_pretrained(safe_serialization=True))",
+            )
+        return "pickle"
+    raise NormexportError(f"{path} has a config.json but no weights (*.safetensors)", "save the model with save_pretrained(DIR) (weights and config together)")
+
+
+def default_task(config: dict) -> str:
+    archs = config.get("architectures") or []
+    return "text-generation-with-past" if any(a.endswith("ForCausalLM") for a in archs) or not archs else "feature-extraction"
+
+
+def load_folder(path: Path, task: str | None = None, dtype: str | None = None, trust_pickle: bool = False, trust_remote_code: bool = False) -> HFModel:
+    """Check the folder, then build the model with transformers from local files only."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise NormexportError(f"{path} has no {CONFIG_NAME}: not a Hugging Face model folder", "pass the folder save_pretrained wrote (config.json and weights)")
+    raw = read_config(path)
+    if raw.get("auto_map") and not trust_remote_code:
+        raise NormexportError(
+            f"{path} uses custom modeling code (auto_map in config.json): loading it runs Python from the folder",
+            "only if you trust it, pass --trust-remote-code",
+        )
+    weights = weight_format(path, trust_pickle)
+    task = task or default_task(raw)
+    if task not in TASKS:
+        raise NormexportError(f"unknown --task '{task}'", f"one of {', '.join(TASKS)}")
+    try:
+        import transformers
+    except ImportError:
+        raise NormexportError("Hugging Face folders need transformers", "pip install 'normexport[hf]'") from None
+    import torch
+
+    auto = transformers.AutoModel if task == "feature-extraction" else transformers.AutoModelForCausalLM
+    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors")
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    else:
+        kwargs["dtype"] = torch.float32
+    with offline(), quiet_transformers():
+        try:
+            module = auto.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
+    module.eval()
+    notes = []
+    if weights == "pickle":
+        notes.append("weights unpickled from .bin files (--trust-pickle)")
+    if getattr(module, "_can_set_experts_implementation", lambda: False)():
+        module.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        notes.append(f"experts run with experts_implementation='{EXPERTS_IMPLEMENTATION}' (the default grouped_mm has no ONNX translation)")
+    arch = type(module).__name__
+    return HFModel(module, module.config, path, task, arch, weights, notes)
+
+
+@contextlib.contextmanager
+def offline():
+    """HF_HUB_OFFLINE=1 while transformers loads: a missing local file is an error, never a download."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No progress bars or advice while normexport drives transformers; errors still raise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(e: Exception) -> str:
+    for line in str(e).strip().splitlines():
+        if line.strip():
+            return line.strip()[:240]
+    return type(e).__name__

@@ -1,0 +1,71 @@
+"""genai_config.json in onnxruntime-genai's format (the fields its model builder writes), for
+the decoder normexport exports: past and present are separate buffers that grow by
+concatenation, so ``past_present_share_buffer`` is false."""
+
+from __future__ import annotations
+
+from normexport.hf.folder import HFModel
+from normexport.hf.kv_export import kv_layout
+
+# model_type -> onnxruntime-genai's "type" where the two differ; otherwise model_type itself.
+GENAI_TYPES = {"qwen3_moe": "qwen3", "gemma3_text": "gemma3", "olmo2": "olmo", "phi3": "phi3"}
+
+
+def _token_id(value, default):
+    if isinstance(value, list):
+        return value if value else default
+    return default if value is None else value
+
+
+def genai_config(hf: HFModel) -> dict:
+    cfg = hf.text_config
+    layout = kv_layout(cfg)
+    context = getattr(cfg, "max_position_embeddings", None) or 2048
+    eos = _token_id(getattr(cfg, "eos_token_id", None), 0)
+    return {
+        "model": {
+            "bos_token_id": _token_id(getattr(cfg, "bos_token_id", None), 0),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": layout.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": layout.num_layers,
+                "num_key_value_heads": layout.kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": _token_id(getattr(cfg, "pad_token_id", None), eos if isinstance(eos, int) else eos[0]),
+            "type": GENAI_TYPES.get(cfg.model_type, cfg.model_type),
+            "vocab_size": layout.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }

@@ -1,0 +1,211 @@
+"""Export a transformers model as an ONNX decoder with its KV cache (or without one).
+
+The contract is the one Optimum and onnxruntime-genai share:
+
+    inputs   input_ids [batch, sequence]  attention_mask [batch, total_sequence]
+             position_ids [batch, sequence]
+             past_key_values.{i}.key / .value [batch, kv_heads, past_sequence, head_dim]
+    outputs  logits [batch, sequence, vocab]  present.{i}.key / .value [batch, kv_heads, total_sequence, head_dim]
+
+batch, sequence and past_sequence are dynamic; past_sequence is 0 for the first step. Every
+layer keeps its whole past (sliding-window layers too: the mask, built from the positions,
+hides what lies outside the window), so one graph serves prefill and decode.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from normexport.errors import NormexportError
+from normexport.hf.folder import HFModel
+
+EXPORT_OPSET = 20
+
+
+@dataclass
+class KVLayout:
+    """What the decoder's cache looks like, read from the config."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+
+def kv_layout(cfg) -> KVLayout:
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return KVLayout(cfg.num_hidden_layers, kv_heads, head_dim, cfg.vocab_size)
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """transformers 5 names the cache argument ``cache``; 4.x ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+class DecoderWithPast(nn.Module):
+    """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), the past
+    flat as (key0, value0, key1, value1, ...), rebuilt into a DynamicCache each call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.cache_kwarg = cache_kwarg(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(list(zip(past[0::2], past[1::2])))
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, return_dict=True, **{self.cache_kwarg: cache})
+        present = []
+        for layer in output_cache(out).layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+class DecoderNoCache(nn.Module):
+    def __init__(self, model: nn.Module, output: str):
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
+        return getattr(out, self.output)
+
+
+@dataclass
+class DecoderExport:
+    model: ir.Model
+    input_names: list[str]
+    output_names: list[str]
+    layout: KVLayout
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4, with_past: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    feed = {
+        "input_ids": torch.randint(0, layout.vocab_size, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, (past if with_past else 0) + seq, dtype=torch.int64),
+        "position_ids": torch.arange(past if with_past else 0, (past if with_past else 0) + seq).expand(batch, seq).contiguous(),
+    }
+    if with_past:
+        for name in layout.past_names:
+            feed[name] = torch.randn(batch, layout.kv_heads, past, layout.head_dim, generator=g).to(dtype)
+    return feed
+
+
+def export_decoder(hf: HFModel, workdir: Path) -> DecoderExport:
+    """torch.onnx (dynamo) export of the task's wrapper; batch, sequence and past dynamic."""
+    from torch.export import Dim
+
+    start = time.perf_counter()
+    layout = kv_layout(hf.text_config)
+    with_past = hf.task == "text-generation-with-past"
+    if with_past:
+        wrapper, outputs = DecoderWithPast(hf.module), ["logits", *layout.present_names]
+    elif hf.task == "text-generation":
+        wrapper, outputs = DecoderNoCache(hf.module, "logits"), ["logits"]
+    else:
+        wrapper, outputs = DecoderNoCache(hf.module, "last_hidden_state"), ["last_hidden_state"]
+    dtype = next(hf.module.parameters()).dtype
+    feed = example_inputs(layout, dtype, with_past=with_past)
+    d = Dim.DYNAMIC
+    shapes = ({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d})
+    if with_past:
+        shapes = (*shapes, tuple({0: d, 2: d} for _ in layout.past_names))
+    workdir = fresh_workdir(workdir)
+    try:
+        model = _run_export(wrapper, feed, outputs, shapes, workdir / "export.onnx", hf)
+    finally:
+        remove(workdir)
+    name_dims(model, with_past)
+    return DecoderExport(model, list(feed), outputs, layout, time.perf_counter() - start)
+
+
+def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path: Path, hf: HFModel) -> ir.Model:
+    from normexport.export import _brief, _quiet
+
+    with _quiet() as err:
+        try:
+            torch.onnx.export(
+                wrapper.eval(), tuple(feed.values()), str(path), input_names=list(feed), output_names=outputs,
+                dynamic_shapes=shapes, opset_version=EXPORT_OPSET, dynamo=True, optimize=True, external_data=True,
+            )
+        except Exception as e:
+            raise NormexportError(
+                f"torch.onnx cannot export {hf.architecture} ({hf.task}): {_brief(e, err)}",
+                "this architecture does not export with torch.onnx today; try --task text-generation (no cache) or another transformers version",
+            ) from None
+    model = ir.load(str(path))
+    for v in model.graph.initializers.values():  # the temp folder goes away
+        if isinstance(v.const_value, ir.ExternalTensor):
+            v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
+    return model
+
+
+def name_dims(model: ir.Model, with_past: bool) -> None:
+    """The exporter's symbols (s10, s15 + s70) become the contract's names."""
+    ins = {v.name: v for v in model.graph.inputs}
+    outs = {v.name: v for v in model.graph.outputs}
+    total = "total_sequence" if with_past else "sequence"
+
+    def rename(value: ir.Value | None, names: dict[int, str]) -> None:
+        if value is None or value.shape is None:
+            return
+        dims = list(value.shape)
+        for i, n in names.items():
+            if i < len(dims) and not isinstance(dims[i], int):
+                dims[i] = ir.SymbolicDim(n)
+        value.shape = ir.Shape(dims)
+
+    rename(ins.get("input_ids"), {0: "batch", 1: "sequence"})
+    rename(ins.get("position_ids"), {0: "batch", 1: "sequence"})
+    rename(ins.get("attention_mask"), {0: "batch", 1: total})
+    for name, v in ins.items():
+        if name.startswith("past_key_values."):
+            rename(v, {0: "batch", 2: "past_sequence"})
+    for name, v in outs.items():
+        if name.startswith("present."):
+            rename(v, {0: "batch", 2: "total_sequence"})
+        else:
+            rename(v, {0: "batch", 1: "sequence"})
+
+
+def count_rmsnorm_modules(module: nn.Module) -> int:
+    """nn modules whose class name ends with RMSNorm: what the fused graph must account for."""
+    return sum(1 for m in module.modules() if type(m).__name__.endswith("RMSNorm"))
+
+
+def fresh_workdir(beside: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix=".normexport-", dir=beside))
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,53 @@
+"""Terminal tables for a folder conversion and its generation check."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from normexport.report import _fmt, print_fusion
+
+
+def print_generation(c: Console, g) -> None:
+    t = Table(title=f"Generation vs transformers ({g.dtype}, {g.new_tokens} new tokens, greedy)")
+    for col in ("prompt", "step", "max abs", "max rel", "cosine", "tokens"):
+        t.add_column(col, justify="right" if col != "tokens" else "left")
+    for i, p in enumerate(g.prompts):
+        worst = max(p.steps[1:], key=lambda s: s.max_abs, default=None)
+        if p.first_difference is None:
+            tokens = "[green]equal[/green]"
+        else:
+            verdict = "near-tie, tolerated" if p.tolerated else "[red]FAIL[/red]"
+            tokens = f"first differs at step {p.first_difference} (top-2 margin {_fmt(p.margin)}: {verdict})"
+        t.add_row(str(i), "prefill", _fmt(p.steps[0].max_abs), _fmt(p.steps[0].max_rel), f"{p.steps[0].cosine:.6f}", tokens)
+        if worst is not None:
+            t.add_row("", f"worst decode ({worst.step})", _fmt(worst.max_abs), _fmt(worst.max_rel), f"{worst.cosine:.6f}", "")
+    c.print(t)
+    c.print("generation: " + ("[green]PASSED[/green]" if g.passed else "[red]FAILED[/red]"))
+
+
+def print_hf_convert(c: Console, r) -> None:
+    c.print(f"[bold]{r.model}[/bold] (Hugging Face folder, {r.architecture}) -> task {r.task}, dynamic batch/sequence/past")
+    c.print("inputs: " + ", ".join(_abbrev(r.inputs)) + "; outputs: " + ", ".join(_abbrev(r.output_names)))
+    if r.fusion:
+        print_fusion(c, r.fusion)
+        c.print(f"RMSNorm modules in PyTorch: {r.rmsnorm_modules}; fused norms: {r.fusion.fused}")
+    if r.generation is not None:
+        print_generation(c, r.generation)
+    for o in r.outputs:
+        c.print(f"{o.name} (sample {o.sample}): max abs {_fmt(o.max_abs)}, cosine {o.cosine:.6f}: " + ("[green]passed[/green]" if o.passed else "[red]FAILED[/red]"))
+    for note in r.notes:
+        c.print(f"[dim]note: {note}[/dim]")
+    c.print("[dim]" + ", ".join(f"{k} {v:.1f}s" for k, v in r.steps.items()) + "[/dim]")
+    if r.written:
+        c.print(f"wrote [bold]{r.output}[/bold]")
+
+
+def _abbrev(names: list[str]) -> list[str]:
+    """past_key_values.0.key ... past_key_values.N.value -> one entry."""
+    plain = [n for n in names if not n.startswith(("past_key_values.", "present."))]
+    for prefix in ("past_key_values", "present"):
+        layers = {n.split(".")[1] for n in names if n.startswith(prefix + ".")}
+        if layers:
+            plain.append(f"{prefix}.{{0..{len(layers) - 1}}}.key/value")
+    return plain

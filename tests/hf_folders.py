@@ -1,0 +1,47 @@
+"""Tiny randomly initialised Hugging Face folders (save_pretrained, safetensors) for the tests.
+
+Each entry: transformers config class, model class and config overrides on a shared decoder
+(hidden 64, 2 layers, 4 heads of 16 with 2 KV heads, vocabulary 1000). Norm weights are drawn
+away from 1 so that a fusion that dropped the scale would show.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DECODER = dict(
+    vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rms_norm_eps=1e-5)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rms_norm_eps=1e-6)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=16)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(rms_norm_eps=1e-5, pad_token_id=0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(rms_norm_eps=1e-6)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)),
+}
+
+
+def save_tiny(family: str, folder: Path, seed: int = 0, attn: str | None = None, max_shard_size: str | None = None) -> Path:
+    import transformers
+
+    cfg_name, model_name, overrides = FAMILIES[family]
+    config = getattr(transformers, cfg_name)(**{**DECODER, **overrides})
+    if attn:
+        config._attn_implementation = attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_name)(config).eval()
+        with torch.no_grad():
+            for m in model.modules():
+                if type(m).__name__.endswith("RMSNorm") and getattr(m, "weight", None) is not None:
+                    m.weight.normal_(0.0 if "Gemma" in type(m).__name__ else 1.0, 0.2)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    return folder

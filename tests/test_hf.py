@@ -1,0 +1,346 @@
+"""Hugging Face folders through `normexport convert`: tiny random models saved with
+save_pretrained (safetensors), exported with their KV cache, every RMSNorm fused, and greedy
+generation through normexport's onnxruntime loop equal to transformers' own, token for token.
+Bad folders: exit 2, one error and one hint line, nothing written, nothing executed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+
+from hf_folders import FAMILIES, save_tiny  # noqa: E402
+from normexport.cli import main  # noqa: E402
+from normexport.hf.generation import OnnxDecoder, flip_tolerated, random_prompts, torch_generate  # noqa: E402
+from normexport.hf.kv_export import cache_kwarg, output_cache  # noqa: E402
+
+FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+NEW_TOKENS = 32
+FAST = {"llama"}  # the others run in CI's slow set (each export takes 10-40 s)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def load_torch(folder: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval()
+    if getattr(model, "_can_set_experts_implementation", lambda: False)():
+        model.set_experts_implementation("batched_mm")
+    return model
+
+
+def _family_params():
+    return [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FAMILIES]
+
+
+@pytest.fixture(scope="module", params=_family_params())
+def converted(request, tmp_path_factory):
+    family = request.param
+    tmp = tmp_path_factory.mktemp(family)
+    folder = save_tiny(family, tmp / family)
+    out, rep = tmp / "out", tmp / "report.json"
+    result = invoke("convert", folder, "-o", out, "--report", rep, "--gen-tokens", 8)
+    return family, folder, out, rep, result
+
+
+def test_convert_writes_a_kv_decoder_folder(converted):
+    family, folder, out, rep, result = converted
+    assert result.exit_code == 0, result.output + result.stderr
+    assert {"model.onnx", "genai_config.json", "normexport_report.json"} <= {p.name for p in out.iterdir()}
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    layers = transformers.AutoConfig.from_pretrained(str(folder)).num_hidden_layers
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask", "position_ids", *past]
+    assert [o.name for o in m.graph.output] == ["logits", *[f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    assert dims["input_ids"] == ["batch", "sequence"] and dims["attention_mask"] == ["batch", "total_sequence"]
+    assert dims["past_key_values.0.key"][0] == "batch" and dims["past_key_values.0.key"][2] == "past_sequence"
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_hidden_layers"] == layers
+    assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    report = json.loads(rep.read_text())
+    assert report["generation"]["passed"] and all(p["tokens_equal"] for p in report["generation"]["prompts"])
+
+
+def test_every_rmsnorm_module_is_fused(converted):
+    family, folder, out, rep, result = converted
+    assert result.exit_code == 0, result.output + result.stderr
+    modules = sum(1 for m in load_torch(folder).modules() if type(m).__name__.endswith("RMSNorm"))
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    fused = sum(1 for n in m.graph.node if n.op_type in FUSED_OPS)
+    assert modules > 0 and fused == modules, (family, modules, fused)
+    assert not any(n.op_type == "ReduceMean" for n in m.graph.node)  # no unfused norm left behind
+
+
+def test_greedy_tokens_equal_transformers(converted):
+    """Fresh prompts (not the ones convert checked): 32 tokens through normexport's loop."""
+    family, folder, out, rep, result = converted
+    assert result.exit_code == 0, result.output + result.stderr
+    model = load_torch(folder)
+    decoder = OnnxDecoder(out)
+    for prompt in random_prompts(model.config.vocab_size, 2, 5, seed=1234):
+        assert max(prompt) > 100  # drawn across the vocabulary, not near 0
+        ours, _ = decoder.generate(prompt, NEW_TOKENS)
+        assert ours == torch_generate(model, prompt, NEW_TOKENS), family
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llama")
+    folder = save_tiny("llama", tmp / "llama", seed=3)
+    save_tokenizer(folder, 1000)
+    out = tmp / "out"
+    result = invoke("convert", folder, "-o", out, "--gen-tokens", 4)
+    assert result.exit_code == 0, result.output + result.stderr
+    return folder, out
+
+
+def save_tokenizer(folder: Path, size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder)
+
+
+def test_tokenizer_files_travel_with_the_model(llama):
+    folder, out = llama
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (folder / name).read_bytes()
+
+
+def test_batch_and_past_are_dynamic(llama):
+    """Batch 3 prefill then two decode steps, against transformers with its own cache."""
+    folder, out = llama
+    model = load_torch(folder)
+    decoder = OnnxDecoder(out)
+    ids = np.random.default_rng(7).integers(0, 1000, size=(3, 6))
+    logits, past = decoder.step(ids, decoder.empty_past(3), 0)
+    key = cache_kwarg(model)
+    with torch.inference_mode():
+        ref = model(input_ids=torch.tensor(ids), use_cache=True, **{key: transformers.DynamicCache()})
+    np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4, rtol=1e-3)
+    n = 6
+    for _ in range(2):
+        nxt = logits[:, -1].argmax(-1)[:, None]
+        logits, past = decoder.step(nxt, past, n)
+        with torch.inference_mode():
+            ref = model(input_ids=torch.tensor(nxt), use_cache=True, **{key: output_cache(ref)})
+        np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4, rtol=1e-3)
+        n += 1
+    assert past["past_key_values.0.key"].shape == (3, 2, 8, 16)
+
+
+def test_generate_command_matches_transformers(llama):
+    folder, out = llama
+    result = invoke("generate", out, "--prompt-ids", "17,905,333,4", "--max-new-tokens", 12)
+    assert result.exit_code == 0, result.output
+    assert [int(t) for t in result.output.strip().split(",")] == torch_generate(load_torch(folder), [17, 905, 333, 4], 12)
+
+
+def test_generate_command_bad_ids(llama):
+    _, out = llama
+    r = invoke("generate", out, "--prompt-ids", "5,99999")
+    assert r.exit_code == 2 and "outside the vocabulary" in r.stderr
+    assert invoke("generate", out, "--prompt-ids", "a,b").exit_code == 2
+
+
+def test_onnxruntime_genai_generates_the_same_tokens(llama):
+    """onnxruntime-genai reads the folder (genai_config.json) and decodes greedily."""
+    og = pytest.importorskip("onnxruntime_genai")
+    folder, out = llama
+    prompt = [511, 7, 998, 250, 63]
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + NEW_TOKENS, min_length=len(prompt) + NEW_TOKENS)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    assert tokens == torch_generate(load_torch(folder), prompt, NEW_TOKENS)
+
+
+def test_flip_rule():
+    assert not flip_tolerated("float32", 0.0, 0.0, 1e-6)  # fp32: tokens must be equal
+    assert flip_tolerated("float16", 0.05, 0.1, 0.01)  # a near-tie within the tolerance
+    assert flip_tolerated("bfloat16", 0.3, 0.1, 0.2)  # within twice the measured logit error
+    assert not flip_tolerated("float16", 2.5, 0.1, 0.01)  # a clear margin: a real error
+
+
+@pytest.mark.slow
+def test_float16_generation_check(tmp_path):
+    """fp16: per-step logits close to transformers' fp16 logits; any greedy flip sits on a
+    near-tie of PyTorch's own top-2 logits."""
+    folder = save_tiny("llama", tmp_path / "m", seed=5)
+    out, rep = tmp_path / "o", tmp_path / "r.json"
+    result = invoke("convert", folder, "-o", out, "--dtype", "float16", "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    gen = json.loads(rep.read_text())["generation"]
+    assert gen["dtype"] == "float16" and len(gen["prompts"]) == 2
+    for p in gen["prompts"]:
+        assert len(p["steps"]) == NEW_TOKENS and all(s["cosine"] > 0.999 and s["max_abs"] < 0.05 for s in p["steps"])
+        assert p["tokens_equal"] or p["top2_margin_at_difference"] <= max(gen["margin_tolerance"], 2 * p["steps"][p["first_difference"]]["max_abs"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).eval()
+    ids = np.array([[12, 640, 77, 901, 5]])
+    logits, _ = OnnxDecoder(out).step(ids, OnnxDecoder(out).empty_past(), 0)
+    assert logits.dtype == np.float16
+    with torch.inference_mode():
+        ref = model(input_ids=torch.tensor(ids)).logits.float().numpy()
+    np.testing.assert_allclose(logits.astype(np.float32), ref, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.slow
+def test_sharded_safetensors_folder(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m", max_shard_size="200KB")
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 1
+    out = tmp_path / "o"
+    result = invoke("convert", folder, "-o", out, "--gen-tokens", 8)
+    assert result.exit_code == 0, result.output + result.stderr
+    ours, _ = OnnxDecoder(out).generate([3, 500, 999], NEW_TOKENS)
+    assert ours == torch_generate(load_torch(folder), [3, 500, 999], NEW_TOKENS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,output", [("text-generation", "logits"), ("feature-extraction", "last_hidden_state")])
+def test_tasks_without_cache(tmp_path, task, output):
+    folder = save_tiny("llama", tmp_path / "llama")
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    result = invoke("convert", folder, "-o", out, "--task", task, "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask", "position_ids"]
+    assert [o.name for o in m.graph.output] == [output]
+    assert sum(1 for n in m.graph.node if n.op_type in FUSED_OPS) == 5  # 2 per layer + final
+    outputs = json.loads(rep.read_text())["validation"]["outputs"]
+    assert outputs and all(o["passed"] and o["max_abs"] < 1e-4 for o in outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit 2, one error line and one hint line, nothing written
+
+
+def _assert_clean_failure(result, out: Path, *words):
+    assert result.exit_code == 2, result.output + result.stderr
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
+    for w in words:
+        assert w in result.stderr, result.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".normexport-")]
+
+
+def test_hub_id_is_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", "Qwen/Qwen3-0.6B", "-o", out), out, "downloads nothing", "download it first")
+
+
+def test_folder_without_config(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    (folder / "config.json").unlink()
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "no config.json")
+
+
+def test_config_without_weights(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    for p in folder.glob("*.safetensors"):
+        p.unlink()
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "no weights")
+
+
+def test_corrupt_config(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    (folder / "config.json").write_text("{not json")
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "config")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_pickle_weights_need_trust_and_run_nothing(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    for p in folder.glob("*.safetensors"):
+        p.unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Evil(str(marker))}, folder / "pytorch_model.bin")
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "--trust-pickle")
+    assert not marker.exists()
+
+
+def test_remote_code_needs_trust(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "pwned"
+    (folder / "modeling_evil.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "--trust-remote-code")
+    assert not marker.exists()
+
+
+def test_export_failure_is_one_line_and_cleans_up(tmp_path, monkeypatch):
+    """An architecture torch.onnx cannot export: the exporter's reason, exit 2, no temp left."""
+    folder = save_tiny("llama", tmp_path / "m")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported: data-dependent guard in rotary embedding\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "cannot export LlamaForCausalLM", "data-dependent guard")
+
+
+def test_unknown_architecture(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "no_such_family"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "transformers cannot build")
+
+
+def test_options_for_model_files_are_refused(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out, "--input", "input_ids:int64:1x8"), out, "--input", "does not apply")
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    r = invoke("convert", folder, "-o", out)
+    assert r.exit_code == 2 and "already exists" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_model_file_loader_names_the_folder_kind(tmp_path):
+    from normexport.errors import NormexportError
+    from normexport.load import load_model
+
+    folder = save_tiny("llama", tmp_path / "m")
+    with pytest.raises(NormexportError) as e:
+        load_model(folder)
+    assert "Hugging Face folder" in e.value.message and "normexport convert" in e.value.hint
