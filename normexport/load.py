@@ -5,7 +5,9 @@ Kinds are told apart by content, never by extension:
 - torch.export archive (``torch.export.save``): a zip with ``archive_format`` / ``models/``;
 - ``torch.save`` pickle: a state_dict or checkpoint dict (needs ``--factory``), or a whole
   pickled module (needs ``--trust-pickle``: unpickling it runs code).
-Nothing is unpickled with arbitrary code unless the user said ``--trust-pickle``.
+Nothing is unpickled with arbitrary globals unless the user said ``--trust-pickle``: pickles
+load with ``weights_only=True`` and .pt2 archives through ``normexport.pt2``. Only regular
+files are read (``require_regular_file``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 import zipfile
@@ -153,12 +156,28 @@ class LoadedModel:
 # Detection
 
 
+def require_regular_file(path: str | os.PathLike, what: str = "MODEL") -> Path:
+    """The one gate every input file passes before it is opened: it must exist and be a
+    regular file (after symlinks). A FIFO, device, socket or directory is refused from its
+    ``os.stat`` alone, never opened (a FIFO blocks, /dev/zero never ends)."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise NormexportError(f"{path}: no such file", "check the path") from None
+    except OSError as e:
+        raise NormexportError(f"{path}: cannot read it ({e.strerror})", "check the path and its permissions") from None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
+        raise NormexportError(f"{path} is a directory, not a file", f"pass the {what} file itself")
+    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+    raise NormexportError(f"{path} is {kind}, not a regular file", f"save the {what} to a file and pass that file")
+
+
 def detect_kind(path: Path) -> str:
     """Tell the model kind from the file's bytes. Raises NormexportError for anything else."""
-    if not path.exists():
-        raise NormexportError(f"{path}: no such file", "check the path")
-    if path.is_dir():
-        raise NormexportError(f"{path} is a directory, not a model file", "pass the .pt / .pt2 file itself")
+    path = require_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == b"PK\x03\x04":
@@ -209,7 +228,7 @@ def load_model(path: str | os.PathLike, factory: str | None = None, trust_pickle
     if kind == "torchscript":
         return _load_torchscript(path)
     if kind == "export":
-        return _load_exported(path)
+        return _load_exported(path, trust_pickle)
     return _load_pickle(path, factory, trust_pickle)
 
 
@@ -230,12 +249,23 @@ def _load_torchscript(path: Path) -> LoadedModel:
     return LoadedModel(module, "torchscript", path, names, specs)
 
 
-def _load_exported(path: Path) -> LoadedModel:
+def _load_exported(path: Path, trust_pickle: bool = False) -> LoadedModel:
     import torch
 
+    from normexport import pt2
+
+    data = path.read_bytes()  # one read: the bytes checked are the bytes loaded
+    notes = []
     try:
-        # From a buffer: torch.export.load warns about any file name not ending in .pt2.
-        ep = torch.export.load(io.BytesIO(path.read_bytes()))
+        try:
+            ep = pt2.load_exported(data)
+        except pt2.UnsafeMember as e:
+            if not trust_pickle:
+                raise NormexportError(f"{path}: refusing to load it: {e}", pt2.TRUST_HINT) from None
+            ep = pt2.load_exported(data, trusted=True)
+            notes.append(f"loaded with --trust-pickle ({e})")
+    except NormexportError:
+        raise
     except Exception as e:
         raise NormexportError(f"{path}: torch.export archive fails to load ({_first_line(e)})", "re-save it with torch.export.save") from None
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
@@ -248,7 +278,7 @@ def _load_exported(path: Path) -> LoadedModel:
             specs = [spec_of(n, t) for n, t in zip(orig_names, tensors)]
             names = orig_names
     module = ep.module()
-    return LoadedModel(module, "export", path, names, specs, exported_program=ep)
+    return LoadedModel(module, "export", path, names, specs, exported_program=ep, notes=notes)
 
 
 def _signature_names_from_ep(ep) -> list[str] | None:
@@ -387,31 +417,21 @@ def call_factory(factory: str):
     """Import and call ``MODULE:FUNCTION`` (or ``path/to/file.py:FUNCTION``).
 
     Returns (module, example_inputs or None). The factory may return a module, or a
-    (module, example_inputs dict) pair.
+    (module, example_inputs dict) pair. Any failure of the factory is the user's: one line.
     """
     import torch
 
     if factory.count(":") != 1 or not all(factory.split(":")):
         raise NormexportError(f"malformed --factory '{factory}'", "use --factory MODULE:FUNCTION, e.g. models.zoo:llama")
     mod_name, func_name = factory.split(":")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        if mod_name.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
-            if spec is None or not Path(mod_name).exists():
-                raise ModuleNotFoundError(mod_name)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        raise NormexportError(f"--factory: cannot import '{mod_name}' ({e})", "run from the folder that holds it, or put it on PYTHONPATH") from None
+    mod = _import_factory_module(mod_name)
     fn = getattr(mod, func_name, None)
     if not callable(fn):
         raise NormexportError(f"--factory: '{mod_name}' has no function '{func_name}'", "check the name after the colon")
-    out = fn()
+    try:
+        out = fn()
+    except Exception as e:
+        raise NormexportError(f"--factory {factory} raised {type(e).__name__}: {_first_line(e)}", "fix the factory (call it in Python to see the traceback)") from e
     example = None
     if isinstance(out, tuple) and len(out) == 2:
         out, example = out
@@ -420,6 +440,32 @@ def call_factory(factory: str):
     if example is not None and not (isinstance(example, dict) and all(isinstance(v, torch.Tensor) for v in example.values())):
         raise NormexportError(f"--factory {factory}: example inputs must be a dict of name -> tensor", "return (module, {'input_ids': tensor})")
     return out, example
+
+
+def _import_factory_module(mod_name: str):
+    """Import the factory's module, searching the working folder first for it only: sys.path
+    is restored afterwards, so nothing else imported later comes from the working folder."""
+    saved_path = list(sys.path)
+    try:
+        if mod_name.endswith(".py"):
+            file = require_regular_file(mod_name, "factory .py")
+            spec = importlib.util.spec_from_file_location(file.stem, file)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        sys.path.insert(0, os.getcwd())
+        return importlib.import_module(mod_name)
+    except NormexportError:
+        raise
+    except ModuleNotFoundError as e:
+        raise NormexportError(f"--factory: cannot import '{mod_name}' ({e})", "run from the folder that holds it, or put it on PYTHONPATH") from None
+    except SyntaxError as e:
+        where = f"{Path(e.filename).name}:{e.lineno}" if e.filename else mod_name
+        raise NormexportError(f"--factory: '{mod_name}' has a syntax error ({where}: {e.msg})", "fix the factory's source") from None
+    except Exception as e:
+        raise NormexportError(f"--factory: importing '{mod_name}' raised {type(e).__name__}: {_first_line(e)}", "fix the factory's module (import it in Python to see the traceback)") from e
+    finally:
+        sys.path[:] = saved_path
 
 
 def _forward_arg_names(module) -> list[str]:
