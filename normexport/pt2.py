@@ -13,7 +13,7 @@ target to any callable reachable from ``torch``. Unless the user trusts the file
 - members other than models, weights, tensor constants, sample inputs and extra text files are
   refused by name before torch reads anything;
 - every symbolic expression and guard must be arithmetic on symbols and input sizes;
-- every node of the loaded graph must call a torch operator.
+- every graph node must call a torch operator (checked in the archive and in the loaded graph).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def load_exported(data: bytes, trusted: bool = False):
     import torch
 
     if trusted:
-        return torch.export.load(io.BytesIO(data))
+        with _quiet_torch_export_log():
+            return torch.export.load(io.BytesIO(data))
     check_members(data)
     with _weights_only_loads(data), _quiet_torch_export_log():
         ep = torch.export.load(io.BytesIO(data))
@@ -110,10 +111,30 @@ def check_program_json(name: str, raw: bytes) -> None:
     for text in _strings_under(program, "expr_str"):
         if not _is_safe_sym_expr(text):
             raise UnsafeMember(name, f"has a symbolic expression that is not arithmetic ({text[:80]!r}); sympy would evaluate it as Python")
+    for target in _node_targets(program):
+        if not _OPERATOR_TARGET.match(target):
+            raise UnsafeMember(name, f"has a graph node that calls {target[:80]!r}, not a torch operator")
     guards = program.get("guards_code") if isinstance(program, dict) else None
     for text in guards or []:
         if not (isinstance(text, str) and _is_safe_guard(text)):
             raise UnsafeMember(name, f"has a guard that is not a size check ({str(text)[:80]!r}); torch would compile it as Python")
+
+
+# What torch.export.save writes for a node's target: an operator overload, a higher-order
+# operator, a symbolic-int operation, or a registered extension operator ("#namespace:name").
+_OPERATOR_TARGET = re.compile(r"(torch\.ops\.[\w.]+|_operator\.\w+|math\.\w+|torch\.sym_\w+|#[\w.]+:[\w.]+)\Z")
+
+
+def _node_targets(obj):
+    stack = [obj]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, dict):
+            if "target" in cur and "inputs" in cur:
+                yield cur["target"] if isinstance(cur["target"], str) else repr(cur["target"])
+            stack.extend(cur.values())
+        elif isinstance(cur, list):
+            stack.extend(cur)
 
 
 def _strings_under(obj, key: str):
@@ -279,14 +300,17 @@ def _unpickling_reason(e: Exception) -> str:
 
 @contextlib.contextmanager
 def _quiet_torch_export_log():
-    """torch.export.load logs a traceback before its legacy-format retry; the refusal says it all."""
-    log = logging.getLogger("torch.export")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
+    """torch.export.load logs tracebacks on its fallbacks (and one of those log calls has a
+    broken format string); the refusal or the error says it all."""
+    logs = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------

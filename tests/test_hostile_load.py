@@ -1,0 +1,317 @@
+"""Hostile inputs to loading: nothing from a file runs unless the user passes --trust-pickle.
+
+Each payload creates a canary file when it runs. Without the flag every command refuses the
+file (exit 2, one ``error:`` line naming the member and one ``hint:`` line naming the flag)
+and the canary does not exist; with the flag the same payloads do run (the canary exists),
+which shows each test could fail. Special files (FIFO, device, directory) are refused from
+their metadata without being opened.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+from torch import nn
+from torch.export import Dim
+
+from normexport.cli import main
+from normexport.load import call_factory, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "tinyllama.pt"
+COMMANDS = ("convert", "inspect", "validate", "bench", "ln2rms")
+
+
+# ---------------------------------------------------------------------------------------------
+# Payloads: a global that is not a tensor rebuild function, creating the canary when it runs
+
+
+def canary_value(path: str, value):
+    Path(path).touch()
+    return value
+
+
+class Payload:
+    def __init__(self, path, value):
+        self.path, self.value = str(path), value
+
+    def __reduce__(self):
+        return (canary_value, (self.path, self.value))
+
+
+def saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# A legitimate archive and hostile rewrites of it
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(16, eps=1e-5)
+        self.lin = nn.Linear(16, 16)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 16))
+        self.shift = torch.linspace(-1.0, 1.0, 16)  # a plain tensor attribute: a lifted constant
+
+    def forward(self, x):
+        return self.lin(self.norm(x)) * self.scale + self.shift + x.shape[1]
+
+
+def small_example():
+    return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def legit() -> bytes:
+    torch.manual_seed(0)
+    ep = torch.export.export(Small().eval(), (small_example(),), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},), strict=False)
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    return buf.getvalue()
+
+
+def rewrite(data: bytes, replace: dict[str, bytes] | None = None, edit_json: dict | None = None) -> bytes:
+    """The archive with members replaced or added (names without the top folder) and JSON
+    members edited in place."""
+    replace, edit_json = dict(replace or {}), edit_json or {}
+    src = zipfile.ZipFile(io.BytesIO(data))
+    top = src.namelist()[0].split("/", 1)[0]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            name = info.filename.split("/", 1)[1]
+            body = src.read(info)
+            if name in edit_json:
+                doc = json.loads(body)
+                edit_json[name](doc)
+                body = json.dumps(doc).encode()
+            dst.writestr(f"{top}/{name}", replace.pop(name, body))
+        for name, body in replace.items():
+            dst.writestr(f"{top}/{name}", body)
+    return out.getvalue()
+
+
+def _member(data: bytes, name: str) -> bytes:
+    z = zipfile.ZipFile(io.BytesIO(data))
+    return z.read(z.namelist()[0].split("/", 1)[0] + "/" + name)
+
+
+def _pickled_weight(data, canary):
+    def edit(doc):
+        meta = doc["config"]["lin.weight"]
+        meta["use_pickle"], meta["path_name"] = True, "weight_pickled"
+
+    real = load_model_tensor(data, "weights", "lin.weight")
+    return rewrite(data, {"data/weights/weight_pickled": saved(Payload(canary, nn.Parameter(real)))}, {"data/weights/model_weights_config.json": edit})
+
+
+def _pickled_constant(data, canary):
+    config = json.loads(_member(data, "data/constants/model_constants_config.json"))["config"]
+    fqn = next(iter(config))
+
+    def edit(doc):
+        meta = doc["config"][fqn]
+        meta["use_pickle"], meta["path_name"] = True, "tensor_pickled"
+
+    real = load_model_tensor(data, "constants", fqn)
+    return rewrite(data, {"data/constants/tensor_pickled": saved(Payload(canary, real))}, {"data/constants/model_constants_config.json": edit})
+
+
+def load_model_tensor(data: bytes, kind: str, fqn: str) -> torch.Tensor:
+    ep = torch.export.load(io.BytesIO(data))  # the legitimate archive: safe to load plainly
+    return (ep.state_dict if kind == "weights" else ep.constants)[fqn].detach().clone()
+
+
+def _sample_inputs(data, canary):
+    return rewrite(data, {"data/sample_inputs/model.pt": saved(Payload(canary, ((small_example(),), {})))})
+
+
+def _object_constant(prefix):
+    def build(data, canary):
+        import pickle
+
+        def edit(doc):
+            doc["config"]["evil"] = {"path_name": prefix + "0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+
+        return rewrite(data, {f"data/constants/{prefix}0": pickle.dumps(Payload(canary, 0))}, {"data/constants/model_constants_config.json": edit})
+
+    return build
+
+
+def _sympy_expression(data, canary):
+    def edit(doc):
+        stack = [doc]
+        while stack:
+            cur = stack.pop()
+            if isinstance(cur, dict) and "Symbol(" in str(cur.get("expr_str", "")):
+                cur["expr_str"] = f"(__import__('pathlib').Path('{canary}').touch() or {cur['expr_str']})"
+                return
+            stack.extend(cur.values() if isinstance(cur, dict) else cur if isinstance(cur, list) else [])
+        raise AssertionError("no symbolic expression in the archive")
+
+    return rewrite(data, edit_json={"models/model.json": edit})
+
+
+def _guard(data, canary):
+    def edit(doc):
+        doc["guards_code"] = [f"__import__('pathlib').Path('{canary}').touch() is None"]
+
+    return rewrite(data, edit_json={"models/model.json": edit})
+
+
+def _graph_call(data, canary):
+    def edit(doc):
+        user = doc["graph_module"]["graph"]["inputs"][-1]["as_tensor"]["name"]
+        doc["graph_module"]["graph"]["nodes"].insert(0, {
+            "target": "torch.save",
+            "inputs": [{"name": "", "arg": {"as_tensor": {"name": user}}, "kind": 1}, {"name": "", "arg": {"as_string": str(canary)}, "kind": 1}],
+            "outputs": [], "metadata": {}, "is_hop_single_tensor_return": None, "name": "save_canary",
+        })
+
+    return rewrite(data, edit_json={"models/model.json": edit})
+
+
+def _aoti_library(data, canary):
+    return rewrite(data, {"data/aotinductor/model/model.so": b"\x7fELF not really a library"})
+
+
+# name -> (builder, words the error must contain, whether the flag makes the file load)
+HOSTILE_PT2 = {
+    "weight_stored_with_pickle": (_pickled_weight, "data/weights/weight_pickled", True),
+    "constant_stored_with_pickle": (_pickled_constant, "data/constants/tensor_pickled", True),
+    "sample_inputs": (_sample_inputs, "data/sample_inputs/model.pt", True),
+    "opaque_constant": (_object_constant("opaque_obj_"), "data/constants/opaque_obj_0", False),
+    "script_object_constant": (_object_constant("custom_obj_"), "data/constants/custom_obj_0", False),
+    "symbolic_shape_expression": (_sympy_expression, "models/model.json", True),
+    "guard": (_guard, "models/model.json", True),
+    "graph_calls_python": (_graph_call, "models/model.json", False),
+    "aoti_library": (_aoti_library, "data/aotinductor/model/model.so", False),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the CLI
+
+
+def invoke(*args, cwd: Path | None = None):
+    old = os.getcwd()
+    try:
+        if cwd:
+            os.chdir(cwd)
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def tiny_onnx(path: Path) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 16])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def command_args(command: str, model: Path, tmp: Path) -> list:
+    if command in ("validate", "bench"):
+        return [command, model, tiny_onnx(tmp / "fused.onnx")]
+    if command == "convert":
+        return [command, model, "-o", tmp / "out.onnx"]
+    if command == "ln2rms":
+        return [command, model, "-o", tmp / "out.pt2"]
+    return [command, model]
+
+
+def assert_refused(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
+    for w in words:
+        assert w in result.stderr, result.stderr
+
+
+def assert_nothing_written(tmp: Path):
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("out") or ".tmp" in p.name or "partial" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# .pt2
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("variant", sorted(HOSTILE_PT2))
+def test_hostile_pt2_is_refused_by_every_command_and_runs_nothing(tmp_path, legit, variant, command):
+    build, member, _ = HOSTILE_PT2[variant]
+    canary = tmp_path / "canary"
+    model = tmp_path / "model.pt2"
+    model.write_bytes(build(legit, canary))
+    result = invoke(*command_args(command, model, tmp_path))
+    assert_refused(result, member, "--trust-pickle")
+    assert not canary.exists()
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("variant", sorted(k for k, v in HOSTILE_PT2.items() if v[2]))
+def test_hostile_pt2_loads_and_runs_its_code_with_trust(tmp_path, legit, variant):
+    build = HOSTILE_PT2[variant][0]
+    canary = tmp_path / "canary"
+    model = tmp_path / "model.pt2"
+    model.write_bytes(build(legit, canary))
+    loaded = load_model(model, trust_pickle=True)
+    assert loaded.kind == "export" and any("--trust-pickle" in n for n in loaded.notes)
+    x = small_example()
+    with torch.no_grad():
+        got = loaded.module(x)
+    ref = Small()
+    ref.load_state_dict(loaded.exported_program.state_dict, strict=False)
+    ref.shift = loaded.exported_program.constants[next(iter(loaded.exported_program.constants))]
+    torch.testing.assert_close(got, ref.eval()(x))
+    assert canary.exists()  # the payload was live: without the flag its refusal is what kept it from running
+
+
+@pytest.mark.parametrize("variant", ["opaque_constant"])
+def test_object_constant_is_unpickled_only_with_trust(tmp_path, legit, variant):
+    canary = tmp_path / "canary"
+    model = tmp_path / "model.pt2"
+    model.write_bytes(HOSTILE_PT2[variant][0](legit, canary))
+    invoke("inspect", model, "--trust-pickle")
+    assert canary.exists()
+
+
+def test_legitimate_archives_load_without_the_flag(tmp_path, legit):
+    model = tmp_path / "small.pt2"
+    model.write_bytes(legit)
+    loaded = load_model(model)
+    assert loaded.notes == [] and loaded.input_names == ["x"]
+    assert [(s.name, s.dtype, s.shape) for s in loaded.input_specs] == [("x", "float32", (2, 5, 16))]
+    x = torch.randn(3, 7, 16)
+    ref = Small().eval()
+    ref.load_state_dict(loaded.exported_program.state_dict, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), ref(x))
+    shipped = load_model(SHIPPED)
+    assert shipped.kind == "export" and shipped.notes == [] and shipped.input_specs
+
+
+def test_inspect_legitimate_archive_without_the_flag(tmp_path, legit):
+    model = tmp_path / "small.pt2"
+    model.write_bytes(legit)
+    result = invoke("inspect", model, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["kind"] == "export"
