@@ -236,10 +236,17 @@ def _load_torchscript(path: Path) -> LoadedModel:
     import torch
 
     extra = {METADATA_NAME: ""}
+    data = path.read_bytes()
     try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        # TorchScript's unpickler builds TorchScript types only: it never imports Python.
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
     except Exception as e:
-        raise NormexportError(f"{path}: TorchScript archive fails to load ({_first_line(e)})", "re-save it with torch.jit.save") from None
+        foreign = _foreign_pickle_global(data)
+        cause = f"archive member '{foreign[0]}' references {foreign[1]}, which is not a TorchScript type" if foreign else _first_line(e)
+        raise NormexportError(
+            f"{path}: TorchScript archive fails to load ({cause})",
+            "re-save it with torch.jit.save (TorchScript archives never run Python pickles; --trust-pickle does not change that)",
+        ) from None
     module.eval()
     names = _forward_arg_names(module)
     specs = None
@@ -279,6 +286,27 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> LoadedModel:
             names = orig_names
     module = ep.module()
     return LoadedModel(module, "export", path, names, specs, exported_program=ep, notes=notes)
+
+
+def _foreign_pickle_global(data: bytes) -> tuple[str, str] | None:
+    """The first pickle member of a TorchScript zip that names a Python global outside torch."""
+    import pickletools
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            for info in z.infolist():
+                if not info.filename.endswith((".pkl", ".debug_pkl")) or info.file_size > (64 << 20):
+                    continue
+                strings: list[str] = []
+                for op, arg, _ in pickletools.genops(z.read(info)):
+                    if isinstance(arg, str):
+                        strings.append(arg)
+                    name = arg.replace(" ", ".") if op.name == "GLOBAL" else ".".join(strings[-2:]) if op.name == "STACK_GLOBAL" else None
+                    if name and not name.startswith(("__torch__.", "torch.", "collections.OrderedDict")):
+                        return info.filename.split("/", 1)[-1], name
+    except Exception:
+        return None
+    return None
 
 
 def _signature_names_from_ep(ep) -> list[str] | None:

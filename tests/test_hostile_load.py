@@ -315,3 +315,261 @@ def test_inspect_legitimate_archive_without_the_flag(tmp_path, legit):
     result = invoke("inspect", model, "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["kind"] == "export"
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchScript: its loader builds TorchScript types only, with or without the flag
+
+
+@pytest.fixture(scope="module")
+def torchscript_archive(tmp_path_factory) -> bytes:
+    from normexport.load import save_torchscript
+
+    path = tmp_path_factory.mktemp("ts") / "small.pt"
+    save_torchscript(Small().eval(), {"x": small_example()}, path)
+    return path.read_bytes()
+
+
+def _debug_pickle(data: bytes) -> str:
+    names = [n.split("/", 1)[1] for n in zipfile.ZipFile(io.BytesIO(data)).namelist()]
+    return next(n for n in names if n.endswith(".debug_pkl"))
+
+
+@pytest.mark.parametrize("trust", [False, True])
+@pytest.mark.parametrize("command", ("convert", "inspect", "validate"))
+def test_torchscript_pickles_never_run_python(tmp_path, torchscript_archive, command, trust):
+    import pickle
+
+    for i, member in enumerate(("data.pkl", "constants.pkl")):
+        canary = tmp_path / f"canary{i}"
+        model = tmp_path / f"ts{i}.pt"
+        model.write_bytes(rewrite(torchscript_archive, {member: pickle.dumps(Payload(canary, 0), protocol=2)}))
+        result = invoke(*command_args(command, model, tmp_path), *(["--trust-pickle"] if trust else []))
+        assert_refused(result, f"'{member}'", "canary_value", "--trust-pickle does not change that")
+        assert not canary.exists()
+        assert_nothing_written(tmp_path)
+
+
+def test_torchscript_debug_pickle_never_runs_python(tmp_path, torchscript_archive):
+    import pickle
+
+    canary = tmp_path / "canary"
+    model = tmp_path / "ts.pt"
+    model.write_bytes(rewrite(torchscript_archive, {_debug_pickle(torchscript_archive): pickle.dumps(Payload(canary, 0), protocol=2)}))
+    with torch.no_grad():
+        load_model(model, trust_pickle=True).module(small_example())
+    assert not canary.exists()
+
+
+def test_legitimate_torchscript_loads(tmp_path, torchscript_archive):
+    model = tmp_path / "small.pt"
+    model.write_bytes(torchscript_archive)
+    loaded = load_model(model)
+    assert loaded.kind == "torchscript" and [s.shape for s in loaded.input_specs] == [(2, 5, 16)]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.save files: state_dicts and checkpoints load with weights_only=True
+
+
+def small_factory():
+    torch.manual_seed(5)
+    return Small().eval(), {"x": small_example()}
+
+
+def _checkpoint(canary, legacy=False):
+    torch.manual_seed(7)
+    state = Small().state_dict()
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "optimizer": Payload(canary, {})}, buf, _use_new_zipfile_serialization=not legacy)
+    return buf.getvalue(), state
+
+
+def _whole_module(canary):
+    torch.manual_seed(7)
+    module = Small().eval()
+    return saved(Payload(canary, module)), module.state_dict()
+
+
+HOSTILE_SAVES = {
+    "checkpoint_with_an_object": lambda c: _checkpoint(c),
+    "legacy_format_checkpoint": lambda c: _checkpoint(c, legacy=True),
+    "whole_pickled_module": _whole_module,
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("variant", sorted(HOSTILE_SAVES))
+def test_hostile_torch_save_is_refused_by_every_command(tmp_path, variant, command):
+    canary = tmp_path / "canary"
+    model = tmp_path / "model.pt"
+    model.write_bytes(HOSTILE_SAVES[variant](canary)[0])
+    result = invoke(*command_args(command, model, tmp_path), "--factory", "test_hostile_load:small_factory", cwd=Path(__file__).parent)
+    assert_refused(result, "canary_value", "--trust-pickle")
+    assert not canary.exists()
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("variant", sorted(HOSTILE_SAVES))
+def test_hostile_torch_save_loads_with_trust(tmp_path, variant):
+    canary = tmp_path / "canary"
+    model = tmp_path / "model.pt"
+    data, state = HOSTILE_SAVES[variant](canary)
+    model.write_bytes(data)
+    factory = None if variant == "whole_pickled_module" else "test_hostile_load:small_factory"
+    loaded = load_model(model, factory=factory, trust_pickle=True)
+    assert canary.exists()
+    for k, v in loaded.module.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Only regular files are read
+
+
+@contextmanager
+def deadline(seconds: int):
+    def fail(*_):
+        raise TimeoutError(f"still blocked after {seconds} s: the file was opened")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _special(tmp: Path, kind: str) -> Path:
+    if kind == "fifo":
+        os.mkfifo(tmp / "pipe")
+        return tmp / "pipe"
+    if kind == "directory":
+        (tmp / "folder").mkdir()
+        return tmp / "folder"
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    path = tmp / "sock"
+    sock.bind(str(path))
+    return path
+
+
+SPECIAL_WORDS = {"fifo": "is a FIFO", "directory": "is a directory", "socket": "is a socket"}
+
+
+@pytest.mark.parametrize("kind", sorted(SPECIAL_WORDS))
+@pytest.mark.parametrize("command", COMMANDS + ("fuse",))
+def test_special_file_as_model_exits_2_without_opening_it(tmp_path, command, kind):
+    special = _special(tmp_path, kind)
+    with deadline(60):
+        result = invoke(*command_args(command, special, tmp_path))
+    assert_refused(result, SPECIAL_WORDS[kind])
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("command", ("validate", "bench"))
+def test_special_file_as_onnx_exits_2_without_opening_it(tmp_path, legit, command):
+    model = tmp_path / "small.pt2"
+    model.write_bytes(legit)
+    fifo = _special(tmp_path, "fifo")
+    with deadline(60):
+        as_fused = invoke(command, model, fifo)
+        as_unfused = invoke(command, model, tiny_onnx(tmp_path / "f.onnx"), "--unfused", fifo)
+    assert_refused(as_fused, "is a FIFO")
+    assert_refused(as_unfused, "is a FIFO")
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).with_name("normexport")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from normexport.cli import main; main()"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("command", ("inspect", "fuse"))
+def test_endless_device_exits_2_at_once(tmp_path, command):
+    proc = subprocess.run([*_cli(), command, "/dev/zero"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_env())
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: /dev/zero is a device") and proc.stderr.count("\n") == 2, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# --factory
+
+
+FACTORY_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(16, eps=1e-5)
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(self.norm(x))
+
+
+def build():
+    torch.manual_seed(0)
+    return Tiny().eval(), {"x": torch.randn(2, 5, 16)}
+'''
+
+
+def test_factory_leaves_no_working_folder_on_sys_path(tmp_path):
+    """A stray onnxruntime.py in the working folder is not what validation imports later."""
+    (tmp_path / "tiny_factory.py").write_text(FACTORY_SOURCE)
+    (tmp_path / "onnxruntime.py").write_text(f"open({str(tmp_path / 'canary')!r}, 'w').close()\nraise ImportError('stray module')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import tiny_factory
+
+        torch.save(tiny_factory.build()[0].state_dict(), tmp_path / "tiny.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("tiny_factory", None)
+    cmd = [*_cli(), "convert", "tiny.pt", "--factory", "tiny_factory:build", "-o", "tiny.onnx", "--no-bench", "--samples", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "canary").exists()
+    assert (tmp_path / "tiny.onnx").exists()
+
+
+def test_call_factory_restores_sys_path(tmp_path, monkeypatch):
+    (tmp_path / "restore_factory.py").write_text(FACTORY_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    try:
+        module, example = call_factory("restore_factory:build")
+    finally:
+        sys.modules.pop("restore_factory", None)
+    assert sys.path == before
+    assert isinstance(module, nn.Module) and set(example) == {"x"}
+
+
+BROKEN_FACTORIES = {
+    "raises": ("def build():\n    raise ValueError('no weights here')\n", "raised ValueError: no weights here"),
+    "syntax_error": ("def build(:\n    pass\n", "has a syntax error"),
+    "import_fails": ("raise RuntimeError('import-time failure')\n", "raised RuntimeError: import-time failure"),
+    "not_a_module": ("def build():\n    return 42\n", "returned int, not an nn.Module"),
+    "no_function": ("def other():\n    pass\n", "has no function 'build'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FACTORIES) + ["missing_module"])
+def test_broken_factory_exits_2_with_its_cause(tmp_path, case):
+    name = f"factory_{case}_{tmp_path.name}".replace("-", "_")
+    if case != "missing_module":
+        (tmp_path / f"{name}.py").write_text(BROKEN_FACTORIES[case][0])
+    torch.save(Small().state_dict(), tmp_path / "state.pt")
+    try:
+        result = invoke("inspect", tmp_path / "state.pt", "--factory", f"{name}:build", cwd=tmp_path)
+    finally:
+        sys.modules.pop(name, None)
+    assert_refused(result, BROKEN_FACTORIES[case][1] if case in BROKEN_FACTORIES else "cannot import")
