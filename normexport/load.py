@@ -452,14 +452,20 @@ def call_factory(factory: str):
     if factory.count(":") != 1 or not all(factory.split(":")):
         raise NormexportError(f"malformed --factory '{factory}'", "use --factory MODULE:FUNCTION, e.g. models.zoo:llama")
     mod_name, func_name = factory.split(":")
-    mod = _import_factory_module(mod_name)
-    fn = getattr(mod, func_name, None)
-    if not callable(fn):
-        raise NormexportError(f"--factory: '{mod_name}' has no function '{func_name}'", "check the name after the colon")
+    saved_path = list(sys.path)
     try:
-        out = fn()
-    except Exception as e:
-        raise NormexportError(f"--factory {factory} raised {type(e).__name__}: {_first_line(e)}", "fix the factory (call it in Python to see the traceback)") from e
+        # The factory's folder is searched first for its own imports, now and when it runs.
+        sys.path.insert(0, str(Path(mod_name).resolve().parent) if mod_name.endswith(".py") else os.getcwd())
+        mod = _import_factory_module(mod_name)
+        fn = getattr(mod, func_name, None)
+        if not callable(fn):
+            raise NormexportError(f"--factory: '{mod_name}' has no function '{func_name}'", "check the name after the colon")
+        try:
+            out = fn()
+        except Exception as e:
+            raise NormexportError(f"--factory {factory} raised {type(e).__name__}: {_first_line(e)}", "fix the factory (call it in Python to see the traceback)") from e
+    finally:
+        sys.path[:] = saved_path  # nothing imported later comes from the working folder
     example = None
     if isinstance(out, tuple) and len(out) == 2:
         out, example = out
@@ -471,9 +477,7 @@ def call_factory(factory: str):
 
 
 def _import_factory_module(mod_name: str):
-    """Import the factory's module, searching the working folder first for it only: sys.path
-    is restored afterwards, so nothing else imported later comes from the working folder."""
-    saved_path = list(sys.path)
+    """Import the factory's module (a dotted name, or a .py file); its failures are one line."""
     try:
         if mod_name.endswith(".py"):
             file = require_regular_file(mod_name, "factory .py")
@@ -481,7 +485,6 @@ def _import_factory_module(mod_name: str):
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
             return mod
-        sys.path.insert(0, os.getcwd())
         return importlib.import_module(mod_name)
     except NormexportError:
         raise
@@ -492,8 +495,6 @@ def _import_factory_module(mod_name: str):
         raise NormexportError(f"--factory: '{mod_name}' has a syntax error ({where}: {e.msg})", "fix the factory's source") from None
     except Exception as e:
         raise NormexportError(f"--factory: importing '{mod_name}' raised {type(e).__name__}: {_first_line(e)}", "fix the factory's module (import it in Python to see the traceback)") from e
-    finally:
-        sys.path[:] = saved_path
 
 
 def _forward_arg_names(module) -> list[str]:
