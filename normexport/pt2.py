@@ -172,7 +172,7 @@ def _is_safe_sym_expr(text: str) -> bool:
             if not (isinstance(node.func, ast.Name) and _is_sympy_class(node.func.id)):
                 return False
         elif isinstance(node, ast.Constant):
-            if isinstance(node.value, str) and not _IDENT.match(node.value):
+            if isinstance(node.value, str) and not (_IDENT.match(node.value) or _NUMBER.match(node.value)):
                 return False
             if not isinstance(node.value, (str, int, float, bool)) or node.value is None:
                 return False
@@ -184,13 +184,23 @@ def _is_safe_sym_expr(text: str) -> bool:
     return True
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")
+
+
 def _is_sympy_class(name: str) -> bool:
+    """A name sympify would call: a sympy expression class builds an expression, and a name it
+    does not know becomes an undefined function; anything else (a builtin, ``sympify``,
+    ``lambdify``, ``S``...) is refused."""
+    import builtins
+
     import sympy
     import torch.utils._sympy.functions as torch_sympy
 
     if name.startswith("_"):
         return False
     obj = getattr(torch_sympy, name, None) or getattr(sympy, name, None)
+    if obj is None:
+        return not hasattr(builtins, name)
     return isinstance(obj, type) and issubclass(obj, sympy.Basic)
 
 

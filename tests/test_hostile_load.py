@@ -573,3 +573,50 @@ def test_broken_factory_exits_2_with_its_cause(tmp_path, case):
     finally:
         sys.modules.pop(name, None)
     assert_refused(result, BROKEN_FACTORIES[case][1] if case in BROKEN_FACTORIES else "cannot import")
+
+
+# ---------------------------------------------------------------------------------------------
+# The text checks behind the .pt2 refusals: what torch writes passes, code does not
+
+
+def test_symbolic_expressions_torch_writes_pass_and_code_does_not():
+    import sympy
+    from torch.utils._sympy.functions import CeilToInt, FloorDiv, IntTrueDiv, Max, PythonMod
+
+    from normexport.pt2 import _is_safe_sym_expr
+
+    s0, s1 = sympy.symbols("s0 s1", positive=True, integer=True)
+    written = [FloorDiv(s0, 2), Max(1, s0 * s1), PythonMod(s0, 3), CeilToInt(s0 / 3), IntTrueDiv(s0, s1), sympy.Eq(s0, 3),
+               sympy.Piecewise((s0, s0 > 2), (1, True)), sympy.oo * s0, s0**2 + 3 * s1 - 1, sympy.Float(0.5) * s0]
+    for e in written:
+        assert _is_safe_sym_expr(sympy.srepr(e)), sympy.srepr(e)
+    assert _is_safe_sym_expr("s0 + 2*s1")
+    for code in ["__import__('os').system('x')", "Symbol('a').__class__", "Max(eval('1'))", "S('1+1')", "sympify('1')", "lambdify(s0, s0)",
+                 "Symbol('x;y')", "Max('__import__(1)')", "lambda: 1", "Integer(1)[0]", "open('f', 'w')", "Symbol('a')\nimport os"]:
+        assert not _is_safe_sym_expr(code), code
+
+
+def test_guards_torch_writes_pass_and_code_does_not():
+    from normexport.pt2 import _is_safe_guard
+
+    for g in ["L['x'].size()[0] == 3", "2 <= L['x'].size()[1]", "(L['x'].size()[0] // 2) <= L['y'].size()[0]",
+              "L['x'].size()[0] == (2*L['y'].size()[0])", "math.floor(L['x'].size()[0] / 2) == 3", "torch.sym_max(2, L['x'].size()[0]) <= 10"]:
+        assert _is_safe_guard(g), g
+    for code in ["__import__('os')", "L['x'].__class__", "torch.save(L['x'], 'f')", "L['x'].size", "L['x; import os'].size()[0]",
+                 "getattr(L, 'x')", "(lambda: 1)()", "L['x'].size()[0] == 3 # x", "L['x'].size()[0] == 3\nimport os"]:
+        assert not _is_safe_guard(code), code
+
+
+def test_archive_with_guards_torch_writes_loads_without_the_flag(tmp_path):
+    class Halves(nn.Module):
+        def forward(self, x, y):
+            return x[: x.shape[0] // 2] + y[: x.shape[0] // 2]
+
+    d = Dim("d", min=4, max=64)
+    x, y = torch.randn(8, 4), torch.randn(4, 4)
+    ep = torch.export.export(Halves(), (x, y), dynamic_shapes=({0: 2 * d}, {0: d}), strict=False)
+    torch.export.save(ep, tmp_path / "halves.pt2")
+    assert json.loads(_member((tmp_path / "halves.pt2").read_bytes(), "models/model.json"))["guards_code"]
+    loaded = load_model(tmp_path / "halves.pt2")
+    x, y = torch.randn(12, 4), torch.randn(6, 4)
+    torch.testing.assert_close(loaded.module(x, y), x[:6] + y)
