@@ -70,11 +70,9 @@ def check_members(data: bytes) -> None:
     from torch.export.pt2_archive import PT2ArchiveReader
     from torch.export.pt2_archive import constants as c
 
+    _check_zip_layout(data)
     reader = PT2ArchiveReader(io.BytesIO(data))
     names = reader.get_file_names()
-    if len(names) != len(set(names)):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise UnsafeMember(dup, "appears twice (which copy is loaded depends on the reader)")
     fixed = {c.ARCHIVE_FORMAT_PATH, c.ARCHIVE_VERSION_PATH, "byteorder"}
     data_dirs = (c.WEIGHTS_DIR, c.CONSTANTS_DIR, c.SAMPLE_INPUTS_DIR, c.EXTRA_DIR, ".data/")
     for name in names:
@@ -87,6 +85,22 @@ def check_members(data: bytes) -> None:
             check_program_json(name, reader.read_bytes(name))
         elif name.startswith(c.CONSTANTS_DIR) and name.endswith("_constants_config.json"):
             _check_constants_config(name, reader.read_bytes(name), c)
+
+
+def _check_zip_layout(data: bytes) -> None:
+    """One top folder, each name once: what torch's reader and torch.export.load's fallback to
+    the older layout (read with Python's zipfile) see is then the same set of members."""
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        names = z.namelist()
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) != 1 or any("/" not in n for n in names):
+        loose = next((n for n in names if "/" not in n), sorted(tops)[-1])
+        raise UnsafeMember(loose, "lies outside the archive's one top folder (torch.export.load would read it as an older layout)")
+    if len(names) != len(set(names)):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UnsafeMember(dup, "appears twice (which copy is loaded depends on the reader)")
 
 
 def _check_constants_config(name: str, raw: bytes, c) -> None:

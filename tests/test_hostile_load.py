@@ -192,6 +192,36 @@ def _aoti_library(data, canary):
     return rewrite(data, {"data/aotinductor/model/model.so": b"\x7fELF not really a library"})
 
 
+def _appended(data: bytes, name: str, body: bytes) -> bytes:
+    import warnings
+
+    out = io.BytesIO(data)
+    with warnings.catch_warnings(), zipfile.ZipFile(out, "a", zipfile.ZIP_STORED) as z:
+        warnings.simplefilter("ignore")  # a duplicate name is the point of one variant
+        z.writestr(name, body)
+    return out.getvalue()
+
+
+def _older_layout_beside(data, canary):
+    """Root-level members of the older layout, which torch.export.load reads with zipfile when
+    its reader fails; its expressions are parsed with sympy too."""
+    program = json.loads(_member(data, "models/model.json"))
+    program["guards_code"] = [f"__import__('pathlib').Path('{canary}').touch() is None"]
+    ep = torch.export.load(io.BytesIO(data))  # the legitimate archive: safe to load plainly
+    older = {"version": b"8.13", "serialized_exported_program.json": json.dumps(program).encode(), "serialized_state_dict.pt": saved(dict(ep.state_dict)),
+             "serialized_constants.pt": saved(dict(ep.constants)), "serialized_example_inputs.pt": saved(((small_example(),), {}))}
+    for name, body in older.items():
+        data = _appended(data, name, body)
+    return data
+
+
+def _duplicate_member(data, canary):
+    top = zipfile.ZipFile(io.BytesIO(data)).namelist()[0].split("/", 1)[0]
+    program = json.loads(_member(data, "models/model.json"))
+    program["guards_code"] = [f"__import__('pathlib').Path('{canary}').touch() is None"]
+    return _appended(data, f"{top}/models/model.json", json.dumps(program).encode())
+
+
 # name -> (builder, words the error must contain, whether the flag makes the file load)
 HOSTILE_PT2 = {
     "weight_stored_with_pickle": (_pickled_weight, "data/weights/weight_pickled", True),
@@ -203,6 +233,8 @@ HOSTILE_PT2 = {
     "guard": (_guard, "models/model.json", True),
     "graph_calls_python": (_graph_call, "models/model.json", False),
     "aoti_library": (_aoti_library, "data/aotinductor/model/model.so", False),
+    "member_outside_the_folder": (_older_layout_beside, "'version'", False),
+    "member_twice": (_duplicate_member, "models/model.json' appears twice", False),
 }
 
 
