@@ -12,15 +12,12 @@ files are read (``require_regular_file``).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import io
 import json
 import os
 import re
 import stat
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -28,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from normexport.errors import NormexportError
+from normexport.factory import call_factory  # noqa: F401 (load.call_factory is public)
 
 METADATA_NAME = "normexport.json"  # extra file in our TorchScript archives / key in checkpoints
 
@@ -172,7 +170,7 @@ def require_regular_file(path: str | os.PathLike, what: str = "MODEL") -> Path:
     if stat.S_ISDIR(mode):
         raise NormexportError(f"{path} is a directory, not a file", f"pass the {what} file itself")
     kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
-    raise NormexportError(f"{path} is {kind}, not a regular file", f"save the {what} to a file and pass that file")
+    raise NormexportError(f"{path} is {kind}, not a regular file", f"pass the {what} as a regular file (copy it into one)")
 
 
 def detect_kind(path: Path) -> str:
@@ -439,62 +437,6 @@ def _load_state(module, state: dict, path: Path) -> None:
             f"{path}: state_dict keys do not match the factory's module: {'; '.join(parts)}",
             "does the factory build the same architecture the weights were saved from?",
         )
-
-
-def call_factory(factory: str):
-    """Import and call ``MODULE:FUNCTION`` (or ``path/to/file.py:FUNCTION``).
-
-    Returns (module, example_inputs or None). The factory may return a module, or a
-    (module, example_inputs dict) pair. Any failure of the factory is the user's: one line.
-    """
-    import torch
-
-    if factory.count(":") != 1 or not all(factory.split(":")):
-        raise NormexportError(f"malformed --factory '{factory}'", "use --factory MODULE:FUNCTION, e.g. models.zoo:llama")
-    mod_name, func_name = factory.split(":")
-    saved_path = list(sys.path)
-    try:
-        # The factory's folder is searched first for its own imports, now and when it runs.
-        sys.path.insert(0, str(Path(mod_name).resolve().parent) if mod_name.endswith(".py") else os.getcwd())
-        mod = _import_factory_module(mod_name)
-        fn = getattr(mod, func_name, None)
-        if not callable(fn):
-            raise NormexportError(f"--factory: '{mod_name}' has no function '{func_name}'", "check the name after the colon")
-        try:
-            out = fn()
-        except Exception as e:
-            raise NormexportError(f"--factory {factory} raised {type(e).__name__}: {_first_line(e)}", "fix the factory (call it in Python to see the traceback)") from e
-    finally:
-        sys.path[:] = saved_path  # nothing imported later comes from the working folder
-    example = None
-    if isinstance(out, tuple) and len(out) == 2:
-        out, example = out
-    if not isinstance(out, torch.nn.Module):
-        raise NormexportError(f"--factory {factory} returned {type(out).__name__}, not an nn.Module", "return the module (optionally with an example-inputs dict)")
-    if example is not None and not (isinstance(example, dict) and all(isinstance(v, torch.Tensor) for v in example.values())):
-        raise NormexportError(f"--factory {factory}: example inputs must be a dict of name -> tensor", "return (module, {'input_ids': tensor})")
-    return out, example
-
-
-def _import_factory_module(mod_name: str):
-    """Import the factory's module (a dotted name, or a .py file); its failures are one line."""
-    try:
-        if mod_name.endswith(".py"):
-            file = require_regular_file(mod_name, "factory .py")
-            spec = importlib.util.spec_from_file_location(file.stem, file)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-        return importlib.import_module(mod_name)
-    except NormexportError:
-        raise
-    except ModuleNotFoundError as e:
-        raise NormexportError(f"--factory: cannot import '{mod_name}' ({e})", "run from the folder that holds it, or put it on PYTHONPATH") from None
-    except SyntaxError as e:
-        where = f"{Path(e.filename).name}:{e.lineno}" if e.filename else mod_name
-        raise NormexportError(f"--factory: '{mod_name}' has a syntax error ({where}: {e.msg})", "fix the factory's source") from None
-    except Exception as e:
-        raise NormexportError(f"--factory: importing '{mod_name}' raised {type(e).__name__}: {_first_line(e)}", "fix the factory's module (import it in Python to see the traceback)") from e
 
 
 def _forward_arg_names(module) -> list[str]:
