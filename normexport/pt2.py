@@ -269,6 +269,8 @@ def _is_safe_guard(text: str) -> bool:
 
 @contextlib.contextmanager
 def _weights_only_loads(data: bytes):
+    """For the duration of one load, in this process: ``torch.load`` forced to weights-only
+    (torch's switch, and a wrapper that names the member). Not for concurrent loads in threads."""
     import pickle
 
     import torch
