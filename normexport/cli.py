@@ -150,7 +150,6 @@ def fuse(model, output, target, residual, report_path, allow_none):
     """Fuse every RMSNorm subgraph of an ONNX MODEL for a target runtime."""
     from normexport import fuse as fuse_mod
     from normexport import report
-
     from normexport.load import require_regular_file
 
     require_regular_file(model, "ONNX")
