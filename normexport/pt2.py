@@ -146,6 +146,8 @@ def _node_targets(obj):
         if isinstance(cur, dict):
             if "target" in cur and "inputs" in cur:
                 yield cur["target"] if isinstance(cur["target"], str) else repr(cur["target"])
+            if "as_operator" in cur:  # an operator passed as an argument (to a higher-order op)
+                yield cur["as_operator"] if isinstance(cur["as_operator"], str) else repr(cur["as_operator"])
             stack.extend(cur.values())
         elif isinstance(cur, list):
             stack.extend(cur)

@@ -188,6 +188,14 @@ def _graph_call(data, canary):
     return rewrite(data, edit_json={"models/model.json": edit})
 
 
+def _operator_argument(data, canary):
+    def edit(doc):
+        node = doc["graph_module"]["graph"]["nodes"][0]
+        node["inputs"].append({"name": "", "arg": {"as_operator": "torch.serialization.os.system"}, "kind": 1})
+
+    return rewrite(data, edit_json={"models/model.json": edit})
+
+
 def _aoti_library(data, canary):
     return rewrite(data, {"data/aotinductor/model/model.so": b"\x7fELF not really a library"})
 
@@ -232,6 +240,7 @@ HOSTILE_PT2 = {
     "symbolic_shape_expression": (_sympy_expression, "models/model.json", True),
     "guard": (_guard, "models/model.json", True),
     "graph_calls_python": (_graph_call, "models/model.json", False),
+    "graph_passes_python": (_operator_argument, "torch.serialization.os.system", False),
     "aoti_library": (_aoti_library, "data/aotinductor/model/model.so", False),
     "member_outside_the_folder": (_older_layout_beside, "'version'", False),
     "member_twice": (_duplicate_member, "models/model.json' appears twice", False),
@@ -654,3 +663,16 @@ def test_archive_with_guards_torch_writes_loads_without_the_flag(tmp_path):
     loaded = load_model(tmp_path / "halves.pt2")
     x, y = torch.randn(12, 4), torch.randn(6, 4)
     torch.testing.assert_close(loaded.module(x, y), x[:6] + y)
+
+
+def test_loaded_graph_that_calls_python_is_refused(legit):
+    from normexport.pt2 import UnsafeMember, check_graph
+
+    ep = torch.export.load(io.BytesIO(legit))  # the legitimate archive: safe to load plainly
+    check_graph(ep)
+    graph = ep.graph_module.graph
+    x = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "x")
+    with graph.inserting_after(x):
+        graph.call_function(canary_value, ("never-created", x))
+    with pytest.raises(UnsafeMember, match="calls .*canary_value, not a torch operator"):
+        check_graph(ep)
