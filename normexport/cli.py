@@ -65,7 +65,7 @@ def model_options(fn):
         [
             click.option("--input", "inputs", multiple=True, callback=_parse_inputs, metavar="NAME:DTYPE:SHAPE[:LOW,HIGH]", help="A model input, e.g. input_ids:int64:1x16 (repeatable). Defaults come from the model file or the factory."),
             click.option("--factory", metavar="MODULE:FUNCTION", help="For a state_dict: a function that builds the nn.Module (optionally returning (module, example_inputs))."),
-            click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module. Unpickling runs code from the file: only for files you trust."),
+            click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module, or .pt2 members that need more than tensors. Unpickling runs code from the file: only for files you trust."),
             click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Convert the model and its float inputs to this dtype first (norms still compute in fp32)."),
             click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
             click.option("--threads", type=int, help="Threads for PyTorch and onnxruntime (default: PyTorch's count)."),
@@ -179,7 +179,9 @@ def fuse(model, output, target, residual, report_path, allow_none, force):
     from normexport import fuse as fuse_mod
     from normexport import report
     from normexport.outputs import Output, check
+    from normexport.load import require_regular_file
 
+    require_regular_file(model, "ONNX")
     out = output or model.with_name(f"{model.stem}.{target}.onnx")
     check([model], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
     m = fuse_mod.load_onnx(model)
@@ -202,7 +204,7 @@ def fuse(model, output, target, residual, report_path, allow_none, force):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--factory", metavar="MODULE:FUNCTION", help="For a state_dict: a function that builds the nn.Module.")
-@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module (runs code from the file).")
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module, or .pt2 members that need more than tensors (runs code from the file).")
 @_handle_errors
 def inspect(model, as_json, factory, trust_pickle):
     """List the RMSNorms in MODEL (.onnx subgraphs, or PyTorch modules) and the near-misses."""
@@ -238,6 +240,8 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
     check([model, fused, unfused, _factory_file(factory)], [Output("--report", report_path, "report")], force)
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate", stress=stress)
+    if unfused is not None:
+        pipeline.require_regular_file(unfused, "ONNX")
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)
     result = pipeline.validate_models(loaded, specs, unfused, fused, opts)
     report.print_validation(report.console(), result)
@@ -271,6 +275,8 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
     check([model, fused, unfused, _factory_file(factory)], [Output("--plot", plot, "plot"), Output("--report", report_path, "report")], force)
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, warmup=warmup, iters=iters, backend=backend)
+    if unfused is not None:
+        pipeline.require_regular_file(unfused, "ONNX")
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)
     feeds = [make_inputs(specs, seed + 1000 + i) for i in range(3)]
     tmp = Path(tempfile.mkdtemp(prefix="normexport-bench-"))

@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from normexport.errors import NormexportError
 
 NORM_WORDS = ("rmsnorm", "layernorm", "norm")
 
 
 def inspect_path(path: Path, factory: str | None = None, trust_pickle: bool = False) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise NormexportError(f"{path}: no such file", "check the path")
+    from normexport.load import require_regular_file
+
+    path = require_regular_file(path)
     if _is_onnx(path):
         return inspect_onnx(path)
     return inspect_torch(path, factory, trust_pickle)

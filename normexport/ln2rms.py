@@ -43,6 +43,7 @@ import torch
 from torch import fx, nn
 
 from normexport.errors import NormexportError, ValidationFailed
+from normexport.pt2 import load_exported
 
 __all__ = ["RMSNorm", "Ln2RmsReport", "ln2rms", "export_archive", "ln2rms_command", "REL_TOL"]
 
@@ -982,7 +983,7 @@ def export_archive(
     ep, dynamic = export_program(converted, example_inputs)
     buf = io.BytesIO()  # serialised and checked in memory; only a checked archive is written
     torch.export.save(ep, buf)
-    loaded = torch.export.load(io.BytesIO(buf.getvalue())).module()
+    loaded = load_exported(buf.getvalue()).module()  # our own archive, loaded as safely as any
     worst = 0.0
     for inputs in check_inputs or [example_inputs]:
         ref = _float_leaves(_run(converted, inputs))
@@ -1061,12 +1062,12 @@ def _make_command():
     import click
 
     @click.command("ln2rms")
-    @click.argument("model", type=click.Path(dir_okay=False))
+    @click.argument("model", type=click.Path())  # normexport.load refuses anything but a regular file
     @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Where to write the converted model (torch.export .pt2 archive).")
     @click.option("--factory", default=None, help="MODULE:FUNCTION that builds the module (for a state_dict MODEL).")
     @click.option("--fold-affine", is_flag=True, help="Fold each norm's gain and bias into the linear layers it feeds, where all its consumers are linear.")
     @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the conversion report as JSON.")
-    @click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module (runs code from the file).")
+    @click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module, or .pt2 members that need more than tensors (runs code from the file).")
     @click.option("--force", is_flag=True, help="Replace an existing file at -o / --report that normexport did not write. Never an input.")
     def ln2rms_command(model, output, factory, fold_affine, report_path, trust_pickle, force):
         """Convert a Pre-LN transformer into an equivalent Pre-RMSNorm one (Jiang et al. 2023)."""

@@ -5,25 +5,26 @@ Kinds are told apart by content, never by extension:
 - torch.export archive (``torch.export.save``): a zip with ``archive_format`` / ``models/``;
 - ``torch.save`` pickle: a state_dict or checkpoint dict (needs ``--factory``), or a whole
   pickled module (needs ``--trust-pickle``: unpickling it runs code).
-Nothing is unpickled with arbitrary code unless the user said ``--trust-pickle``.
+Nothing is unpickled with arbitrary globals unless the user said ``--trust-pickle``: pickles
+load with ``weights_only=True`` and .pt2 archives through ``normexport.pt2``. Only regular
+files are read (``require_regular_file``).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import io
 import json
 import os
 import re
-import sys
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from normexport.errors import NormexportError
+from normexport.factory import call_factory  # noqa: F401 (load.call_factory is public)
 
 METADATA_NAME = "normexport.json"  # extra file in our TorchScript archives / key in checkpoints
 
@@ -152,16 +153,32 @@ class LoadedModel:
 # Detection
 
 
+def require_regular_file(path: str | os.PathLike, what: str = "MODEL") -> Path:
+    """The one gate every input file passes before it is opened: it must exist and be a
+    regular file (after symlinks). A FIFO, device, socket or directory is refused from its
+    ``os.stat`` alone, never opened (a FIFO blocks, /dev/zero never ends)."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise NormexportError(f"{path}: no such file", "check the path") from None
+    except OSError as e:
+        raise NormexportError(f"{path}: cannot read it ({e.strerror})", "check the path and its permissions") from None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
+        raise NormexportError(f"{path} is a directory, not a file", f"pass the {what} file itself")
+    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+    raise NormexportError(f"{path} is {kind}, not a regular file", f"pass the {what} as a regular file (copy it into one)")
+
+
 def detect_kind(path: Path) -> str:
     """Tell the model kind from the file's bytes. Raises NormexportError for anything else."""
-    if not path.exists():
-        raise NormexportError(f"{path}: no such file", "check the path")
     from normexport.hf import is_hf_folder
 
-    if is_hf_folder(path):  # before any file check: a folder with config.json is a Hugging Face model
+    if is_hf_folder(path):  # before the file gate: a folder with config.json is a Hugging Face model
         raise NormexportError(f"{path} is a Hugging Face folder; this command takes a model file", "`normexport convert` takes the folder itself")
-    if path.is_dir():
-        raise NormexportError(f"{path} is a directory, not a model file", "pass the .pt / .pt2 file itself")
+    path = require_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == b"PK\x03\x04":
@@ -212,7 +229,7 @@ def load_model(path: str | os.PathLike, factory: str | None = None, trust_pickle
     if kind == "torchscript":
         return _load_torchscript(path)
     if kind == "export":
-        return _load_exported(path)
+        return _load_exported(path, trust_pickle)
     return _load_pickle(path, factory, trust_pickle)
 
 
@@ -220,10 +237,17 @@ def _load_torchscript(path: Path) -> LoadedModel:
     import torch
 
     extra = {METADATA_NAME: ""}
+    data = path.read_bytes()
     try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        # TorchScript's unpickler builds TorchScript types only: it never imports Python.
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
     except Exception as e:
-        raise NormexportError(f"{path}: TorchScript archive fails to load ({_first_line(e)})", "re-save it with torch.jit.save") from None
+        foreign = _foreign_pickle_global(data)
+        cause = f"archive member '{foreign[0]}' references {foreign[1]}, which is not a TorchScript type" if foreign else _first_line(e)
+        raise NormexportError(
+            f"{path}: TorchScript archive fails to load ({cause})",
+            "re-save it with torch.jit.save (TorchScript archives never run Python pickles; --trust-pickle does not change that)",
+        ) from None
     module.eval()
     names = _forward_arg_names(module)
     specs = None
@@ -233,12 +257,23 @@ def _load_torchscript(path: Path) -> LoadedModel:
     return LoadedModel(module, "torchscript", path, names, specs)
 
 
-def _load_exported(path: Path) -> LoadedModel:
+def _load_exported(path: Path, trust_pickle: bool = False) -> LoadedModel:
     import torch
 
+    from normexport import pt2
+
+    data = path.read_bytes()  # one read: the bytes checked are the bytes loaded
+    notes = []
     try:
-        # From a buffer: torch.export.load warns about any file name not ending in .pt2.
-        ep = torch.export.load(io.BytesIO(path.read_bytes()))
+        try:
+            ep = pt2.load_exported(data)
+        except pt2.UnsafeMember as e:
+            if not trust_pickle:
+                raise NormexportError(f"{path}: refusing to load it: {e}", pt2.TRUST_HINT) from None
+            ep = pt2.load_exported(data, trusted=True)
+            notes.append(f"loaded with --trust-pickle ({e})")
+    except NormexportError:
+        raise
     except Exception as e:
         raise NormexportError(f"{path}: torch.export archive fails to load ({_first_line(e)})", "re-save it with torch.export.save") from None
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
@@ -251,7 +286,28 @@ def _load_exported(path: Path) -> LoadedModel:
             specs = [spec_of(n, t) for n, t in zip(orig_names, tensors)]
             names = orig_names
     module = ep.module()
-    return LoadedModel(module, "export", path, names, specs, exported_program=ep)
+    return LoadedModel(module, "export", path, names, specs, exported_program=ep, notes=notes)
+
+
+def _foreign_pickle_global(data: bytes) -> tuple[str, str] | None:
+    """The first pickle member of a TorchScript zip that names a Python global outside torch."""
+    import pickletools
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            for info in z.infolist():
+                if not info.filename.endswith((".pkl", ".debug_pkl")) or info.file_size > (64 << 20):
+                    continue
+                strings: list[str] = []
+                for op, arg, _ in pickletools.genops(z.read(info)):
+                    if isinstance(arg, str):
+                        strings.append(arg)
+                    name = arg.replace(" ", ".") if op.name == "GLOBAL" else ".".join(strings[-2:]) if op.name == "STACK_GLOBAL" else None
+                    if name and not name.startswith(("__torch__.", "torch.", "collections.OrderedDict")):
+                        return info.filename.split("/", 1)[-1], name
+    except Exception:
+        return None
+    return None
 
 
 def _signature_names_from_ep(ep) -> list[str] | None:
@@ -384,45 +440,6 @@ def _load_state(module, state: dict, path: Path) -> None:
             f"{path}: state_dict keys do not match the factory's module: {'; '.join(parts)}",
             "does the factory build the same architecture the weights were saved from?",
         )
-
-
-def call_factory(factory: str):
-    """Import and call ``MODULE:FUNCTION`` (or ``path/to/file.py:FUNCTION``).
-
-    Returns (module, example_inputs or None). The factory may return a module, or a
-    (module, example_inputs dict) pair.
-    """
-    import torch
-
-    if factory.count(":") != 1 or not all(factory.split(":")):
-        raise NormexportError(f"malformed --factory '{factory}'", "use --factory MODULE:FUNCTION, e.g. models.zoo:llama")
-    mod_name, func_name = factory.split(":")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        if mod_name.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
-            if spec is None or not Path(mod_name).exists():
-                raise ModuleNotFoundError(mod_name)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        raise NormexportError(f"--factory: cannot import '{mod_name}' ({e})", "run from the folder that holds it, or put it on PYTHONPATH") from None
-    fn = getattr(mod, func_name, None)
-    if not callable(fn):
-        raise NormexportError(f"--factory: '{mod_name}' has no function '{func_name}'", "check the name after the colon")
-    out = fn()
-    example = None
-    if isinstance(out, tuple) and len(out) == 2:
-        out, example = out
-    if not isinstance(out, torch.nn.Module):
-        raise NormexportError(f"--factory {factory} returned {type(out).__name__}, not an nn.Module", "return the module (optionally with an example-inputs dict)")
-    if example is not None and not (isinstance(example, dict) and all(isinstance(v, torch.Tensor) for v in example.values())):
-        raise NormexportError(f"--factory {factory}: example inputs must be a dict of name -> tensor", "return (module, {'input_ids': tensor})")
-    return out, example
 
 
 def _forward_arg_names(module) -> list[str]:

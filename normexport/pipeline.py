@@ -21,7 +21,7 @@ import numpy as np
 from normexport import outputs
 from normexport.errors import NormexportError
 from normexport.fuse import FuseReport, fuse_model, load_onnx, save_onnx
-from normexport.load import InputSpec, LoadedModel, load_model, make_inputs
+from normexport.load import InputSpec, LoadedModel, load_model, make_inputs, require_regular_file
 
 LARGE_INPUT_SCALE = 300.0  # fp16/bf16 draws whose squares overflow fp16 (300² > 65504)
 
@@ -322,6 +322,7 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
 def prepare_model_for(path: Path, onnx_path: Path, opts: Options) -> tuple[LoadedModel, list[InputSpec]]:
     """For validate / bench on a given ONNX file: a clear error for a missing or corrupt ONNX
     file before PyTorch loads anything, then the model, then inputs that cover the ONNX's."""
+    require_regular_file(onnx_path, "ONNX")
     load_onnx(onnx_path)
     loaded, specs = prepare_model(path, opts)
     check_inputs_cover(onnx_path, specs)
