@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from normexport.plugin.building import (
     BUILD_COMMAND,
-    DEFAULT_BUILD_DIR,
     KERNEL_LIB_ENV,
     PLUGIN_LIB_ENV,
     BuildResult,
@@ -29,7 +28,6 @@ from normexport.plugin.tensorrt import load_plugin
 
 __all__ = [
     "BUILD_COMMAND",
-    "DEFAULT_BUILD_DIR",
     "DTYPE_CODES",
     "KERNEL_ABI_VERSION",
     "KERNEL_LIB_ENV",
