@@ -25,7 +25,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 DTYPES = ("float16", "bfloat16")
 HIDDEN = (1024, 2048, 4096, 8192)
@@ -166,7 +167,10 @@ def run_bench(args, torch, plugin, lib_path: Path) -> int:
 
 
 def run_check(args, torch, plugin, lib_path: Path) -> int:
-    """The kernel against the float64 reference, the same comparison as tests/test_plugin.py."""
+    """The kernel against the float64 reference, the same comparison as tests/test_plugin.py (same code)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from kernel_reference import error_ratio, rmsnorm_reference
+
     rtol = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
     failures = 0
     print("| dtype | rows | hidden | residual | bias | max error / tolerance | result |")
@@ -186,13 +190,13 @@ def run_check(args, torch, plugin, lib_path: Path) -> int:
                         plugin.rmsnorm_forward(x, g, args.eps, residual=r, bias=b, out=y, residual_out=s,
                                                library=lib_path)
                         torch.cuda.synchronize()
-                        ref, scale, s_ref = plugin.rmsnorm_reference(x, g, args.eps, r, b)
-                        ratio = plugin.error_ratio(y, ref, scale, rtol[dtype_name])
+                        ref, scale, s_ref = rmsnorm_reference(x, g, args.eps, r, b)
+                        ratio = error_ratio(y, ref, scale, rtol[dtype_name])
                         ok = bool(torch.isfinite(y).all()) and ratio <= 1.0
                         if with_residual:
                             s_scale = x.double().abs() + r.double().abs()
                             ok = ok and bool(torch.isfinite(s).all())
-                            ok = ok and plugin.error_ratio(s, s_ref, s_scale, rtol[dtype_name]) <= 1.0
+                            ok = ok and error_ratio(s, s_ref, s_scale, rtol[dtype_name]) <= 1.0
                         failures += not ok
                         print(f"| {dtype_name} | {rows} | {hidden} | {'yes' if with_residual else 'no'} | "
                               f"{'yes' if with_bias else 'no'} | {ratio:.3f} | {'ok' if ok else 'FAIL'} |")

@@ -302,22 +302,35 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
 
 
 def _register_optional_commands() -> None:
-    """Commands whose modules live beside the core (the plugin build, ln2rms)."""
+    """Commands whose modules live beside the core (the plugin build, ln2rms); one that fails to import says why when run."""
     try:
-        from normexport.plugin import plugin_cli
+        from normexport.plugin.cli import plugin_cli
 
         for sub in plugin_cli.commands.values():
             _wrap_command(sub)
         main.add_command(plugin_cli, "plugin")
-    except ImportError:
-        pass
+    except ImportError as e:
+        main.add_command(_unavailable_command("plugin", e))
     main.add_command(_wrap_command(generate_command), "generate")
     try:
         from normexport.ln2rms import ln2rms_command
 
         main.add_command(_wrap_command(ln2rms_command), "ln2rms")
-    except ImportError:
-        pass
+    except ImportError as e:
+        main.add_command(_unavailable_command("ln2rms", e))
+
+
+def _unavailable_command(name: str, error: ImportError) -> click.Command:
+    """Stands in for a command whose module failed to import: any use is one error line and a hint, exit 2."""
+
+    @click.command(name, help=f"Unavailable: {error}", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command() -> None:
+        raise NormexportError(
+            f"normexport {name} is unavailable: {error}",
+            "reinstall normexport with its dependencies (pip install -e .); rerun with --debug for the traceback",
+        ) from error
+
+    return _wrap_command(command)
 
 
 def _wrap_command(cmd):

@@ -11,14 +11,18 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from kernel_reference import error_ratio, rmsnorm_reference
 from normexport import plugin
 from normexport.errors import NormexportError
+from normexport.plugin import building
+from normexport.plugin.cli import plugin_cli
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: torch.cuda.is_available() is False")
@@ -184,13 +188,13 @@ def test_reference_comparison_passes_the_kernel_arithmetic_and_catches_mistakes(
         for r, b in ((None, None), (residual, None), (None, bias), (residual, bias)):
             y, s = _emulate_kernel(x, gamma, 1e-5, r, b)
             _assert_matches(y, s, x, gamma, 1e-5, r, b, dtype_name)
-        ref, scale, _ = plugin.rmsnorm_reference(x, gamma, 1e-5, residual, bias)
+        ref, scale, _ = rmsnorm_reference(x, gamma, 1e-5, residual, bias)
         no_bias, _ = _emulate_kernel(x, gamma, 1e-5, residual, None)
-        assert plugin.error_ratio(no_bias, ref, scale, RTOL[dtype_name]) > 1
+        assert error_ratio(no_bias, ref, scale, RTOL[dtype_name]) > 1
         small = x * 1e-3  # epsilon matters when the mean square is near it
-        ref, scale, _ = plugin.rmsnorm_reference(small, gamma, 1e-5)
+        ref, scale, _ = rmsnorm_reference(small, gamma, 1e-5)
         wrong_eps, _ = _emulate_kernel(small, gamma, 1e-3)
-        assert plugin.error_ratio(wrong_eps, ref, scale, RTOL[dtype_name]) > 1
+        assert error_ratio(wrong_eps, ref, scale, RTOL[dtype_name]) > 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -228,14 +232,14 @@ def test_find_uses_the_build_folder(built, monkeypatch):
 
 def test_build_says_which_tool_is_missing(monkeypatch, tmp_path):
     real_which = shutil.which
-    monkeypatch.setattr(plugin.shutil, "which", lambda name: None if name == "cmake" else real_which(name))
+    monkeypatch.setattr(building.shutil, "which", lambda name: None if name == "cmake" else real_which(name))
     with pytest.raises(NormexportError) as raised:
         plugin.build(tmp_path)
     assert "cmake" in raised.value.message and "nvcc" not in raised.value.message
 
-    monkeypatch.setattr(plugin.shutil, "which", lambda name: None if name == "nvcc" else real_which(name))
+    monkeypatch.setattr(building.shutil, "which", lambda name: None if name == "nvcc" else real_which(name))
     monkeypatch.delenv("CUDACXX", raising=False)
-    monkeypatch.setattr(plugin, "_NVCC_FALLBACKS", (str(tmp_path / "no-nvcc"),))
+    monkeypatch.setattr(building, "_NVCC_FALLBACKS", (str(tmp_path / "no-nvcc"),))
     with pytest.raises(NormexportError) as raised:
         plugin.build(tmp_path)
     assert "nvcc" in raised.value.message and "CUDACXX" in raised.value.hint
@@ -243,14 +247,14 @@ def test_build_says_which_tool_is_missing(monkeypatch, tmp_path):
 
 def test_cli_build_prints_built_and_skipped(built):
     result = CliRunner().invoke(
-        plugin.plugin_cli,
+        plugin_cli,
         ["build", "--build-dir", str(built.build_dir), "--tensorrt-root", "", "--cuda-archs", built.cuda_architectures],
     )
     assert result.exit_code == 0, result.output
     assert f"built   {built.kernel_lib}" in result.output
     if built.plugin_lib is None:
         assert "skipped normexport_rmsnorm_plugin: TensorRT" in result.output
-    path = CliRunner().invoke(plugin.plugin_cli, ["path", "--kernel", "--build-dir", str(built.build_dir)])
+    path = CliRunner().invoke(plugin_cli, ["path", "--kernel", "--build-dir", str(built.build_dir)])
     assert path.exit_code == 0 and path.output.strip() == str(built.kernel_lib)
 
 
@@ -265,14 +269,14 @@ def test_forward_needs_cuda_tensors(built):
 
 
 def _assert_matches(y, s, x, gamma, eps, residual, bias, dtype_name):
-    ref, scale, s_ref = plugin.rmsnorm_reference(x, gamma, eps, residual, bias)
+    ref, scale, s_ref = rmsnorm_reference(x, gamma, eps, residual, bias)
     assert torch.isfinite(y).all(), "some outputs were not written (still NaN)"
-    worst = plugin.error_ratio(y, ref, scale, RTOL[dtype_name])
+    worst = error_ratio(y, ref, scale, RTOL[dtype_name])
     assert worst <= 1.0, f"y error {worst:.3g}x the tolerance (rtol {RTOL[dtype_name]})"
     if residual is not None:
         assert torch.isfinite(s).all(), "some sums were not written (still NaN)"
         s_scale = x.double().abs() + residual.double().abs()
-        s_worst = plugin.error_ratio(s, s_ref, s_scale, RTOL[dtype_name])
+        s_worst = error_ratio(s, s_ref, s_scale, RTOL[dtype_name])
         assert s_worst <= 1.0, f"sum error {s_worst:.3g}x the tolerance"
 
 
@@ -356,3 +360,22 @@ def test_forward_checks_shapes_and_dtypes(built):
         plugin.rmsnorm_forward(x.double(), torch.ones(64, device="cuda", dtype=torch.float64), 1e-5)
     with pytest.raises(ValueError, match="out"):
         plugin.rmsnorm_forward(x, torch.ones(64, device="cuda"), 1e-5, out=torch.empty(4, 32, device="cuda"))
+
+
+def test_plugin_command_whose_module_fails_to_import_says_why(tmp_path):
+    # normexport.plugin.cli set to None in sys.modules: importing it raises ImportError, as a broken install would.
+    script = "import sys; sys.modules['normexport.plugin.cli'] = None; from normexport.cli import main; main()"
+    root = str(Path(plugin.__file__).parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run(
+        [sys.executable, "-c", script, "plugin", "build", "--build-dir", str(tmp_path / "out"), "--cuda-archs", "90"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    error, hint = run.stderr.strip().splitlines()
+    assert error.startswith("error: normexport plugin is unavailable: ")
+    assert "normexport.plugin.cli" in error  # the ImportError's own message
+    assert hint.startswith("hint: ")
+    assert not (tmp_path / "out").exists()
+    listed = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert listed.returncode == 0 and "plugin" in listed.stdout

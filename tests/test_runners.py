@@ -78,3 +78,41 @@ def test_missing_gpu_provider_is_a_clear_error(setup):
     with pytest.raises(NormexportError, match="onnxruntime-gpu"):
         with make_onnx_runner(path, "ort-cuda"):
             pass
+
+
+def test_trt_runner_reads_the_onnx_graph_once(setup, monkeypatch, tmp_path):
+    # CPU-only: no engine is built. The runner's output names come from one read of the ONNX file, however often
+    # they are asked for (infer() asks on every call), and the loader sees whether the plugin is needed.
+    import onnx
+    from onnx import TensorProto, helper
+
+    from normexport.fuse.targets import TRT_DOMAIN, TRT_PLUGIN_NAME
+    from normexport.runners import trt
+
+    _, path, _, names = setup
+    reads = []
+    real_load = onnx.load_model
+    monkeypatch.setattr(onnx, "load_model", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    runner = trt.TrtRunner(path)
+    for _ in range(3):
+        assert runner.output_names == names
+    assert reads == [str(path)]
+    assert runner.loader.graph.has_plugin_nodes is False
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    g = helper.make_tensor_value_info("g", TensorProto.FLOAT, [8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    node = helper.make_node(TRT_PLUGIN_NAME, ["x", "g"], ["y"], domain=TRT_DOMAIN, epsilon=1e-5)
+    plugin_path = tmp_path / "plugin.onnx"
+    onnx.save_model(helper.make_model(helper.make_graph([node], "g", [x, g], [y])), str(plugin_path))
+    loader = trt.TrtEngineLoader(plugin_path)
+    assert loader.graph == trt.GraphInfo(["y"], True)
+
+
+def test_engine_cache_write_leaves_only_the_whole_file(tmp_path):
+    from normexport.runners import trt
+
+    cache = tmp_path / "engines" / "key.engine"
+    data = np.random.default_rng().bytes(4096)
+    trt.write_engine_cache(cache, data)
+    assert cache.read_bytes() == data and list(cache.parent.iterdir()) == [cache]
