@@ -15,12 +15,13 @@ import importlib.util
 import inspect
 import io
 import json
+import math
 import os
 import re
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,51 @@ class InputSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> InputSpec:
-        return cls(d["name"], DTYPES[d["dtype"]], tuple(int(s) for s in d["shape"]), d.get("low"), d.get("high"))
+        """From a model file's metadata: every flaw is the file's, reported as bad input."""
+        try:
+            spec = cls(str(d["name"]), DTYPES[str(d["dtype"])], tuple(int(s) for s in d["shape"]), d.get("low"), d.get("high"))
+            if spec.low is not None or spec.high is not None:
+                spec = replace(spec, low=float(spec.low), high=float(spec.high))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise NormexportError(
+                f"the model file's input metadata is broken ({type(e).__name__}: {e} in {str(d)[:120]})",
+                f"give the inputs with {INPUT_SYNTAX}",
+            ) from e
+        return spec.checked(f"the model file's input '{spec.name}'")
 
     @property
     def is_float(self) -> bool:
         return self.dtype in ("float32", "float16", "bfloat16")
+
+    def checked(self, where: str) -> InputSpec:
+        """Refuse what cannot be drawn: empty shapes, ranges that are not finite, empty, or
+        (for integer dtypes) not whole numbers within the dtype."""
+        if not self.name:
+            raise NormexportError(f"{where} has no name", f"use {INPUT_SYNTAX}")
+        if any(d <= 0 for d in self.shape):
+            raise NormexportError(f"{where} has shape {'x'.join(map(str, self.shape))} with no elements", "every dim must be >= 1")
+        if (self.low is None) != (self.high is None):
+            raise NormexportError(f"{where} has only one end of its range", "give LOW,HIGH")
+        if self.low is None:
+            return self
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise NormexportError(f"{where} has a range that is not finite ({self.low:g},{self.high:g})", "give finite LOW,HIGH, e.g. -1,1")
+        if not self.low < self.high:
+            raise NormexportError(f"{where} has an empty range ({self.low:g},{self.high:g})", "LOW must be below HIGH")
+        if self.dtype == "bool":
+            raise NormexportError(f"{where} is bool and takes no range", "drop LOW,HIGH")
+        if not self.is_float:
+            bits = 63 if self.dtype == "int64" else 31
+            if self.low != int(self.low) or self.high != int(self.high):
+                raise NormexportError(f"{where} is {self.dtype} but its range ({self.low:g},{self.high:g}) is not whole numbers", "give integers: LOW,HIGH with HIGH excluded")
+            if self.low < -(2**bits) or self.high > 2**bits:
+                raise NormexportError(f"{where} has a range beyond {self.dtype}", f"stay within -2**{bits}..2**{bits}")
+        elif self.dtype == "float16" and max(abs(self.low), abs(self.high)) > 65504:
+            raise NormexportError(f"{where} is float16 but its range ({self.low:g},{self.high:g}) overflows float16", "stay within -65504,65504")
+        return self
+
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:inf|infinity|nan)"
 
 
 def parse_input_spec(text: str) -> InputSpec:
@@ -69,6 +110,8 @@ def parse_input_spec(text: str) -> InputSpec:
     if len(parts) not in (3, 4) or not parts[0]:
         raise NormexportError(f"malformed --input '{text}'", f"use {INPUT_SYNTAX}")
     name, dtype, shape_text = parts[0], parts[1].lower(), parts[2]
+    if not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+        raise NormexportError(f"--input '{text}': '{name}' is not an argument name", f"name a parameter of the model's forward(): {INPUT_SYNTAX}")
     if dtype not in DTYPES:
         raise NormexportError(
             f"unknown dtype '{parts[1]}' in --input '{text}'", f"one of {', '.join(sorted(set(DTYPES.values())))}"
@@ -76,17 +119,13 @@ def parse_input_spec(text: str) -> InputSpec:
     if not re.fullmatch(r"\d+(x\d+)*", shape_text):
         raise NormexportError(f"malformed shape '{shape_text}' in --input '{text}'", "dims as positive integers joined by 'x', e.g. 1x16")
     shape = tuple(int(s) for s in shape_text.split("x"))
-    if any(s <= 0 for s in shape):
-        raise NormexportError(f"shape '{shape_text}' in --input '{text}' has a zero dim", "every dim must be >= 1")
     low = high = None
     if len(parts) == 4:
-        m = re.fullmatch(r"(-?[\d.e+-]+),(-?[\d.e+-]+)", parts[3])
+        m = re.fullmatch(rf"({_NUMBER}),({_NUMBER})", parts[3].strip(), re.IGNORECASE)
         if not m:
-            raise NormexportError(f"malformed range '{parts[3]}' in --input '{text}'", "give LOW,HIGH, e.g. 0,128")
+            raise NormexportError(f"malformed range '{parts[3]}' in --input '{text}'", "give LOW,HIGH as two numbers, e.g. 0,128")
         low, high = float(m.group(1)), float(m.group(2))
-        if not low < high:
-            raise NormexportError(f"empty range '{parts[3]}' in --input '{text}'", "LOW must be below HIGH")
-    return InputSpec(name, DTYPES[dtype], shape, low, high)
+    return InputSpec(name, DTYPES[dtype], shape, low, high).checked(f"--input '{text}'")
 
 
 def torch_dtype(name: str):
@@ -101,10 +140,14 @@ def spec_of(name: str, tensor) -> InputSpec:
         raise NormexportError(f"input '{name}' has unsupported dtype {dtype}", f"supported: {', '.join(sorted(set(DTYPES.values())))}")
     import torch
 
+    from normexport.inputs import is_mask, is_position
+
     low = high = None
-    if not tensor.dtype.is_floating_point and tensor.dtype != torch.bool and tensor.numel():
+    if is_mask(name) or is_position(name):
+        pass  # masks draw ones and positions 0..T-1, not a range (normexport.inputs)
+    elif not tensor.dtype.is_floating_point and tensor.dtype != torch.bool and tensor.numel():
         # Integer inputs are indices (token ids): never draw beyond what the example used.
-        low, high = 0.0, float(int(tensor.max()) + 1)
+        low, high = float(min(0, int(tensor.min()))), float(int(tensor.max()) + 1)
     return InputSpec(name, dtype, tuple(tensor.shape), low, high)
 
 
@@ -121,31 +164,65 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
     def with_inputs(self, specs: list[InputSpec] | None) -> LoadedModel:
-        """Override (all) input specs with the user's --input list, checking names."""
+        """Bind the user's --input list to the model's inputs by name. A spec that gives no
+        range keeps the example's range for that input (only its shape or dtype changes);
+        inputs the user does not name keep the example's spec."""
         if not specs:
             return self
-        known = set(self.input_names)
+        seen: set[str] = set()
         for s in specs:
-            if known and s.name not in known:
-                raise NormexportError(
-                    f"--input names '{s.name}', but the model's inputs are {', '.join(self.input_names)}",
-                    f"use one of: {', '.join(self.input_names)}",
-                )
-        self.input_specs = list(specs)
-        if not self.input_names:
-            self.input_names = [s.name for s in specs]
+            if s.name in seen:
+                raise NormexportError(f"--input '{s.name}' is given twice", f"give each input once; the model takes {self.signature_text()}")
+            seen.add(s.name)
+            if self.input_names and s.name not in self.input_names:
+                raise NormexportError(f"--input names '{s.name}', which is not an input of the model: {self.signature_text()}", f"use one of: {', '.join(self.input_names)}")
+        merged = {e.name: e for e in self.input_specs or []}
+        for s in specs:
+            old = merged.get(s.name)
+            if s.low is None and old is not None and old.low is not None and old.is_float == s.is_float and s.dtype != "bool":
+                s = replace(s, low=old.low, high=old.high)
+            merged[s.name] = s
+        self.input_specs = list(merged.values())
         return self
 
+    def signature_text(self) -> str:
+        required = set(self.required_names())
+        parts = [n if n in required else f"{n}=..." for n in self.input_names]
+        return f"forward({', '.join(parts)})" if self.input_names else "forward(*args) (inputs bound in the order given)"
+
+    def required_names(self) -> list[str]:
+        if self.kind == "export":
+            return list(self.input_names)
+        return _forward_arg_names(self.module, required_only=True)
+
     def require_specs(self) -> list[InputSpec]:
+        """The inputs to draw, in the order of the model's signature, every name checked
+        against it, every required input present, integer ranges resolved (normexport.inputs)."""
         if not self.input_specs:
             names = ", ".join(self.input_names) or "NAME"
             raise NormexportError(
                 f"no example inputs are known for {self.path or 'the model'} (inputs: {names})",
                 f"give them with {INPUT_SYNTAX}",
             )
-        missing = [n for n in self.input_names if n not in {s.name for s in self.input_specs}]
-        if missing and self.kind != "export":
-            raise NormexportError(f"no --input given for model input(s) {', '.join(missing)}", f"add {INPUT_SYNTAX}")
+        by_name = {}
+        for s in self.input_specs:
+            if s.name in by_name:
+                raise NormexportError(f"input '{s.name}' is described twice", f"give each input once; the model takes {self.signature_text()}")
+            by_name[s.name] = s.checked(f"input '{s.name}'")
+        unknown = [n for n in by_name if self.input_names and n not in self.input_names]
+        if unknown:
+            raise NormexportError(
+                f"example input(s) {', '.join(unknown)} are not inputs of the model: {self.signature_text()}",
+                f"name the inputs after forward()'s parameters ({INPUT_SYNTAX})",
+            )
+        missing = [n for n in self.required_names() if n not in by_name]
+        if missing:
+            raise NormexportError(f"no --input given for model input(s) {', '.join(missing)} of {self.signature_text()}", f"add {INPUT_SYNTAX}")
+        order = self.input_names or list(by_name)
+        specs = [by_name[n] for n in order if n in by_name]
+        from normexport.inputs import resolve_ranges
+
+        self.input_specs = resolve_ranges(self, specs)
         return self.input_specs
 
 
@@ -422,21 +499,20 @@ def call_factory(factory: str):
     return out, example
 
 
-def _forward_arg_names(module) -> list[str]:
+def _forward_arg_names(module, required_only: bool = False) -> list[str]:
+    """The names ``module.forward`` takes its inputs by, in order (``required_only``: those
+    without a default). ``*args`` / ``**kwargs`` are not names an input can be bound to."""
     try:
         schema = module.forward.schema  # ScriptModule
-        return [a.name for a in schema.arguments[1:]]
+        return [a.name for a in schema.arguments[1:] if not (required_only and a.has_default_value())]
     except AttributeError:
         pass
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
         return []
-    return [
-        p.name
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in sig.parameters.values() if p.kind in kinds and not (required_only and p.default is not p.empty)]
 
 
 def _first_line(e: Exception) -> str:
@@ -449,25 +525,37 @@ def _first_line(e: Exception) -> str:
 
 
 def make_inputs(specs: list[InputSpec], seed: int, scale: float = 1.0) -> dict:
-    """Seeded random tensors for ``specs``. Floats ~ N(0, scale²) unless a range is given."""
+    """Seeded random tensors for ``specs`` (rules in normexport.inputs). Floats ~ N(0, scale²)
+    unless a range is given; a draw that is not finite in the input's dtype is refused."""
     import torch
+
+    from normexport.inputs import is_mask, is_position, positions
 
     g = torch.Generator().manual_seed(seed)
     out = {}
     for s in specs:
         dt = torch_dtype(s.dtype)
         if s.dtype == "bool":
-            out[s.name] = torch.rand(s.shape, generator=g) < 0.5
+            out[s.name] = torch.ones(s.shape, dtype=torch.bool) if is_mask(s.name) else torch.rand(s.shape, generator=g) < 0.5
         elif s.is_float:
             if s.low is not None:
                 t = torch.rand(s.shape, generator=g, dtype=torch.float64) * (s.high - s.low) + s.low
             else:
                 t = torch.randn(s.shape, generator=g, dtype=torch.float64) * scale
-            out[s.name] = t.to(dt)
+            t = t.to(dt)
+            if not bool(torch.isfinite(t).all()):
+                raise NormexportError(
+                    f"input '{s.name}' drawn at scale {scale:g} is not finite in {s.dtype}", "give a smaller range with --input NAME:DTYPE:SHAPE:LOW,HIGH"
+                )
+            out[s.name] = t
+        elif s.low is not None:
+            out[s.name] = torch.randint(int(s.low), int(s.high), s.shape, generator=g, dtype=dt)
+        elif is_mask(s.name):
+            out[s.name] = torch.ones(s.shape, dtype=dt)
+        elif is_position(s.name):
+            out[s.name] = positions(s.shape, dt)
         else:
-            low = int(s.low) if s.low is not None else 0
-            high = int(s.high) if s.high is not None else 2
-            out[s.name] = torch.randint(low, high, s.shape, generator=g, dtype=dt)
+            raise NormexportError(f"integer input '{s.name}' has no range to draw from", f"give it: --input {s.name}:{s.dtype}:{'x'.join(map(str, s.shape))}:LOW,HIGH")
     return out
 
 

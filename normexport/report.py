@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from normexport.load import atomic_write
@@ -18,8 +19,22 @@ def console(stderr: bool = False) -> Console:
     return c
 
 
+def plain(data):
+    """``data`` with every string free of terminal colour codes (torch's exception texts carry
+    them into notes), for JSON."""
+    from normexport.validate import plain_text
+
+    if isinstance(data, str):
+        return plain_text(data)
+    if isinstance(data, dict):
+        return {k: plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [plain(v) for v in data]
+    return data
+
+
 def write_json(data: dict, path: str | Path) -> None:
-    text = json.dumps(data, indent=2, default=str) + "\n"
+    text = json.dumps(plain(data), indent=2, default=str) + "\n"
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
@@ -76,7 +91,10 @@ def print_validation(c: Console, v) -> None:
             "[green]yes[/green]" if cmp.passed else f"[red]NO{' (NaN/Inf x' + str(cmp.nonfinite_mismatch) + ')' if cmp.nonfinite_mismatch else ''}[/red]",
         )
     c.print(t)
-    if not v.passed and v.worst is not None:
+    for run, cmp in rows:
+        if cmp.problem:
+            c.print(f"[red]{escape(cmp.name)} ({run}, sample {cmp.sample}): {escape(cmp.problem)}[/red]")
+    if not v.passed and v.worst is not None and not v.worst.problem:
         w = v.worst
         c.print(f"[red]worst output: {w.name}: max abs {_fmt(w.max_abs)}, max rel {_fmt(w.max_rel)} at index {w.worst_index} (sample {w.sample}); needs atol >= {_fmt(w.min_atol)} or rtol >= {_fmt(w.min_rtol)}[/red]")
     if v.first_divergence is not None:
@@ -85,7 +103,7 @@ def print_validation(c: Console, v) -> None:
     elif not v.passed and v.norms:
         c.print("[yellow]every fused norm matches its PyTorch module: the divergence is elsewhere[/yellow]")
     for note in v.notes:
-        c.print(f"[dim]note: {note}[/dim]")
+        c.print(f"[dim]note: {escape(note)}[/dim]")
 
 
 def print_bench(c: Console, b) -> None:

@@ -1,0 +1,231 @@
+"""Which values each model input is drawn from, so that a run exercises the model.
+
+Integer inputs:
+- a range given (``--input NAME:DTYPE:SHAPE:LOW,HIGH``, or the factory's / file's example
+  range, kept when ``--input`` only changes the shape) is used as given; where the input indexes
+  an ``nn.Embedding`` it must lie within ``[0, num_embeddings)``;
+- without a range, an input that indexes an embedding draws across its whole vocabulary
+  ``[0, num_embeddings)``. The embedding is the one the input actually reaches: found by running
+  the model once with a forward hook on every ``nn.Embedding`` and matching the tensor it gets
+  to the input's storage (the input itself or a view of it), or from the graph's
+  ``aten.embedding`` nodes for a torch.export archive. Tracing, not the first embedding, because
+  a model has several (positions, token types, a decoder's own) and the first is often not the
+  one an input feeds. Where no embedding is traced (TorchScript, an input transformed before
+  the lookup), an input named like token ids (ends in ``ids`` or holds ``token``; not a
+  position or type id) takes the model's first embedding;
+- a name holding ``mask``: all ones (every position attended); a name holding ``position``:
+  ``0 .. T-1`` along the last dim;
+- any other integer input without a range is refused: give LOW,HIGH.
+Float inputs draw N(0, 1) unless a range is given; bool inputs draw fair coins (masks: all True).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from normexport.errors import NormexportError
+
+VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze", "contiguous", "clone", "alias")
+
+
+def is_mask(name: str) -> bool:
+    return "mask" in name.lower()
+
+
+def is_position(name: str) -> bool:
+    return "position" in name.lower()
+
+
+def looks_like_token_ids(name: str) -> bool:
+    n = name.lower()
+    if is_mask(n) or is_position(n) or "type" in n:
+        return False
+    return n.endswith("ids") or "token" in n
+
+
+def probe_inputs(specs) -> dict:
+    """Inputs every model accepts: token 0, masks of ones, positions 0..T-1, float zeros."""
+    import torch
+
+    from normexport.load import torch_dtype
+
+    out = {}
+    for s in specs:
+        dt = torch_dtype(s.dtype)
+        if s.dtype == "bool":
+            out[s.name] = torch.ones(s.shape, dtype=torch.bool)
+        elif s.is_float:
+            out[s.name] = torch.zeros(s.shape, dtype=dt)
+        elif is_mask(s.name):
+            out[s.name] = torch.ones(s.shape, dtype=dt)
+        elif is_position(s.name) and s.low is None:
+            out[s.name] = positions(s.shape, dt)
+        else:
+            fill = int(s.low) if s.low is not None else 0
+            out[s.name] = torch.full(s.shape, fill, dtype=dt)
+    return out
+
+
+def positions(shape, dtype):
+    import torch
+
+    if not shape:
+        return torch.zeros((), dtype=dtype)
+    return torch.arange(shape[-1], dtype=dtype).expand(*shape).contiguous()
+
+
+def call_module(module, inputs: dict, positional: bool = False):
+    """Call ``module`` with ``inputs`` bound by name: keywords for an nn.Module or a ScriptModule,
+    the exported calling convention (positional, then its own keywords) for a torch.export module.
+    ``positional``: a forward with no named parameters (``*args``) takes them in the given order."""
+    if positional:
+        return module(*inputs.values())
+    in_spec = getattr(module, "_in_spec", None)
+    if in_spec is not None and len(in_spec.children_specs) == 2:
+        n_pos = in_spec.children_specs[0].num_children
+        kw_names = list(in_spec.children_specs[1].context or [])
+        values = list(inputs.values())
+        pos = [v for k, v in inputs.items() if k not in kw_names][:n_pos] if kw_names else values[:n_pos]
+        return module(*pos, **{k: inputs[k] for k in kw_names if k in inputs})
+    return module(**inputs)
+
+
+def traced_vocab_sizes(loaded, specs) -> dict[str, int]:
+    """Input name -> num_embeddings of the embedding it indexes, where that can be traced.
+
+    Runs the model once (for an nn.Module or ScriptModule) on ``probe_inputs``: that run also
+    turns inputs the model cannot take (wrong shapes, a missing input) into one clear error
+    before any export."""
+    if loaded.exported_program is not None:
+        return _vocab_from_graph(loaded.exported_program)
+    import torch
+
+    probe = probe_inputs(specs)
+    storage = {name: t.untyped_storage().data_ptr() for name, t in probe.items() if not t.dtype.is_floating_point and t.numel()}
+    found: dict[str, int] = {}
+    handles = []
+    if not isinstance(loaded.module, torch.jit.ScriptModule):
+        for m in loaded.module.modules():
+            if isinstance(m, torch.nn.Embedding):
+
+                def hook(mod, args, found=found):
+                    if args and isinstance(args[0], torch.Tensor) and args[0].numel():
+                        ptr = args[0].untyped_storage().data_ptr()
+                        for name, p in storage.items():
+                            if p == ptr and name not in found:
+                                found[name] = int(mod.num_embeddings)
+
+                handles.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            call_module(loaded.module, probe, positional=not loaded.input_names)
+    except Exception as e:
+        shapes = ", ".join(f"{s.name}:{s.dtype}:{'x'.join(map(str, s.shape))}" for s in specs)
+        raise NormexportError(
+            f"the model cannot run on inputs {shapes}: {first_cause(e)}",
+            "check the --input shapes and dtypes against the model's forward()",
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _vocab_from_graph(ep) -> dict[str, int]:
+    user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    found: dict[str, int] = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or "embedding" not in str(node.target) or len(node.args) < 2:
+            continue
+        weight, src = node.args[0], node.args[1]
+        while getattr(src, "op", None) == "call_function" and any(f".{v}." in f".{src.target}." or str(src.target).endswith(v) for v in VIEW_OPS):
+            src = src.args[0]
+        val = getattr(weight, "meta", {}).get("val")
+        if getattr(src, "name", None) in user and val is not None and val.dim() == 2:
+            found.setdefault(src.name, int(val.shape[0]))
+    return found
+
+
+def first_vocab_size(loaded) -> int | None:
+    """num_embeddings of the model's first embedding (nn.Embedding, a scripted one, or the
+    first aten.embedding of an exported graph)."""
+    import torch
+
+    if loaded.exported_program is not None:
+        for node in loaded.exported_program.graph.nodes:
+            if node.op == "call_function" and "embedding" in str(node.target):
+                val = getattr(node.args[0], "meta", {}).get("val")
+                if val is not None and val.dim() == 2:
+                    return int(val.shape[0])
+        return None
+    for m in loaded.module.modules():
+        if isinstance(m, torch.nn.Embedding):
+            return int(m.num_embeddings)
+        if getattr(m, "original_name", None) == "Embedding" and hasattr(m, "num_embeddings"):
+            return int(m.num_embeddings)
+    return None
+
+
+def resolve_ranges(loaded, specs) -> list:
+    """``specs`` with the range each integer input draws from filled in and checked."""
+    traced = traced_vocab_sizes(loaded, specs)
+    first = None
+    out = []
+    for s in specs:
+        if s.is_float or s.dtype == "bool":
+            out.append(s)
+            continue
+        vocab = traced.get(s.name)
+        if vocab is None and looks_like_token_ids(s.name):
+            first = first if first is not None else first_vocab_size(loaded)
+            vocab = first
+        if s.low is None:
+            if is_mask(s.name) or is_position(s.name):
+                out.append(s)
+                continue
+            if vocab is None:
+                raise NormexportError(
+                    f"integer input '{s.name}' has no range, and normexport finds no embedding it indexes",
+                    f"give its range: --input {s.name}:{s.dtype}:{'x'.join(map(str, s.shape))}:LOW,HIGH",
+                )
+            s = replace(s, low=0.0, high=float(vocab))
+        elif vocab is not None and (s.low < 0 or s.high > vocab):
+            raise NormexportError(
+                f"input '{s.name}' draws ids from [{s.low:g}, {s.high:g}), beyond the {vocab} rows of the embedding it indexes",
+                f"give a range within 0,{vocab}: --input {s.name}:{s.dtype}:{'x'.join(map(str, s.shape))}:0,{vocab}",
+            )
+        out.append(s)
+    return out
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+BOILERPLATE = ("Traceback", "File ", "Next steps", "- ", "## ", "(Refer to", "Failed to ", "This is step")
+
+
+def first_cause(e: BaseException, limit: int = 300) -> str:
+    """The first line of the innermost exception that says something (torch.onnx wraps the
+    real cause in a paragraph of generic advice), without terminal colour codes."""
+    chain = []
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for exc in reversed(chain):
+        line = _first_real_line(str(exc))
+        if line:
+            return line[:limit]
+    return type(e).__name__
+
+
+def _first_real_line(text: str) -> str:
+    text = ANSI.sub("", text)
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1]
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(BOILERPLATE):
+            return re.sub(r"^<class '([\w.]+)'>:\s*", r"\1: ", line)
+    return ""
