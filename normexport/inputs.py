@@ -61,9 +61,8 @@ def probe_inputs(specs) -> dict:
             out[s.name] = torch.ones(s.shape, dtype=dt)
         elif is_position(s.name) and s.low is None:
             out[s.name] = positions(s.shape, dt)
-        else:
-            fill = int(s.low) if s.low is not None else 0
-            out[s.name] = torch.full(s.shape, fill, dtype=dt)
+        else:  # id 0 is in every vocabulary
+            out[s.name] = torch.zeros(s.shape, dtype=dt)
     return out
 
 
