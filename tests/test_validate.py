@@ -128,3 +128,60 @@ def test_perturbed_norm_fails_with_exit_1_and_is_named(tmp_path, monkeypatch):
     # and the unperturbed model passes the same command
     r = runner.invoke(main, ["validate", str(sd), str(fused), "--factory", "own_model:factory"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+
+
+def _fused_own(tmp_path, monkeypatch):
+    m, _ = own_model.factory()
+    sd = tmp_path / "own.pt"
+    torch.save(m.state_dict(), sd)
+    fused = tmp_path / "fused.onnx"
+    monkeypatch.chdir(HERE)
+    r = CliRunner().invoke(main, ["convert", str(sd), "--factory", "own_model:factory", "-o", str(fused), "--no-bench", "--no-validate"])
+    assert r.exit_code == 0, r.output
+    return sd, fused
+
+
+def test_validate_output_count_mismatch_is_a_named_failure(tmp_path, monkeypatch):
+    sd, fused = _fused_own(tmp_path, monkeypatch)
+    model = onnx.load(str(fused))
+    extra = next(n for n in model.graph.node if n.op_type.endswith("SimplifiedLayerNormalization")).output[0]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(extra, onnx.TensorProto.FLOAT, None))
+    two = tmp_path / "two_outputs.onnx"
+    onnx.save(model, str(two))
+    rep = tmp_path / "v.json"
+    r = CliRunner().invoke(main, ["validate", str(sd), str(two), "--factory", "own_model:factory", "--report", str(rep)])
+    assert r.exit_code == 1, r.output
+    outs = json.loads(rep.read_text())["validation"]["outputs"]
+    unpaired = [o for o in outs if not o["passed"]]
+    assert len(unpaired) == 1 and "PyTorch returns 1 output(s), ONNX 2" in unpaired[0]["problem"]
+    assert "ONNX only" in unpaired[0]["name"] and "PyTorch returns 1 output(s), ONNX 2" in r.stdout
+    assert [o["passed"] for o in outs if o is not unpaired[0]] == [True]
+
+
+def test_validate_nan_in_the_fused_model_fails_and_says_where(tmp_path, monkeypatch):
+    sd, fused = _fused_own(tmp_path, monkeypatch)
+    model = onnx.load(str(fused))
+    out = model.graph.output[0].name
+    producer = next(n for n in model.graph.node if out in n.output)
+    producer.output[list(producer.output).index(out)] = out + "_pre"
+    nan = numpy_helper.from_array(np.array(np.nan, np.float32), "nan_const")
+    model.graph.initializer.append(nan)
+    model.graph.node.append(onnx.helper.make_node("Mul", [out + "_pre", "nan_const"], [out]))
+    bad = tmp_path / "nan.onnx"
+    onnx.save(model, str(bad))
+    rep = tmp_path / "v.json"
+    r = CliRunner().invoke(main, ["validate", str(sd), str(bad), "--factory", "own_model:factory", "--report", str(rep)])
+    assert r.exit_code == 1, r.output
+    o = json.loads(rep.read_text())["validation"]["outputs"][0]
+    assert not o["passed"] and o["problem"].startswith("NaN on the ONNX side at index [0, 0, 0]")
+
+
+def test_per_output_tolerance_from_the_command_line(tmp_path, monkeypatch):
+    sd, fused = _fused_own(tmp_path, monkeypatch)
+    name = onnx.load(str(fused)).graph.output[0].name
+    rep = tmp_path / "v.json"
+    r = CliRunner().invoke(main, ["validate", str(sd), str(fused), "--factory", "own_model:factory", "--atol", "1e-3", "--atol", f"{name}=0", "--rtol", f"{name}=0", "--report", str(rep)])
+    o = json.loads(rep.read_text())["validation"]["outputs"][0]
+    assert (o["atol"], o["rtol"]) == (0.0, 0.0)
+    # zero tolerance passes only where fused and PyTorch agree bit for bit
+    assert (r.exit_code == 0) == (o["max_abs"] == 0.0), r.output
