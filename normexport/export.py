@@ -182,7 +182,10 @@ def _raise_export_error(what: str, e: Exception, captured, hint: str):
     with os.fdopen(fd, "w") as f:
         f.write(captured.getvalue() if captured is not None else "")
         f.write("\n" + "".join(traceback.format_exception(e)))
-    raise NormexportError(f"{what}: {first_cause(e, 240)}", f"{hint} (full exporter log: {log})") from e
+    cause = first_cause(e, 240)
+    if "No ONNX function found" in cause:
+        hint = "torch.onnx has no translation for an operator the model calls: pick another implementation of it in the model (e.g. its config), or register one with torch.onnx.export's custom_translation_table"
+    raise NormexportError(f"{what}: {cause}", f"{hint} (full exporter log: {log})") from e
 
 
 _RMS_NORM_REGISTERED = False

@@ -608,16 +608,22 @@ def save_exported(module, example_inputs: dict, path: Path, dynamic: bool = True
 
 
 def export_program(module, example_inputs: dict, dynamic: bool = True):
+    """torch.export with the inputs bound to forward()'s parameters by name (in its order)."""
     import torch
 
-    args = tuple(example_inputs.values())
+    order = [n for n in _forward_arg_names(module) if n in example_inputs]
+    if len(order) != len(example_inputs):  # a forward(*args): in the order given
+        args, kwargs = tuple(example_inputs.values()), {}
+    else:
+        args, kwargs = (), {n: example_inputs[n] for n in order}
     if dynamic:
         shapes = {k: dynamic_dims(v) for k, v in example_inputs.items()}
+        shapes = {n: shapes[n] for n in kwargs} if kwargs else tuple(shapes.values())
         try:
-            return torch.export.export(module, args, dynamic_shapes=tuple(shapes.values()), strict=False)
+            return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
         except Exception:
             pass
-    return torch.export.export(module, args, strict=False)
+    return torch.export.export(module, args, kwargs=kwargs, strict=False)
 
 
 def dynamic_dims(tensor) -> dict | None:
