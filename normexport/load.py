@@ -611,14 +611,18 @@ def export_program(module, example_inputs: dict, dynamic: bool = True):
     """torch.export with the inputs bound to forward()'s parameters by name (in its order)."""
     import torch
 
-    order = [n for n in _forward_arg_names(module) if n in example_inputs]
+    params = _forward_arg_names(module)
+    order = [n for n in params if n in example_inputs]
     if len(order) != len(example_inputs):  # a forward(*args): in the order given
-        args, kwargs = tuple(example_inputs.values()), {}
+        positional, keyword = list(example_inputs), []
+    elif order == params[: len(order)]:  # the leading parameters: by position, in their order
+        positional, keyword = order, []
     else:
-        args, kwargs = (), {n: example_inputs[n] for n in order}
+        positional, keyword = [], order
+    args = tuple(example_inputs[n] for n in positional)
+    kwargs = {n: example_inputs[n] for n in keyword}
     if dynamic:
-        shapes = {k: dynamic_dims(v) for k, v in example_inputs.items()}
-        shapes = {n: shapes[n] for n in kwargs} if kwargs else tuple(shapes.values())
+        shapes = {n: dynamic_dims(example_inputs[n]) for n in keyword} if keyword else tuple(dynamic_dims(a) for a in args)
         try:
             return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
         except Exception:
