@@ -1,4 +1,5 @@
-"""Which values each model input is drawn from, so that a run exercises the model.
+"""Model inputs: their specs (``--input NAME:DTYPE:SHAPE[:LOW,HIGH]``), the values each is
+drawn from so that a run exercises the model, and calling a model with them by name.
 
 Integer inputs:
 - a range given (``--input NAME:DTYPE:SHAPE:LOW,HIGH``, or the factory's / file's example
@@ -21,10 +22,164 @@ Float inputs draw N(0, 1) unless a range is given; bool inputs draw fair coins (
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from normexport.errors import NormexportError
+
+DTYPES = {
+    "int64": "int64",
+    "int32": "int32",
+    "float32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bool": "bool",
+}
+INPUT_SYNTAX = "--input NAME:DTYPE:SHAPE[:LOW,HIGH], e.g. --input input_ids:int64:1x16:0,128"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, dtype name, static shape, and the value range to draw from."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    low: float | None = None
+    high: float | None = None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "low": self.low, "high": self.high}
+
+    @classmethod
+    def from_json(cls, d: dict) -> InputSpec:
+        """From a model file's metadata: every flaw is the file's, reported as bad input."""
+        try:
+            spec = cls(str(d["name"]), DTYPES[str(d["dtype"])], tuple(int(s) for s in d["shape"]), d.get("low"), d.get("high"))
+            if spec.low is not None or spec.high is not None:
+                spec = replace(spec, low=float(spec.low), high=float(spec.high))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise NormexportError(
+                f"the model file's input metadata is broken ({type(e).__name__}: {e} in {str(d)[:120]})",
+                f"give the inputs with {INPUT_SYNTAX}",
+            ) from e
+        return spec.checked(f"the model file's input '{spec.name}'")
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ("float32", "float16", "bfloat16")
+
+    def checked(self, where: str) -> InputSpec:
+        """Refuse what cannot be drawn: empty shapes, ranges that are not finite, empty, or
+        (for integer dtypes) not whole numbers within the dtype."""
+        if not self.name:
+            raise NormexportError(f"{where} has no name", f"use {INPUT_SYNTAX}")
+        if any(d <= 0 for d in self.shape):
+            raise NormexportError(f"{where} has shape {'x'.join(map(str, self.shape))} with no elements", "every dim must be >= 1")
+        if (self.low is None) != (self.high is None):
+            raise NormexportError(f"{where} has only one end of its range", "give LOW,HIGH")
+        if self.low is None:
+            return self
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise NormexportError(f"{where} has a range that is not finite ({self.low:g},{self.high:g})", "give finite LOW,HIGH, e.g. -1,1")
+        if not self.low < self.high:
+            raise NormexportError(f"{where} has an empty range ({self.low:g},{self.high:g})", "LOW must be below HIGH")
+        if self.dtype == "bool":
+            raise NormexportError(f"{where} is bool and takes no range", "drop LOW,HIGH")
+        if not self.is_float:
+            bits = 63 if self.dtype == "int64" else 31
+            if self.low != int(self.low) or self.high != int(self.high):
+                raise NormexportError(f"{where} is {self.dtype} but its range ({self.low:g},{self.high:g}) is not whole numbers", "give integers: LOW,HIGH with HIGH excluded")
+            if self.low < -(2**bits) or self.high > 2**bits:
+                raise NormexportError(f"{where} has a range beyond {self.dtype}", f"stay within -2**{bits}..2**{bits}")
+        elif self.dtype == "float16" and max(abs(self.low), abs(self.high)) > 65504:
+            raise NormexportError(f"{where} is float16 but its range ({self.low:g},{self.high:g}) overflows float16", "stay within -65504,65504")
+        return self
+
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:inf|infinity|nan)"
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    """Parse ``NAME:DTYPE:SHAPE[:LOW,HIGH]``; raise NormexportError with the syntax on any flaw."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or not parts[0]:
+        raise NormexportError(f"malformed --input '{text}'", f"use {INPUT_SYNTAX}")
+    name, dtype, shape_text = parts[0], parts[1].lower(), parts[2]
+    if not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+        raise NormexportError(f"--input '{text}': '{name}' is not an argument name", f"name a parameter of the model's forward(): {INPUT_SYNTAX}")
+    if dtype not in DTYPES:
+        raise NormexportError(
+            f"unknown dtype '{parts[1]}' in --input '{text}'", f"one of {', '.join(sorted(set(DTYPES.values())))}"
+        )
+    if not re.fullmatch(r"\d+(x\d+)*", shape_text):
+        raise NormexportError(f"malformed shape '{shape_text}' in --input '{text}'", "dims as positive integers joined by 'x', e.g. 1x16")
+    shape = tuple(int(s) for s in shape_text.split("x"))
+    low = high = None
+    if len(parts) == 4:
+        m = re.fullmatch(rf"({_NUMBER}),({_NUMBER})", parts[3].strip(), re.IGNORECASE)
+        if not m:
+            raise NormexportError(f"malformed range '{parts[3]}' in --input '{text}'", "give LOW,HIGH as two numbers, e.g. 0,128")
+        low, high = float(m.group(1)), float(m.group(2))
+    return InputSpec(name, DTYPES[dtype], shape, low, high).checked(f"--input '{text}'")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def spec_of(name: str, tensor) -> InputSpec:
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in DTYPES.values():
+        raise NormexportError(f"input '{name}' has unsupported dtype {dtype}", f"supported: {', '.join(sorted(set(DTYPES.values())))}")
+    import torch
+
+    low = high = None
+    if is_mask(name) or is_position(name):
+        pass  # masks draw ones and positions 0..T-1, not a range (normexport.inputs)
+    elif not tensor.dtype.is_floating_point and tensor.dtype != torch.bool and tensor.numel():
+        # Integer inputs are indices (token ids): never draw beyond what the example used.
+        low, high = float(min(0, int(tensor.min()))), float(int(tensor.max()) + 1)
+    return InputSpec(name, dtype, tuple(tensor.shape), low, high)
+
+
+def make_inputs(specs: list[InputSpec], seed: int, scale: float = 1.0) -> dict:
+    """Seeded random tensors for ``specs`` (rules in normexport.inputs). Floats ~ N(0, scale²)
+    unless a range is given; a draw that is not finite in the input's dtype is refused."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for s in specs:
+        dt = torch_dtype(s.dtype)
+        if s.dtype == "bool":
+            out[s.name] = torch.ones(s.shape, dtype=torch.bool) if is_mask(s.name) else torch.rand(s.shape, generator=g) < 0.5
+        elif s.is_float:
+            if s.low is not None:
+                t = torch.rand(s.shape, generator=g, dtype=torch.float64) * (s.high - s.low) + s.low
+            else:
+                t = torch.randn(s.shape, generator=g, dtype=torch.float64) * scale
+            t = t.to(dt)
+            if not bool(torch.isfinite(t).all()):
+                raise NormexportError(
+                    f"input '{s.name}' drawn at scale {scale:g} is not finite in {s.dtype}", "give a smaller range with --input NAME:DTYPE:SHAPE:LOW,HIGH"
+                )
+            out[s.name] = t
+        elif s.low is not None:
+            out[s.name] = torch.randint(int(s.low), int(s.high), s.shape, generator=g, dtype=dt)
+        elif is_mask(s.name):
+            out[s.name] = torch.ones(s.shape, dtype=dt)
+        elif is_position(s.name):
+            out[s.name] = positions(s.shape, dt)
+        else:
+            raise NormexportError(f"integer input '{s.name}' has no range to draw from", f"give it: --input {s.name}:{s.dtype}:{'x'.join(map(str, s.shape))}:LOW,HIGH")
+    return out
+
 
 VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze", "contiguous", "clone", "alias")
 
@@ -47,8 +202,6 @@ def looks_like_token_ids(name: str) -> bool:
 def probe_inputs(specs) -> dict:
     """Inputs every model accepts: token 0, masks of ones, positions 0..T-1, float zeros."""
     import torch
-
-    from normexport.load import torch_dtype
 
     out = {}
     for s in specs:
