@@ -152,3 +152,56 @@ def test_exported_archive_traces_vocab_from_its_graph(tmp_path):
     lm.input_specs = [InputSpec(s.name, s.dtype, s.shape) for s in lm.input_specs]  # no example ranges: trace them
     specs = lm.require_specs()
     assert [(s.name, s.high) for s in specs] == [("input_ids", tim.ENC_VOCAB), ("decoder_input_ids", tim.DEC_VOCAB)]
+
+
+@pytest.mark.slow
+def test_transformers_model_with_mask_given_before_ids(tmp_path, monkeypatch):
+    """A transformers model as is, its inputs given in the other order than forward's: the
+    ONNX model matches PyTorch called by keyword on ids across the vocabulary with a padded mask."""
+    pytest.importorskip("transformers")
+    import hf_phi3
+
+    model = hf_phi3.build()
+    sd = tmp_path / "phi3.pt"
+    torch.save(model.state_dict(), sd)
+    fused = tmp_path / "phi3.onnx"
+    monkeypatch.chdir(HERE)
+    r = CliRunner().invoke(main, ["convert", str(sd), "--factory", "hf_phi3:build", "--input", "attention_mask:int64:2x16", "--input", "input_ids:int64:2x16", "-o", str(fused), "--no-bench"])
+    assert r.exit_code == 0, r.output
+    sess = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    rng = np.random.default_rng(99)
+    ids = rng.integers(0, hf_phi3.VOCAB, (3, 11))
+    mask = np.ones((3, 11), np.int64)
+    mask[1, 8:] = 0  # right padding
+    got = sess.run(None, {"attention_mask": mask, "input_ids": ids})[0]
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-3)
+    unmasked = sess.run(None, {"attention_mask": np.ones_like(mask), "input_ids": ids})[0]
+    assert np.abs(unmasked[1, 8:] - got[1, 8:]).max() > 1e-3  # the mask reaches the attention
+
+
+def test_torchscript_exporter_refuses_a_gap_in_the_positional_inputs():
+    from typing import Optional
+
+    from normexport.export import export_onnx
+    from normexport.load import _forward_arg_names
+
+    class Three(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.RMSNorm(8)
+
+        def forward(self, x, scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None):
+            y = self.norm(x)
+            if scale is not None:
+                y = y * scale
+            if shift is not None:
+                y = y + shift
+            return y
+
+    scripted = torch.jit.script(Three().eval())
+    lm = LoadedModel(scripted, "torchscript", None, _forward_arg_names(scripted), None)
+    with pytest.raises(NormexportError, match="takes 'scale' before shift"):
+        export_onnx(lm, {"x": torch.randn(2, 8), "shift": torch.randn(2, 8)})
