@@ -72,6 +72,7 @@ BAD = [
     ("zero dim", ["convert", "{own}", *OWN, "--input", "bias:float32:2x0x48"], "no elements"),
     ("ids beyond vocab", ["convert", "{own}", *OWN, "--input", "input_ids:int64:2x12:0,101"], "beyond the 100 rows"),
     ("wrong input shape", ["convert", "{own}", *OWN, "--input", "bias:float32:2x12x47"], "cannot run on inputs"),
+    ("empty example input", ["convert", "{two}", "--factory", "two_input_model:empty_example", "--no-bench"], "no elements"),
     ("broken input metadata", ["convert", "{broken}", *OWN], "input metadata is broken"),
     ("unknown option", ["convert", "{own}", "--bogus"], "No such option"),
     ("missing argument", ["convert"], "Missing argument"),

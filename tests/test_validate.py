@@ -185,3 +185,13 @@ def test_per_output_tolerance_from_the_command_line(tmp_path, monkeypatch):
     assert (o["atol"], o["rtol"]) == (0.0, 0.0)
     # zero tolerance passes only where fused and PyTorch agree bit for bit
     assert (r.exit_code == 0) == (o["max_abs"] == 0.0), r.output
+
+
+def test_json_reports_carry_no_terminal_colour_codes(tmp_path):
+    from normexport.report import write_json
+
+    path = tmp_path / "r.json"
+    write_json({"notes": ["export failed (\x1b[96mThis is step 1/3\x1b[0m)"], "nested": {"a": ["\x1b[1mbold\x1b[0m"]}}, path)
+    text = path.read_text()
+    assert "\x1b" not in text and "\\u001b" not in text
+    assert json.loads(text) == {"notes": ["export failed (This is step 1/3)"], "nested": {"a": ["bold"]}}

@@ -70,3 +70,8 @@ class Unexportable(nn.Module):
 
 def unexportable():
     return Unexportable().eval(), {"x": torch.randn(2, 8)}
+
+
+def empty_example():
+    """An example with a zero-length sequence: nothing a comparison could check."""
+    return build(), {"input_ids": torch.zeros(2, 0, dtype=torch.int64), "decoder_input_ids": torch.zeros(2, 0, dtype=torch.int64)}
