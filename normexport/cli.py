@@ -65,6 +65,9 @@ class NormexportGroup(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # `normexport` alone asks for the help
+            click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+            sys.exit(0)
         except click.UsageError as e:
             path = e.ctx.command_path if e.ctx is not None else (prog_name or "normexport")
             _report(NormexportError(e.format_message(), USAGE_HINT.format(path)), False)

@@ -3,6 +3,7 @@ line and no traceback; --debug keeps the code and adds the traceback."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,13 @@ def files(tmp_path_factory):
     torch.save({"state_dict": own_model.build().state_dict(), "normexport": {"inputs": [{"name": "input_ids", "dtype": "int64"}]}}, broken)
     unexp = tmp / "unexp.pt"
     torch.save(tim.Unexportable().state_dict(), unexp)
-    return {"own": own, "two": two, "broken": broken, "unexp": unexp, "tmp": tmp}
+    return {"own": own, "two": two, "broken": broken, "unexp": unexp, "tmp": tmp, "systemp": tmp_path_factory.mktemp("systemp")}
 
 
-def _run(args, monkeypatch):
+def _run(args, monkeypatch, files=None):
     monkeypatch.chdir(HERE)
+    if files is not None:  # the exporter's logs land in a temp folder of the test's own
+        monkeypatch.setattr(tempfile, "tempdir", str(files["systemp"]))
     return CliRunner().invoke(main, args)
 
 
@@ -84,18 +87,18 @@ BAD = [
 
 @pytest.mark.parametrize("label, args, says", BAD, ids=[b[0] for b in BAD])
 def test_bad_invocation_is_exit_2_with_one_error_and_one_hint(files, monkeypatch, label, args, says):
-    r = _run([a.format(**files) for a in args], monkeypatch)
+    r = _run([a.format(**files) for a in args], monkeypatch, files)
     first = assert_user_error(r)
     assert says in first
 
 
 def test_export_failure_names_the_cause_and_logs_the_rest_outside_the_input_folder(files, monkeypatch):
-    r = _run(["convert", str(files["unexp"]), "--factory", "two_input_model:unexportable", "--no-bench"], monkeypatch)
+    r = _run(["convert", str(files["unexp"]), "--factory", "two_input_model:unexportable", "--no-bench"], monkeypatch, files)
     error = assert_user_error(r)
     assert "Next steps" not in error and "data-dependent" in error
     hint = r.stderr.splitlines()[1]
     log = Path(hint.split("full exporter log: ", 1)[1].rstrip(")"))
-    assert log.exists() and log.parent != files["tmp"]
+    assert log.exists() and log.parent == files["systemp"] != files["unexp"].parent
     assert "Traceback" in log.read_text()
     log.unlink()
 
@@ -107,7 +110,7 @@ def test_debug_keeps_the_exit_code_and_shows_the_traceback(files, monkeypatch):
 
 
 def test_debug_shows_the_export_cause_in_the_traceback(files, monkeypatch):
-    r = _run(["--debug", "convert", str(files["unexp"]), "--factory", "two_input_model:unexportable", "--no-bench"], monkeypatch)
+    r = _run(["--debug", "convert", str(files["unexp"]), "--factory", "two_input_model:unexportable", "--no-bench"], monkeypatch, files)
     assert r.exit_code == 2
     assert "The above exception was the direct cause" in r.stderr  # not hidden by `from None`
 
@@ -118,3 +121,10 @@ def test_validate_with_an_input_shape_the_onnx_does_not_take_is_exit_2(files, mo
     assert r.exit_code == 0, r.output
     r = _run(["validate", str(files["two"]), str(fused), "--factory", "two_input_model:module_only", "--input", "input_ids:int64:2x6", "--input", "decoder_input_ids:float32:2x6"], monkeypatch)
     assert "decoder_input_ids" in assert_user_error(r)
+
+
+def test_help_and_version_are_exit_0(monkeypatch):
+    for args in ([], ["--help"], ["--version"], ["convert", "--help"]):
+        r = _run(args, monkeypatch)
+        assert r.exit_code == 0, (args, r.output)
+        assert "error:" not in r.output
