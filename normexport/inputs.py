@@ -234,9 +234,10 @@ def call_module(module, inputs: dict, positional: bool = False):
     if positional:
         return module(*inputs.values())
     in_spec = getattr(module, "_in_spec", None)
-    if in_spec is not None and len(in_spec.children_specs) == 2:
-        n_pos = in_spec.children_specs[0].num_children
-        kw_names = list(in_spec.children_specs[1].context or [])
+    children = (in_spec.children() if callable(getattr(in_spec, "children", None)) else in_spec.children_specs) if in_spec is not None else []
+    if len(children) == 2:
+        n_pos = children[0].num_children
+        kw_names = list(children[1].context or [])
         values = list(inputs.values())
         pos = [v for k, v in inputs.items() if k not in kw_names][:n_pos] if kw_names else values[:n_pos]
         return module(*pos, **{k: inputs[k] for k in kw_names if k in inputs})
@@ -246,11 +247,9 @@ def call_module(module, inputs: dict, positional: bool = False):
 def traced_vocab_sizes(loaded, specs) -> dict[str, int]:
     """Input name -> num_embeddings of the embedding it indexes, where that can be traced.
 
-    Runs the model once (for an nn.Module or ScriptModule) on ``probe_inputs``: that run also
-    turns inputs the model cannot take (wrong shapes, a missing input) into one clear error
-    before any export."""
-    if loaded.exported_program is not None:
-        return _vocab_from_graph(loaded.exported_program)
+    Runs the model once on ``probe_inputs`` (hooks on an nn.Module's embeddings; a torch.export
+    archive's graph is read instead): that run also turns inputs the model cannot take (wrong
+    shapes or dtypes, a missing input) into one clear error before any export."""
     import torch
 
     probe = probe_inputs(specs)
@@ -281,6 +280,8 @@ def traced_vocab_sizes(loaded, specs) -> dict[str, int]:
     finally:
         for h in handles:
             h.remove()
+    if loaded.exported_program is not None:
+        found.update(_vocab_from_graph(loaded.exported_program))
     return found
 
 

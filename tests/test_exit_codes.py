@@ -128,3 +128,8 @@ def test_help_and_version_are_exit_0(monkeypatch):
         r = _run(args, monkeypatch)
         assert r.exit_code == 0, (args, r.output)
         assert "error:" not in r.output
+
+
+def test_exported_archive_given_a_wrong_dtype_is_exit_2(monkeypatch):
+    r = _run(["convert", str(HERE.parent / "models" / "tinyllama.pt"), "--no-bench", "--no-validate", "--input", "input_ids:float32:2x8", "-o", "/nonexistent/never.onnx"], monkeypatch)
+    assert "cannot run on inputs" in assert_user_error(r)
