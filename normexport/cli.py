@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from functools import wraps
 from pathlib import Path
 
@@ -17,8 +18,23 @@ from normexport.hf.commands import convert_hf, generate_command, hf_convert_opti
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
 
 
+USAGE_HINT = "see `{} --help`"
+
+
+def _report(e: NormexportError, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(e)
+    click.echo(f"error: {_one_line(e.message)}", err=True)
+    click.echo(f"hint: {_one_line(e.hint or 'see --help')}", err=True)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def _handle_errors(fn):
-    """User errors: one line and a hint, exit 2. Bugs: a traceback only with --debug."""
+    """Exit 2 for the user's errors (one `error:` and one `hint:` line), 3 for normexport's bugs;
+    --debug adds the traceback and keeps the code."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -30,19 +46,15 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except NormexportError as e:
-            if debug:
-                raise
-            click.echo(f"error: {e.message}", err=True)
-            if e.hint:
-                click.echo(f"hint: {e.hint}", err=True)
+            _report(e, debug)
             sys.exit(2)
         except KeyboardInterrupt as e:
             click.echo("interrupted", err=True)
             sys.exit(getattr(e, "exit_code", 130))
         except Exception as e:  # a bug, not the user's doing
             if debug:
-                raise
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                traceback.print_exception(e)
+            first = _one_line(str(e).strip().splitlines()[0])[:300] if str(e).strip() else ""
             click.echo(f"internal error: {type(e).__name__}: {first}", err=True)
             click.echo("hint: rerun with --debug for the traceback, and report it", err=True)
             sys.exit(3)
@@ -50,13 +62,63 @@ def _handle_errors(fn):
     return wrapper
 
 
+class NormexportGroup(click.Group):
+    """Click's own usage errors (unknown option, missing argument, bad value) and errors in
+    option callbacks get the same two lines and exit 2 as every other user error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # `normexport` alone asks for the help
+            click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+            sys.exit(0)
+        except click.UsageError as e:
+            path = e.ctx.command_path if e.ctx is not None else (prog_name or "normexport")
+            _report(NormexportError(e.format_message(), USAGE_HINT.format(path)), False)
+            sys.exit(2)
+        except click.ClickException as e:
+            _report(NormexportError(e.format_message(), "see --help"), False)
+            sys.exit(2)
+        except NormexportError as e:
+            _report(e, "--debug" in argv)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 def _parse_inputs(ctx, param, values):
     from normexport.load import parse_input_spec
 
-    try:
-        return [parse_input_spec(v) for v in values]
-    except NormexportError as e:
-        raise click.BadParameter(f"{e.message} ({e.hint})") from None
+    return [parse_input_spec(v) for v in values]
+
+
+def _parse_tolerances(ctx, param, values):
+    """``--atol VALUE`` and ``--atol OUTPUT=VALUE`` (repeatable): None, or {None: default, name: value}."""
+    import math
+
+    if not values:
+        return None
+    out: dict = {}
+    for text in values:
+        name, _, value = text.rpartition("=") if "=" in text else (None, "", text)
+        if name == "":
+            raise NormexportError(f"--{param.name} '{text}' has an empty output name", f"use --{param.name} VALUE or --{param.name} OUTPUT=VALUE")
+        try:
+            v = float(value)
+        except ValueError:
+            raise NormexportError(f"--{param.name} '{text}' is not a number", f"use --{param.name} VALUE or --{param.name} OUTPUT=VALUE, e.g. 1e-4") from None
+        if not math.isfinite(v) or v < 0:
+            raise NormexportError(f"--{param.name} {text}: a tolerance must be finite and >= 0", f"e.g. --{param.name} 1e-4")
+        key = name or None
+        if key in out:
+            raise NormexportError(f"--{param.name} for {'the default' if key is None else repr(key)} is given twice", "give each once")
+        out[key] = v
+    return out
 
 
 def model_options(fn):
@@ -67,8 +129,8 @@ def model_options(fn):
             click.option("--factory", metavar="MODULE:FUNCTION", help="For a state_dict: a function that builds the nn.Module (optionally returning (module, example_inputs))."),
             click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module, or .pt2 members that need more than tensors. Unpickling runs code from the file: only for files you trust."),
             click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Convert the model and its float inputs to this dtype first (norms still compute in fp32)."),
-            click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
-            click.option("--threads", type=int, help="Threads for PyTorch and onnxruntime (default: PyTorch's count)."),
+            click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the random inputs (0 .. 2**32-1)."),
+            click.option("--threads", type=click.IntRange(1, 4096), help="Threads for PyTorch and onnxruntime (default: PyTorch's count)."),
         ]
     ):
         fn = deco(fn)
@@ -86,8 +148,8 @@ def _factory_file(factory: str | None) -> str | None:
 def validate_options(fn):
     for deco in reversed(
         [
-            click.option("--atol", type=float, help="Absolute tolerance (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2)."),
-            click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-3, fp16 1e-2, bf16 2e-2)."),
+            click.option("--atol", multiple=True, callback=_parse_tolerances, metavar="[OUTPUT=]VALUE", help="Absolute tolerance, for all outputs or (OUTPUT=VALUE, repeatable) one ONNX output (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2)."),
+            click.option("--rtol", multiple=True, callback=_parse_tolerances, metavar="[OUTPUT=]VALUE", help="Relative tolerance, likewise (default by dtype: fp32 1e-3, fp16 1e-2, bf16 2e-2)."),
             click.option("--samples", type=click.IntRange(1, 100), default=2, show_default=True, help="Seeded input draws (fp16/bf16 models get one large-magnitude draw more)."),
             click.option("--stress/--no-stress", default=None, help="Run each fused norm alone on large-magnitude, tiny and zero rows against a float64 RMSNorm (default: on for fp16/bf16 norms)."),
         ]
@@ -107,7 +169,7 @@ def bench_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=NormexportGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="normexport")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(debug):
@@ -215,7 +277,7 @@ def inspect(model, as_json, factory, trust_pickle):
 
     result = inspect_path(model, factory=factory, trust_pickle=trust_pickle)
     if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        click.echo(json.dumps(report.plain(result), indent=2, default=str))
     else:
         report.print_inspect(report.console(), result)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from normexport.errors import NormexportError
+from normexport.inputs import first_cause
 from normexport.load import LoadedModel
 
 TORCHSCRIPT_MAX_OPSET = 20
@@ -65,6 +66,7 @@ def export_onnx(loaded: LoadedModel, inputs: dict, opset: int | None = None, wor
                     f"a TorchScript model exports through torch's TorchScript exporter, which stops at opset {TORCHSCRIPT_MAX_OPSET}",
                     f"use --opset {TORCHSCRIPT_MAX_OPSET} or lower (--target onnx raises the opset after export)",
                 )
+            _check_positional_prefix(loaded, names)
             with _rms_norm_symbolic():
                 dynamic = _export_torchscript(loaded.module, args, names, path, opset)
             exporter = "torchscript"
@@ -103,34 +105,41 @@ def _quiet():
 
 
 def _export_dynamo(loaded: LoadedModel, args, names, path: Path, opset: int, notes: list[str]) -> bool:
+    """Inputs go to forward() as keywords, so each ONNX input carries the name of the
+    parameter it feeds (a forward(*args) takes them in the given order)."""
     import torch
 
     from normexport.load import dynamic_dims
 
+    common = dict(opset_version=opset, dynamo=True, optimize=True, external_data=True)
     if loaded.exported_program is not None:
         ep = loaded.exported_program
         with _quiet() as err:
             try:
-                torch.onnx.export(ep, (), str(path), opset_version=opset, dynamo=True, optimize=True, external_data=True)
+                torch.onnx.export(ep, (), str(path), **common)
             except Exception as e:
-                raise NormexportError(f"torch.onnx could not export the ExportedProgram: {_brief(e, err)}", "try another --opset") from None
+                _raise_export_error("torch.onnx could not export the ExportedProgram", e, err, "try another --opset")
         dynamic = any(not isinstance(d, int) for n in ep.graph.nodes if n.op == "placeholder" and "val" in n.meta and hasattr(n.meta["val"], "shape") for d in n.meta["val"].shape)
         return dynamic
     module = loaded.module
+    if loaded.input_names:
+        call = dict(args=(), kwargs=dict(zip(names, args)))
+    else:
+        call = dict(args=args, input_names=names)
     shapes = {n: dynamic_dims(a) for n, a in zip(names, args)}
+    if not loaded.input_names:
+        shapes = tuple(shapes.values())
     with _quiet() as err:
         try:
-            torch.onnx.export(
-                module, args, str(path), input_names=names, dynamic_shapes=shapes, opset_version=opset, dynamo=True, optimize=True, external_data=True
-            )
+            torch.onnx.export(module, f=str(path), dynamic_shapes=shapes, **call, **common)
             return True
         except Exception as first:
-            notes.append(f"dynamic batch/sequence export failed ({_brief(first, err)}); exported with static shapes")
+            notes.append(f"dynamic batch/sequence export failed ({first_cause(first, 240)}); exported with static shapes")
             try:
-                torch.onnx.export(module, args, str(path), input_names=names, opset_version=opset, dynamo=True, optimize=True, external_data=True)
+                torch.onnx.export(module, f=str(path), **call, **common)
                 return False
             except Exception as e:
-                raise NormexportError(f"torch.onnx could not export the model: {_brief(e, err)}", "check the --input shapes and dtypes, or try another --opset") from None
+                _raise_export_error("torch.onnx could not export the model", e, err, "check the --input shapes and dtypes, or try another --opset")
 
 
 def _export_torchscript(module, args, names, path: Path, opset: int) -> bool:
@@ -148,16 +157,35 @@ def _export_torchscript(module, args, names, path: Path, opset: int) -> bool:
             torch.onnx.export(module, args, str(path), input_names=names, output_names=out_names, dynamic_axes=dyn, opset_version=opset, dynamo=False)
             return True
         except Exception as e:
-            raise NormexportError(f"torch's TorchScript exporter could not export the model: {_brief(e, err)}", "check the --input shapes and dtypes, or save the model as a state_dict and use --factory") from None
+            _raise_export_error(
+                "torch's TorchScript exporter could not export the model", e, err, "check the --input shapes and dtypes, or save the model as a state_dict and use --factory"
+            )
 
 
-def _brief(e: Exception, err=None) -> str:
-    text = str(e).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Traceback", "File ")):
-            return line[:240]
-    return type(e).__name__
+def _check_positional_prefix(loaded: LoadedModel, names: list[str]) -> None:
+    """The TorchScript exporter passes inputs by position: they must be the signature's first ones."""
+    if loaded.input_names and names != loaded.input_names[: len(names)]:
+        gap = next(n for n in loaded.input_names if n not in names)
+        raise NormexportError(
+            f"the TorchScript exporter passes inputs by position, and {loaded.signature_text()} takes '{gap}' before {', '.join(n for n in names if loaded.input_names.index(n) > loaded.input_names.index(gap))}",
+            f"give --input {gap}:... too, or export with --exporter dynamo (by name)",
+        )
+
+
+def _raise_export_error(what: str, e: Exception, captured, hint: str):
+    """One line with the exporter's own first cause; the whole log (what the exporter printed
+    and the traceback) goes to a file in the temp folder that the hint names."""
+    import os
+    import traceback
+
+    fd, log = tempfile.mkstemp(prefix="normexport-export-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(captured.getvalue() if captured is not None else "")
+        f.write("\n" + "".join(traceback.format_exception(e)))
+    cause = first_cause(e, 240)
+    if "No ONNX function found" in cause:
+        hint = "torch.onnx has no translation for an operator the model calls: pick another implementation of it in the model (e.g. its config), or register one with torch.onnx.export's custom_translation_table"
+    raise NormexportError(f"{what}: {cause}", f"{hint} (full exporter log: {log})") from e
 
 
 _RMS_NORM_REGISTERED = False

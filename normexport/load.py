@@ -19,94 +19,15 @@ import os
 import re
 import stat
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from normexport.errors import NormexportError
 from normexport.factory import call_factory  # noqa: F401 (load.call_factory is public)
+from normexport.inputs import DTYPES, INPUT_SYNTAX, InputSpec, make_inputs, parse_input_spec, spec_of, torch_dtype  # noqa: F401 (the API load.py has always had)
 
 METADATA_NAME = "normexport.json"  # extra file in our TorchScript archives / key in checkpoints
-
-DTYPES = {
-    "int64": "int64",
-    "int32": "int32",
-    "float32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bool": "bool",
-}
-INPUT_SYNTAX = "--input NAME:DTYPE:SHAPE[:LOW,HIGH], e.g. --input input_ids:int64:1x16:0,128"
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input: name, dtype name, static shape, and the value range to draw from."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    low: float | None = None
-    high: float | None = None
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "low": self.low, "high": self.high}
-
-    @classmethod
-    def from_json(cls, d: dict) -> InputSpec:
-        return cls(d["name"], DTYPES[d["dtype"]], tuple(int(s) for s in d["shape"]), d.get("low"), d.get("high"))
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in ("float32", "float16", "bfloat16")
-
-
-def parse_input_spec(text: str) -> InputSpec:
-    """Parse ``NAME:DTYPE:SHAPE[:LOW,HIGH]``; raise NormexportError with the syntax on any flaw."""
-    parts = text.split(":")
-    if len(parts) not in (3, 4) or not parts[0]:
-        raise NormexportError(f"malformed --input '{text}'", f"use {INPUT_SYNTAX}")
-    name, dtype, shape_text = parts[0], parts[1].lower(), parts[2]
-    if dtype not in DTYPES:
-        raise NormexportError(
-            f"unknown dtype '{parts[1]}' in --input '{text}'", f"one of {', '.join(sorted(set(DTYPES.values())))}"
-        )
-    if not re.fullmatch(r"\d+(x\d+)*", shape_text):
-        raise NormexportError(f"malformed shape '{shape_text}' in --input '{text}'", "dims as positive integers joined by 'x', e.g. 1x16")
-    shape = tuple(int(s) for s in shape_text.split("x"))
-    if any(s <= 0 for s in shape):
-        raise NormexportError(f"shape '{shape_text}' in --input '{text}' has a zero dim", "every dim must be >= 1")
-    low = high = None
-    if len(parts) == 4:
-        m = re.fullmatch(r"(-?[\d.e+-]+),(-?[\d.e+-]+)", parts[3])
-        if not m:
-            raise NormexportError(f"malformed range '{parts[3]}' in --input '{text}'", "give LOW,HIGH, e.g. 0,128")
-        low, high = float(m.group(1)), float(m.group(2))
-        if not low < high:
-            raise NormexportError(f"empty range '{parts[3]}' in --input '{text}'", "LOW must be below HIGH")
-    return InputSpec(name, DTYPES[dtype], shape, low, high)
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
-def spec_of(name: str, tensor) -> InputSpec:
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    if dtype not in DTYPES.values():
-        raise NormexportError(f"input '{name}' has unsupported dtype {dtype}", f"supported: {', '.join(sorted(set(DTYPES.values())))}")
-    import torch
-
-    low = high = None
-    if not tensor.dtype.is_floating_point and tensor.dtype != torch.bool and tensor.numel():
-        # Integer inputs are indices (token ids): never draw beyond what the example used.
-        low, high = 0.0, float(int(tensor.max()) + 1)
-    return InputSpec(name, dtype, tuple(tensor.shape), low, high)
-
 
 @dataclass
 class LoadedModel:
@@ -121,31 +42,65 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
     def with_inputs(self, specs: list[InputSpec] | None) -> LoadedModel:
-        """Override (all) input specs with the user's --input list, checking names."""
+        """Bind the user's --input list to the model's inputs by name. A spec that gives no
+        range keeps the example's range for that input (only its shape or dtype changes);
+        inputs the user does not name keep the example's spec."""
         if not specs:
             return self
-        known = set(self.input_names)
+        seen: set[str] = set()
         for s in specs:
-            if known and s.name not in known:
-                raise NormexportError(
-                    f"--input names '{s.name}', but the model's inputs are {', '.join(self.input_names)}",
-                    f"use one of: {', '.join(self.input_names)}",
-                )
-        self.input_specs = list(specs)
-        if not self.input_names:
-            self.input_names = [s.name for s in specs]
+            if s.name in seen:
+                raise NormexportError(f"--input '{s.name}' is given twice", f"give each input once; the model takes {self.signature_text()}")
+            seen.add(s.name)
+            if self.input_names and s.name not in self.input_names:
+                raise NormexportError(f"--input names '{s.name}', which is not an input of the model: {self.signature_text()}", f"use one of: {', '.join(self.input_names)}")
+        merged = {e.name: e for e in self.input_specs or []}
+        for s in specs:
+            old = merged.get(s.name)
+            if s.low is None and old is not None and old.low is not None and old.is_float == s.is_float and s.dtype != "bool":
+                s = replace(s, low=old.low, high=old.high)
+            merged[s.name] = s
+        self.input_specs = list(merged.values())
         return self
 
+    def signature_text(self) -> str:
+        required = set(self.required_names())
+        parts = [n if n in required else f"{n}=..." for n in self.input_names]
+        return f"forward({', '.join(parts)})" if self.input_names else "forward(*args) (inputs bound in the order given)"
+
+    def required_names(self) -> list[str]:
+        if self.kind == "export":
+            return list(self.input_names)
+        return _forward_arg_names(self.module, required_only=True)
+
     def require_specs(self) -> list[InputSpec]:
+        """The inputs to draw, in the order of the model's signature, every name checked
+        against it, every required input present, integer ranges resolved (normexport.inputs)."""
         if not self.input_specs:
             names = ", ".join(self.input_names) or "NAME"
             raise NormexportError(
                 f"no example inputs are known for {self.path or 'the model'} (inputs: {names})",
                 f"give them with {INPUT_SYNTAX}",
             )
-        missing = [n for n in self.input_names if n not in {s.name for s in self.input_specs}]
-        if missing and self.kind != "export":
-            raise NormexportError(f"no --input given for model input(s) {', '.join(missing)}", f"add {INPUT_SYNTAX}")
+        by_name = {}
+        for s in self.input_specs:
+            if s.name in by_name:
+                raise NormexportError(f"input '{s.name}' is described twice", f"give each input once; the model takes {self.signature_text()}")
+            by_name[s.name] = s.checked(f"input '{s.name}'")
+        unknown = [n for n in by_name if self.input_names and n not in self.input_names]
+        if unknown:
+            raise NormexportError(
+                f"example input(s) {', '.join(unknown)} are not inputs of the model: {self.signature_text()}",
+                f"name the inputs after forward()'s parameters ({INPUT_SYNTAX})",
+            )
+        missing = [n for n in self.required_names() if n not in by_name]
+        if missing:
+            raise NormexportError(f"no --input given for model input(s) {', '.join(missing)} of {self.signature_text()}", f"add {INPUT_SYNTAX}")
+        order = self.input_names or list(by_name)
+        specs = [by_name[n] for n in order if n in by_name]
+        from normexport.inputs import resolve_ranges
+
+        self.input_specs = resolve_ranges(self, specs)
         return self.input_specs
 
 
@@ -442,53 +397,25 @@ def _load_state(module, state: dict, path: Path) -> None:
         )
 
 
-def _forward_arg_names(module) -> list[str]:
+def _forward_arg_names(module, required_only: bool = False) -> list[str]:
+    """The names ``module.forward`` takes its inputs by, in order (``required_only``: those
+    without a default). ``*args`` / ``**kwargs`` are not names an input can be bound to."""
     try:
         schema = module.forward.schema  # ScriptModule
-        return [a.name for a in schema.arguments[1:]]
+        return [a.name for a in schema.arguments[1:] if not (required_only and a.has_default_value())]
     except AttributeError:
         pass
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
         return []
-    return [
-        p.name
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in sig.parameters.values() if p.kind in kinds and not (required_only and p.default is not p.empty)]
 
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def make_inputs(specs: list[InputSpec], seed: int, scale: float = 1.0) -> dict:
-    """Seeded random tensors for ``specs``. Floats ~ N(0, scale²) unless a range is given."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for s in specs:
-        dt = torch_dtype(s.dtype)
-        if s.dtype == "bool":
-            out[s.name] = torch.rand(s.shape, generator=g) < 0.5
-        elif s.is_float:
-            if s.low is not None:
-                t = torch.rand(s.shape, generator=g, dtype=torch.float64) * (s.high - s.low) + s.low
-            else:
-                t = torch.randn(s.shape, generator=g, dtype=torch.float64) * scale
-            out[s.name] = t.to(dt)
-        else:
-            low = int(s.low) if s.low is not None else 0
-            high = int(s.high) if s.high is not None else 2
-            out[s.name] = torch.randint(low, high, s.shape, generator=g, dtype=dt)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,16 +469,26 @@ def save_exported(module, example_inputs: dict, path: Path, dynamic: bool = True
 
 
 def export_program(module, example_inputs: dict, dynamic: bool = True):
+    """torch.export with the inputs bound to forward()'s parameters by name (in its order)."""
     import torch
 
-    args = tuple(example_inputs.values())
+    params = _forward_arg_names(module)
+    order = [n for n in params if n in example_inputs]
+    if len(order) != len(example_inputs):  # a forward(*args): in the order given
+        positional, keyword = list(example_inputs), []
+    elif order == params[: len(order)]:  # the leading parameters: by position, in their order
+        positional, keyword = order, []
+    else:
+        positional, keyword = [], order
+    args = tuple(example_inputs[n] for n in positional)
+    kwargs = {n: example_inputs[n] for n in keyword}
     if dynamic:
-        shapes = {k: dynamic_dims(v) for k, v in example_inputs.items()}
+        shapes = {n: dynamic_dims(example_inputs[n]) for n in keyword} if keyword else tuple(dynamic_dims(a) for a in args)
         try:
-            return torch.export.export(module, args, dynamic_shapes=tuple(shapes.values()), strict=False)
+            return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
         except Exception:
             pass
-    return torch.export.export(module, args, strict=False)
+    return torch.export.export(module, args, kwargs=kwargs, strict=False)
 
 
 def dynamic_dims(tensor) -> dict | None:

@@ -235,11 +235,11 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
             keep_worst(fused_acc, compare_outputs(ref, got, opts.atol, opts.rtol, sample=i))
             if unfused_runner is not None:
                 base = unfused_runner.infer(feed)
-                keep_worst(unfused_acc, compare_outputs(ref, base, opts.atol, opts.rtol, sample=i))
-                keep_worst(cross_acc, compare_outputs(base, got, opts.atol, opts.rtol, sample=i))
+                keep_worst(unfused_acc, compare_outputs(ref, base, opts.atol, opts.rtol, sample=i, sides=("PyTorch", "unfused ONNX")))
+                keep_worst(cross_acc, compare_outputs(base, got, opts.atol, opts.rtol, sample=i, sides=("unfused ONNX", "fused ONNX")))
     outputs = list(fused_acc.values())
     report = ValidationReport(
-        passed=all(c.passed for c in outputs),
+        passed=bool(outputs) and all(c.passed for c in outputs),  # no outputs compared is no agreement
         samples=len(draws),
         outputs=outputs,
         unfused=list(unfused_acc.values()),
@@ -330,15 +330,28 @@ def prepare_model_for(path: Path, onnx_path: Path, opts: Options) -> tuple[Loade
 
 
 def check_inputs_cover(model_path: Path, specs: list[InputSpec]) -> None:
-    """The ONNX model's inputs must all have a spec (validate/bench on a given ONNX file)."""
+    """The ONNX model's inputs must all have a spec of its dtype and of its static dims
+    (validate/bench on a given ONNX file)."""
     import onnx
 
     m = onnx.load_model(str(model_path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
-    names = [i.name for i in m.graph.input if i.name not in inits]
-    missing = [n for n in names if n not in {s.name for s in specs}]
+    graph_inputs = [i for i in m.graph.input if i.name not in inits]
+    by_name = {s.name: s for s in specs}
+    missing = [i.name for i in graph_inputs if i.name not in by_name]
     if missing:
         raise NormexportError(f"{model_path} takes input(s) {', '.join(missing)} that have no spec", "name them as the ONNX model does with --input NAME:DTYPE:SHAPE")
+    for i in graph_inputs:
+        s, t = by_name[i.name], i.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type and t.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16"
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] if t.HasField("shape") else None
+        fits = dims is None or (len(dims) == len(s.shape) and all(d is None or d == n for d, n in zip(dims, s.shape)))
+        if dtype != s.dtype or not fits:
+            want = "x".join("?" if d is None else str(d) for d in dims) if dims is not None else "any shape"
+            raise NormexportError(
+                f"input '{i.name}' is {s.dtype}:{'x'.join(map(str, s.shape))} here, but {model_path} takes {dtype}:{want}",
+                "give --input shapes and dtypes that match the ONNX model (or the ONNX model of this MODEL)",
+            )
 
 
 def numpy_feed(feed: dict) -> dict[str, np.ndarray]:

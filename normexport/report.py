@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from normexport import __version__, outputs
@@ -19,10 +20,24 @@ def console(stderr: bool = False) -> Console:
     return c
 
 
+def plain(data):
+    """``data`` with every string free of terminal colour codes (torch's exception texts carry
+    them into notes), for JSON."""
+    from normexport.validate import plain_text
+
+    if isinstance(data, str):
+        return plain_text(data)
+    if isinstance(data, dict):
+        return {k: plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [plain(v) for v in data]
+    return data
+
+
 def write_json(data: dict, path: str | Path) -> None:
     """Write a report atomically, marked as normexport's (an existing file at --report is
-    replaced only when it carries that mark, or with --force)."""
-    text = json.dumps({REPORT_MARKER: __version__, **data}, indent=2, default=str) + "\n"
+    replaced only when it carries that mark, or with --force); strings free of colour codes."""
+    text = json.dumps({REPORT_MARKER: __version__, **plain(data)}, indent=2, default=str) + "\n"
     outputs.write_text(path, text)
 
 
@@ -80,7 +95,10 @@ def print_validation(c: Console, v) -> None:
             "[green]yes[/green]" if cmp.passed else f"[red]NO{' (NaN/Inf x' + str(cmp.nonfinite_mismatch) + ')' if cmp.nonfinite_mismatch else ''}[/red]",
         )
     c.print(t)
-    if v.worst is not None and not v.worst.passed:
+    for run, cmp in rows:
+        if cmp.problem:
+            c.print(f"[red]{escape(cmp.name)} ({run}, sample {cmp.sample}): {escape(cmp.problem)}[/red]")
+    if not v.passed and v.worst is not None and not v.worst.problem:
         w = v.worst
         c.print(f"[red]worst output: {w.name}: max abs {_fmt(w.max_abs)}, max rel {_fmt(w.max_rel)} at index {w.worst_index} (sample {w.sample}); needs atol >= {_fmt(w.min_atol)} or rtol >= {_fmt(w.min_rtol)}[/red]")
     if v.first_divergence is not None:
@@ -89,7 +107,7 @@ def print_validation(c: Console, v) -> None:
     elif not v.passed and v.norms:
         c.print("[yellow]every fused norm matches its PyTorch module: the divergence is elsewhere[/yellow]")
     for note in v.notes:
-        c.print(f"[dim]note: {note}[/dim]")
+        c.print(f"[dim]note: {escape(note)}[/dim]")
     print_stress(c, v.stress)
 
 

@@ -1,8 +1,9 @@
 """Compare ONNX runs against PyTorch on the same seeded inputs, output by output.
 
 A run passes where every element satisfies |got - ref| <= atol + rtol·|ref| (numpy's
-allclose), and fails wherever got has NaN or Inf that the reference has not (or the other
-way round). Each comparison also says the smallest atol (at the given rtol) and the smallest
+allclose). It fails wherever either side has a NaN or Inf (NaN on both sides is no agreement:
+it hides what each side computes), where an output has no elements, where the shapes differ
+and where the output counts differ; each failure says where (output, index, side). Each comparison also says the smallest atol (at the given rtol) and the smallest
 rtol (at the given atol) that would pass, so a user sees how far from the line a run is.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from normexport.inputs import ANSI
 
 # Defaults by the output's dtype: float32 after a chain of fused / reordered reductions,
 # float16 and bfloat16 at a few units of their last place on O(1) values.
@@ -39,10 +42,11 @@ class OutputComparison:
     rtol: float
     min_atol: float  # smallest atol that passes at this rtol
     min_rtol: float  # smallest rtol that passes at this atol
-    nonfinite_mismatch: int  # elements where one side is NaN/Inf and the other is not (or differs)
+    nonfinite_mismatch: int  # NaN/Inf elements, on either side
     passed: bool
     sample: int = 0
     worst_index: list[int] = field(default_factory=list)
+    problem: str = ""  # why it fails beyond the tolerances: NaN/Inf where, empty, shapes, counts
 
     def to_json(self) -> dict:
         return {k: (_json_float(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -56,50 +60,76 @@ def _json_float(v: float):
     return v
 
 
-def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | None = None, rtol: float | None = None, sample: int = 0) -> OutputComparison:
+def tolerance_for(tol, name: str, default: float) -> float:
+    """``tol``: one value, or per-output values by name with an optional default under None."""
+    if isinstance(tol, dict):
+        tol = tol.get(name, tol.get(None))
+    return default if tol is None else float(tol)
+
+
+def _failed(name, dt, shape, atol, rtol, sample, problem, index=()) -> OutputComparison:
+    inf = float("inf")
+    return OutputComparison(name, dt, list(shape), inf, inf, inf, float("nan"), atol, rtol, inf, inf, 0, False, sample, [int(i) for i in index], problem)
+
+
+def _first_nonfinite(arr: np.ndarray) -> tuple[int, list[int], str]:
+    bad = ~np.isfinite(arr)
+    n = int(bad.sum())
+    if not n:
+        return 0, [], ""
+    idx = [int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape)]
+    v = arr[tuple(idx)]
+    return n, idx, "NaN" if np.isnan(v) else ("+Inf" if v > 0 else "-Inf")
+
+
+def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol=None, rtol=None, sample: int = 0, sides: tuple[str, str] = ("PyTorch", "ONNX")) -> OutputComparison:
     dt = np.dtype(ref.dtype)
     d_atol, d_rtol = default_tolerance(dt)
-    atol = d_atol if atol is None else atol
-    rtol = d_rtol if rtol is None else rtol
+    atol = tolerance_for(atol, name, d_atol)
+    rtol = tolerance_for(rtol, name, d_rtol)
     if ref.shape != got.shape:
-        return OutputComparison(name, dt.name, list(ref.shape), float("inf"), float("inf"), float("inf"), float("nan"), atol, rtol, float("inf"), float("inf"), 0, False, sample)
-    r = ref.astype(np.float64) if dt.kind == "f" or dt.name == "bfloat16" else ref.astype(np.float64)
+        return _failed(name, dt.name, ref.shape, atol, rtol, sample, f"shape {list(ref.shape)} on the {sides[0]} side, {list(got.shape)} on the {sides[1]} side")
+    if ref.size == 0:
+        return _failed(name, dt.name, ref.shape, atol, rtol, sample, "no elements to compare")
+    r = ref.astype(np.float64)
     g = got.astype(np.float64)
-    fin_r, fin_g = np.isfinite(r), np.isfinite(g)
-    # Same non-finite value on both sides (NaN and NaN, +Inf and +Inf) is agreement.
-    same_nonfinite = (~fin_r & ~fin_g) & ((np.isnan(r) & np.isnan(g)) | (r == g))
-    bad_nonfinite = ~(fin_r & fin_g) & ~same_nonfinite
-    both = fin_r & fin_g
-    diff = np.where(both, np.abs(g - r), 0.0)
-    mag = np.abs(np.where(both, r, 0.0))
-    max_abs = float(diff.max()) if diff.size else 0.0
+    n_r, idx_r, kind_r = _first_nonfinite(r)
+    n_g, idx_g, kind_g = _first_nonfinite(g)
+    if n_r or n_g:
+        side, n, idx, kind = (sides[0], n_r, idx_r, kind_r) if n_r else (sides[1], n_g, idx_g, kind_g)
+        c = _failed(name, dt.name, ref.shape, atol, rtol, sample, f"{kind} on the {side} side at index {idx} ({n} non-finite element(s) there)", idx)
+        c.nonfinite_mismatch = n_r + n_g
+        return c
+    diff = np.abs(g - r)
+    mag = np.abs(r)
+    max_abs = float(diff.max())
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         rel = diff / np.maximum(mag, np.finfo(np.float64).tiny)
     rel = np.where(diff == 0, 0.0, rel)
-    max_rel = float(rel.max()) if rel.size else 0.0
-    mean_abs = float(diff.mean()) if diff.size else 0.0
-    rf, gf = np.where(both, r, 0).ravel(), np.where(both, g, 0).ravel()
+    rf, gf = r.ravel(), g.ravel()
     denom = np.linalg.norm(rf) * np.linalg.norm(gf)
     cosine = float(rf @ gf / denom) if denom > 0 else (1.0 if np.array_equal(rf, gf) else 0.0)
-    min_atol = float(np.max(diff - rtol * mag)) if diff.size else 0.0
+    min_atol = float(np.max(diff - rtol * mag))
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         need = np.where(diff > atol, (diff - atol) / np.maximum(mag, np.finfo(np.float64).tiny), 0.0)
-    min_rtol = float(need.max()) if need.size else 0.0
-    n_bad = int(bad_nonfinite.sum())
-    if n_bad:
-        min_atol = min_rtol = max_abs = max_rel = float("inf")
-    passed = n_bad == 0 and bool(np.all(diff <= atol + rtol * mag))
-    worst = list(np.unravel_index(int(np.argmax(np.where(bad_nonfinite, np.inf, diff))), diff.shape)) if diff.size else []
+    worst = [int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape)]
+    passed = bool(np.all(diff <= atol + rtol * mag))
     return OutputComparison(
-        name, dt.name, list(ref.shape), max_abs, max_rel, mean_abs, cosine, atol, rtol, max(min_atol, 0.0), max(min_rtol, 0.0), n_bad, passed, sample, [int(i) for i in worst]
+        name, dt.name, list(ref.shape), max_abs, float(rel.max()), float(diff.mean()), cosine, atol, rtol, max(min_atol, 0.0), max(float(need.max()), 0.0), 0, passed, sample, worst
     )
 
 
-def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol=None, rtol=None, sample: int = 0) -> list[OutputComparison]:
-    if len(ref) != len(got):
-        raise ValueError(f"reference has {len(ref)} outputs, candidate {len(got)}")
-    # Outputs pair by position: PyTorch has no output names, ONNX's come from the exporter.
-    return [compare_arrays(gn, ref[rn], got[gn], atol, rtol, sample) for rn, gn in zip(ref, got)]
+def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol=None, rtol=None, sample: int = 0, sides: tuple[str, str] = ("PyTorch", "ONNX")) -> list[OutputComparison]:
+    """Outputs pair by position (PyTorch has no output names; ONNX's come from the exporter)
+    and are named after the ``got`` side. A count mismatch fails on every unpaired output."""
+    ref_items, got_items = list(ref.items()), list(got.items())
+    out = [compare_arrays(gn, rv, gv, atol, rtol, sample, sides) for (_, rv), (gn, gv) in zip(ref_items, got_items)]
+    counts = f"{sides[0]} returns {len(ref_items)} output(s), {sides[1]} {len(got_items)}"
+    for rn, rv in ref_items[len(got_items):]:
+        out.append(_failed(f"{rn} ({sides[0]} only)", rv.dtype.name, rv.shape, tolerance_for(atol, rn, 0.0), tolerance_for(rtol, rn, 0.0), sample, counts))
+    for gn, gv in got_items[len(ref_items):]:
+        out.append(_failed(f"{gn} ({sides[1]} only)", gv.dtype.name, gv.shape, tolerance_for(atol, gn, 0.0), tolerance_for(rtol, gn, 0.0), sample, counts))
+    return out
 
 
 def worst_of(comparisons: list[OutputComparison]) -> OutputComparison | None:
@@ -155,8 +185,13 @@ class ValidationReport:
             "first_divergent_norm": self.first_divergence.to_json() if self.first_divergence else None,
             "norms": [n.to_json() for n in self.norms],
             "stress": self.stress.to_json() if self.stress is not None else None,
-            "notes": self.notes,
+            "notes": [plain_text(n) for n in self.notes],
         }
+
+
+def plain_text(text: str) -> str:
+    """Without terminal colour codes (exception texts from torch carry them): for JSON."""
+    return ANSI.sub("", text)
 
 
 def keep_worst(acc: dict[str, OutputComparison], comparisons: list[OutputComparison]) -> None:

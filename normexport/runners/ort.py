@@ -77,5 +77,12 @@ class OrtRunner(Runner):
         missing = [n for n in names if n not in feed]
         if missing:
             raise NormexportError(f"the ONNX model wants input(s) {', '.join(missing)}, the feed has {', '.join(feed)}", "name the inputs as the model does (--input NAME:...)")
-        outs = self.session.run(None, {n: feed[n] for n in names})
+        try:
+            outs = self.session.run(None, {n: feed[n] for n in names})
+        except Exception as e:
+            text = str(e).strip()
+            if "INVALID_ARGUMENT" not in text and "Unexpected input data type" not in text:
+                raise
+            msg = text.splitlines()[0].split("] ", 1)[-1][:300]
+            raise NormexportError(f"onnxruntime rejects the inputs: {msg}", "give --input shapes and dtypes that match the ONNX model's inputs") from e
         return dict(zip(self.output_names, outs))

@@ -63,12 +63,18 @@ class TorchRunner(Runner):
         return self._output_names or []
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """forward() called with the feed bound by name (normexport.inputs.call_module).
+        Outputs take the ONNX model's names where the counts agree; where they do not, they
+        are named output_<i> and the comparison reports the mismatch."""
         import torch
 
-        args = [to_torch(feed[n]) for n in self.input_names]
+        from normexport.inputs import call_module
+        from normexport.load import _forward_arg_names
+
+        names = [n for n in self.input_names if n in feed]
+        args = {n: to_torch(feed[n]) for n in names}
+        positional = not _forward_arg_names(self.module)
         with torch.inference_mode():
-            outs = flatten_outputs(self.module(*args))
-        names = self._output_names or [f"output_{i}" for i in range(len(outs))]
-        if len(names) != len(outs):
-            raise RuntimeError(f"PyTorch returned {len(outs)} tensors, the ONNX model has {len(names)} outputs")
+            outs = flatten_outputs(call_module(self.module, args, positional=positional))
+        names = self._output_names if self._output_names and len(self._output_names) == len(outs) else [f"output_{i}" for i in range(len(outs))]
         return {n: to_numpy(o) for n, o in zip(names, outs)}
