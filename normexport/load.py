@@ -207,7 +207,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
     names = _forward_arg_names(module)
     specs = None
     if extra[METADATA_NAME]:
-        meta = json.loads(extra[METADATA_NAME])
+        meta = _metadata_json(extra[METADATA_NAME], path)
         specs = [InputSpec.from_json(d) for d in meta.get("inputs", [])] or None
     return LoadedModel(module, "torchscript", path, names, specs)
 
@@ -308,7 +308,7 @@ def _load_pickle(path: Path, factory: str | None, trust_pickle: bool) -> LoadedM
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise NormexportError(f"{path}: corrupt or truncated torch.save file ({_first_line(e)})", "re-save or re-download the model file") from None
 
-    meta = _checkpoint_metadata(obj)
+    meta = _checkpoint_metadata(obj, path)
     if isinstance(obj, torch.nn.Module):
         module, kind = obj, "pickle"
     elif isinstance(obj, dict) and isinstance(obj.get("model"), torch.nn.Module):
@@ -346,11 +346,19 @@ def _unpickling_reason(e: Exception) -> str:
     return "it holds objects other than tensors"
 
 
-def _checkpoint_metadata(obj) -> dict | None:
+def _metadata_json(text, path) -> object:
+    """The input metadata normexport stores in its own files, parsed; broken metadata is the file's fault."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError) as e:
+        raise NormexportError(f"{path}: its normexport input metadata is not valid JSON ({e})", "re-save the model, or give every input with --input") from None
+
+
+def _checkpoint_metadata(obj, path=None) -> dict | None:
     if isinstance(obj, dict):
         meta = obj.get(METADATA_NAME) or obj.get("normexport")
         if isinstance(meta, str):
-            meta = json.loads(meta)
+            meta = _metadata_json(meta, path)
         if isinstance(meta, dict) and "inputs" in meta:
             return meta
         ex = obj.get("example_inputs")

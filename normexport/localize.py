@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normexport.errors import NormexportError
+from normexport.inputs import call_module
 from normexport.validate import NormDivergence, compare_arrays
 
 NORM_CLASS = re.compile(r"(rms|layer|simplified).?norm|norm$", re.IGNORECASE)
@@ -98,8 +99,12 @@ def torch_norm_outputs(module, input_names: list[str], feed: dict[str, np.ndarra
         except Exception:  # ScriptModules take no hooks
             pass
     try:
+        inputs = {n: to_torch(feed[n]) for n in input_names}
         with torch.inference_mode():
-            module(*[to_torch(feed[n]) for n in input_names])
+            if hasattr(module, "module_call_graph"):  # an unflattened torch.export program: its exported order
+                module(*inputs.values())
+            else:
+                call_module(module, inputs)
     finally:
         for h in handles:
             h.remove()
