@@ -15,7 +15,10 @@ from onnxscript.rewriter import _basics
 
 from normexport.errors import NormexportError
 from normexport.fuse import patterns as P
+from normexport.fuse.files import check_acyclic, check_external_data, write_inline
+from normexport.fuse.names import Names
 from normexport.fuse.report import FuseReport, Skipped
+from normexport.fuse.shapes import infer_shapes
 from normexport.fuse.targets import TARGET_OPS, TARGETS, lower
 
 __all__ = ["TARGETS", "TARGET_OPS", "FuseReport", "fuse_model", "fuse_file", "find_near_misses", "load_onnx", "save_onnx"]
@@ -36,10 +39,11 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     report = FuseReport(target=target, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
     if target == "onnx":
         _raise_opset(model, report)
-    _infer_shapes(model)
+    shapes_failed = infer_shapes(model)
+    names = Names(model)
     log = P.FusionLog()
     _count_plugin_nodes(model, log)
-    _import_skip_nodes(model, log)
+    _import_skip_nodes(model, log, names)
     P.import_rules(log).apply_to_model(model)
     if target != "decompose":  # decompose only un-fuses
         P.core_rules(log).apply_to_model(model)
@@ -49,9 +53,12 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
             break
     if target != "decompose":
         report.skipped = find_near_misses(model)
-    lower(model, target, log, residual=residual)
+    lower(model, target, log, names, residual=residual)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
+    names.rename_new(model)
+    if shapes_failed:
+        _shapes_failed(report, log, shapes_failed)
     if target == "decompose":
         for f in log.fused:
             f.op = "primitive ops"
@@ -69,6 +76,18 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     return report
 
 
+def _shapes_failed(report: FuseReport, log: P.FusionLog, why: str) -> None:
+    """Shape inference failed: the fusion ran on the shapes stored in the model. Where a check
+    refused for want of a shape, the result may differ from the fusion with shapes: fail."""
+    if log.shape_blocked:
+        raise NormexportError(
+            f"ONNX shape inference failed on this model ({why}); without inferred shapes {len(log.shape_blocked)} check(s) "
+            f"could not prove a norm's shapes (first: {log.shape_blocked[0]})",
+            "check the model with onnx.checker.check_model(path, full_check=True), or store its value shapes (value_info)",
+        )
+    report.notes.append(f"ONNX shape inference failed ({why}); no check needed an inferred shape, so the fusion is the same")
+
+
 def _count_plugin_nodes(model: ir.Model, log: P.FusionLog) -> None:
     """TensorRT plugin nodes from an earlier fusion stay as they are (only TensorRT runs
     them), and count as fused norms."""
@@ -83,7 +102,7 @@ def _count_plugin_nodes(model: ir.Model, log: P.FusionLog) -> None:
             log.fused.append(entry)
 
 
-def _import_skip_nodes(model: ir.Model, log: P.FusionLog) -> None:
+def _import_skip_nodes(model: ir.Model, log: P.FusionLog, names: Names) -> None:
     """onnxruntime's SkipSimplifiedLayerNormalization -> Add + the internal norm, so that a
     fused model can be fused again (same result), retargeted or decomposed. Its optional
     mean / inv_std_var outputs must be unused; its sum output becomes the Add's."""
@@ -98,11 +117,11 @@ def _import_skip_nodes(model: ir.Model, log: P.FusionLog) -> None:
         bias = node.inputs[3] if len(node.inputs) > 3 else None
         eps = node.attributes.get("epsilon")
         eps = float(eps.value) if eps is not None else 1e-12
-        total = ir.Node("", "Add", [a, b], name=f"{node.name}_sum")
+        total = ir.Node("", "Add", [a, b], name=names.fresh(f"{node.name}_sum"))
         total.outputs[0].dtype, total.outputs[0].shape = a.dtype, a.shape
         new = [total]
         if bias is not None:
-            with_bias = ir.Node("", "Add", [total.outputs[0], bias], name=f"{node.name}_sum_bias")
+            with_bias = ir.Node("", "Add", [total.outputs[0], bias], name=names.fresh(f"{node.name}_sum_bias"))
             with_bias.outputs[0].dtype, with_bias.outputs[0].shape = a.dtype, a.shape
             new.append(with_bias)
         x = new[-1].outputs[0]
@@ -110,7 +129,7 @@ def _import_skip_nodes(model: ir.Model, log: P.FusionLog) -> None:
         norm = ir.Node(
             P.INTERNAL_DOMAIN, P.INTERNAL_OP, [x, gamma],
             attributes=[ir.AttrFloat32("epsilon", eps), ir.AttrInt64("axis", -1), ir.AttrInt64("stash_type", int(ir.DataType.FLOAT)), ir.AttrInt64("out_dtype", int(y.dtype or a.dtype))],
-            name=f"{node.name}_norm",
+            name=names.fresh(f"{node.name}_norm"),
         )
         norm.outputs[0].dtype, norm.outputs[0].shape = y.dtype or a.dtype, y.shape
         new.append(norm)
@@ -147,15 +166,6 @@ def _raise_opset(model: ir.Model, report: FuseReport) -> None:
         )
     model.ir_version = max(model.ir_version or 0, MIN_IR_FOR_OPSET23)
     report.notes.append(f"opset raised from {opset} to {ONNX_TARGET_OPSET} for RMSNormalization")
-
-
-def _infer_shapes(model: ir.Model) -> None:
-    """Shapes let the checks prove that a scale broadcasts along the normalized dims only.
-    ONNX's inference cannot see into onnxruntime's own ops; it keeps what it cannot infer."""
-    try:
-        common_passes.ShapeInferencePass()(model)
-    except Exception:
-        pass  # shapes stay as the exporter wrote them; checks refuse what they cannot prove
 
 
 def find_near_misses(model: ir.Model) -> list[Skipped]:
@@ -222,9 +232,12 @@ def load_onnx(path: str | Path) -> ir.Model:
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise NormexportError(f"{path} is a PyTorch file, not an ONNX model", "use `normexport convert` for PyTorch models")
     try:
-        return ir.load(str(path))
+        model = ir.load(str(path))  # external data is not read here: tensors map their file when used
     except Exception as e:
         raise NormexportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})", "pass an .onnx file (with its external data next to it)") from None
+    check_external_data(model, path)
+    check_acyclic(model, path)
+    return model
 
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB limit
@@ -248,18 +261,11 @@ def save_onnx(model: ir.Model, path: str | Path, external: bool | None = None) -
         if external:
             ir.save(model, str(tmp_model), external_data=data_name)
             os.replace(tmpdir / data_name, path.parent / data_name)
-        else:
-            _internalize(model)  # weights read lazily from the source's .data go into the file
-            ir.save(model, str(tmp_model))
+        else:  # weights read lazily from the source's .data go into the file, one at a time
+            write_inline(model, tmp_model)
         os.replace(tmp_model, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _internalize(model: ir.Model) -> None:
-    for v in model.graph.initializers.values():
-        if isinstance(v.const_value, ir.ExternalTensor):
-            v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
 
 
 def _initializer_bytes(model: ir.Model) -> int:

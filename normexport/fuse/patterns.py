@@ -112,6 +112,7 @@ class FusionLog:
 
     fused: list[FusedNorm] = field(default_factory=list)
     by_output: dict[int, FusedNorm] = field(default_factory=dict)  # id(internal value) -> entry
+    shape_blocked: list[str] = field(default_factory=list)  # refusals for want of a shape or rank
 
     def record(self, value: ir.Value, entry: FusedNorm) -> None:
         self.fused.append(entry)
@@ -168,11 +169,68 @@ def broadcast_reason(param: ir.Value, normalized: ir.Value, axis: int, what: str
     return None
 
 
+MAX_REDUCE_ELEMENTS = 1 << 24  # a constant scale larger than this is not read to test it
+
+
+def _broadcasts_into(dims: list[int], x: ir.Value) -> bool:
+    """True if a tensor of shape ``dims`` broadcasts to x's shape without changing it."""
+    if x.shape is None or len(dims) > x.shape.rank():
+        return False
+    return all(d == 1 or (isinstance(xd, int) and d == xd) for d, xd in zip(reversed(dims), reversed(list(x.shape))))
+
+
+def reduced_scale(scale: ir.Value, x: ir.Value, axis: int) -> tuple[str, np.ndarray | None] | None:
+    """A scale that spans unnormalized dims of x but holds the same values along them, as the
+    fused op takes it: ("ones", None) for all ones, ("array", normalized-shape array) for
+    others; None when that cannot be proven (then the scale must stay a Mul).
+
+    Covers what torch's exporter writes for ``F.rms_norm(x, shape)`` without weight at opset
+    23: ``ConstantOfShape`` of x's whole shape (a constant or ``Shape(x)``)."""
+    dims = list(x.shape)[axis:] if x.shape is not None else None
+    known = dims is not None and all(isinstance(d, int) for d in dims)
+    node = scale.producer()
+    if node is not None and node.op_type == "ConstantOfShape" and node.domain == "" and not scale.is_graph_input():
+        attr = node.attributes.get("value")
+        c = attr.value.numpy().reshape(-1)[0] if attr is not None else 0.0
+        src = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        whole_x = (src is not None and src.op_type == "Shape" and src.domain == "" and src.inputs[0] is x
+                   and not _attr(src, "start", 0) and _attr(src, "end") is None)
+        shape = const_ints(node.inputs[0]) if node.inputs else None
+        if not (whole_x or (shape is not None and _broadcasts_into(shape, x))):
+            return None
+        if c == 1:
+            return ("ones", None)
+        return ("array", np.full(dims, c)) if known else None
+    tensor = ir.convenience.get_const_tensor(scale) if not scale.is_graph_input() else None
+    if tensor is None or not known or tensor.size > MAX_REDUCE_ELEMENTS or not _broadcasts_into(list(tensor.shape), x):
+        return None
+    arr = tensor.numpy()
+    lead = arr.shape[: max(0, arr.ndim - len(dims))]
+    try:
+        rows = np.broadcast_to(arr, tuple(lead) + tuple(dims)).reshape(-1, int(np.prod(dims)))
+    except ValueError:
+        return None
+    if not (rows == rows[:1]).all():
+        return None
+    return ("array", rows[0].reshape(dims))
+
+
+class _RecordsUnknownShapes:
+    """Rules whose refusals for an unknown shape or rank are logged: without shape inference
+    such a refusal may change the fusion, and the caller must know."""
+
+    def check(self, context, **bindings):
+        result = self._check(context, **bindings)
+        if not result and "unknown" in (result.reason or ""):
+            self._log.shape_blocked.append(result.reason)
+        return result
+
+
 # ---------------------------------------------------------------------------------------------
 # The core
 
 
-class CoreRule(pattern.RewriteRuleClassBase):
+class CoreRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
     """x / sqrt(mean(x²) + eps), every spelling. ``root`` picks the op that divides (Div, or a
     Mul by the inverse root); OrValue covers the rest, commutation covers operand order."""
 
@@ -208,7 +266,7 @@ class CoreRule(pattern.RewriteRuleClassBase):
         )
         return op.Mul(xc, inverse)
 
-    def check(self, context, x, exponent, eps, one, neg_half, mean, xa=None, xc=None, xb=None, square=None, inverse=None, has_eps=True, **_):
+    def _check(self, context, x, exponent, eps, one, neg_half, mean, xa=None, xc=None, xb=None, square=None, inverse=None, has_eps=True, **_):
         result = pattern.MatchResult()
         xa, xc = xa or x, xc or x
         if x.dtype not in FLOAT_TYPES:
@@ -270,7 +328,7 @@ class CoreRule(pattern.RewriteRuleClassBase):
 # Norms already fused by the exporter
 
 
-class ImportRule(pattern.RewriteRuleClassBase):
+class ImportRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
     """RMSNormalization / SimplifiedLayerNormalization nodes into the internal node, so that a
     fused model can be retargeted, repaired (mismatched X/scale dtypes) or fused again."""
 
@@ -282,7 +340,7 @@ class ImportRule(pattern.RewriteRuleClassBase):
     def pattern(self, op, x, scale):
         return getattr(op, self._op_type)(x, scale, _outputs=["y"])
 
-    def check(self, context, x, scale, y, **_):
+    def _check(self, context, x, scale, y, **_):
         result = pattern.MatchResult()
         node = y.producer()
         if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
@@ -294,6 +352,21 @@ class ImportRule(pattern.RewriteRuleClassBase):
             axis -= x.shape.rank()
         if x.dtype not in FLOAT_TYPES or y.dtype not in FLOAT_TYPES:
             return result.fail(f"{self._op_type} with non-float input or output", node)
+        self._scale_form, self._reduced = "scale", None
+        why = broadcast_reason(scale, x, axis, "scale")
+        if why and "unknown" in why:
+            self._log.shape_blocked.append(why)
+        if why:
+            # The scale spans dims that are not normalized (the op allows any scale that
+            # broadcasts to x): reduced to the normalized shape where it is constant along
+            # them, else the op is a norm followed by a Mul by the scale, and stays so.
+            reduced = reduced_scale(scale, x, axis)
+            if reduced is not None:
+                self._scale_form, self._reduced = "reduced", reduced[1]
+            elif scale.dtype != y.dtype:
+                return result.fail(f"{self._op_type}'s scale ({scale.dtype}) broadcasts along unnormalized dims and differs from its output's dtype", node)
+            else:
+                self._scale_form = "mul"
         self._axis = axis
         self._epsilon = float(_attr(node, "epsilon", 1e-5))
         self._stash = int(_attr(node, "stash_type", 1))
@@ -303,11 +376,17 @@ class ImportRule(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, scale, **_):
         stash = self._stash if self._stash in (int(ir.DataType.FLOAT), int(ir.DataType.DOUBLE)) else int(ir.DataType.FLOAT)
+        norm_scale = scale
+        if self._scale_form == "reduced":  # all ones (no scale) or the values of one row
+            norm_scale = None if self._reduced is None else op.Constant(value=ir.tensor(self._reduced.astype(scale.dtype.numpy())))
+        elif self._scale_form == "mul":
+            norm_scale = None
         out = op.RMSNorm(
-            x, scale, _domain=INTERNAL_DOMAIN, epsilon=self._epsilon, axis=self._axis, stash_type=stash, out_dtype=int(self._out)
+            x, norm_scale, _domain=INTERNAL_DOMAIN, epsilon=self._epsilon, axis=self._axis, stash_type=stash, out_dtype=int(self._out)
         )
-        self._log.record(out, FusedNorm("", f"{self._op_type} (already fused)", self._epsilon, self._axis, self._out.name, scale=True, module=self._module))
-        return out
+        pattern_name = f"{self._op_type} (already fused)" + {"reduced": ", scale reduced to the normalized shape", "mul": ", scale kept as a Mul"}.get(self._scale_form, "")
+        self._log.record(out, FusedNorm("", pattern_name, self._epsilon, self._axis, self._out.name, scale=self._scale_form != "mul" and norm_scale is not None, module=self._module))
+        return op.Mul(out, scale) if self._scale_form == "mul" else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +426,7 @@ class CastTailRule(pattern.RewriteRuleClassBase):
         return out
 
 
-class AffineTailRule(pattern.RewriteRuleClassBase):
+class AffineTailRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
     """Mul(norm, scale) or Add(norm, bias) -> the norm with that scale / bias, where the
     parameter broadcasts along the normalized dims only (else the Mul/Add stays)."""
 
@@ -360,7 +439,7 @@ class AffineTailRule(pattern.RewriteRuleClassBase):
         n = op.RMSNorm(_domain=INTERNAL_DOMAIN, _allow_other_inputs=True, _outputs=["n"])
         return op.Mul(n, p) if self._kind == "scale" else op.Add(n, p)
 
-    def check(self, context, n, p, **_):
+    def _check(self, context, n, p, **_):
         result = pattern.MatchResult()
         _, _, scale, bias, attrs = _internal_parts(n)
         if bias is not None:
