@@ -106,6 +106,9 @@ def _reads(node: ir.Node) -> Iterator[ir.Value]:
                 yield from (v for v in inner.inputs if v is not None and v.graph is not g and v.graph is not inner.graph)
 
 
+LIFT_ELEMENTS = 1 << 16
+
+
 def write_inline(model: ir.Model, path: Path) -> None:
     """Write ``model`` as one .onnx file with every tensor inline, holding one tensor at a time.
 
@@ -114,7 +117,11 @@ def write_inline(model: ir.Model, path: Path) -> None:
     ``ModelProto(graph=GraphProto(initializer=[t]))`` per initializer: onnx and onnxruntime
     parse that as the whole model. Memory: the graph's structure plus the largest tensor."""
     import onnx
+    import onnx_ir.passes.common as common_passes
 
+    # Constant nodes hold their tensors inside the graph's structure: the large ones become
+    # initializers (the same values), which are written one at a time.
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=LIFT_ELEMENTS)(model)
     for node in (n for g in model.graphs() for n in g):  # rare: a Constant node's external tensor
         for name, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):

@@ -269,6 +269,8 @@ class CoreRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
     def _check(self, context, x, exponent, eps, one, neg_half, mean, xa=None, xc=None, xb=None, square=None, inverse=None, has_eps=True, **_):
         result = pattern.MatchResult()
         xa, xc = xa or x, xc or x
+        if x.dtype is None or xa.dtype is None:
+            return result.fail("the input's dtype is unknown", x)
         if x.dtype not in FLOAT_TYPES:
             return result.fail(f"the input is {x.dtype}, not a float type", x)
         compute = xa.dtype
@@ -350,6 +352,8 @@ class ImportRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
             if x.shape is None:
                 return result.fail(f"{self._op_type} has a positive axis and an input of unknown rank", node)
             axis -= x.shape.rank()
+        if x.dtype is None or y.dtype is None:
+            return result.fail(f"{self._op_type}'s input or output dtype is unknown", node)
         if x.dtype not in FLOAT_TYPES or y.dtype not in FLOAT_TYPES:
             return result.fail(f"{self._op_type} with non-float input or output", node)
         self._scale_form, self._reduced = "scale", None
@@ -412,6 +416,9 @@ class CastTailRule(pattern.RewriteRuleClassBase):
 
     def check(self, context, n, y, **_):
         result = pattern.MatchResult()
+        if y.dtype is None:
+            self._log.shape_blocked.append("the dtype of a Cast after a norm is unknown")
+            return result.fail("the dtype of the Cast's output is unknown", y)
         if y.dtype not in FLOAT_TYPES:
             return result.fail(f"the norm's output is cast to {y.dtype}, not a float type", y)
         return result
@@ -446,6 +453,8 @@ class AffineTailRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
             return result.fail(f"a {self._kind} after the bias", p)
         if self._kind == "scale" and scale is not None:
             return result.fail("a second scale", p)
+        if p.dtype is None or n.dtype is None:
+            return result.fail(f"the {self._kind}'s or the norm's dtype is unknown", p)
         if p.dtype != n.dtype:
             return result.fail(f"the {self._kind} is {p.dtype}, the norm {n.dtype}", p)
         why = broadcast_reason(p, n, attrs["axis"], self._kind)
