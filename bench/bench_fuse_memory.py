@@ -6,7 +6,7 @@ blocks of RMSNorm, Q/K/V/O MatMuls, residual Add, RMSNorm, gate/up/down MatMuls,
 a final norm and an LM head. Then a child process runs ``normexport.fuse.load_onnx``,
 ``fuse_model`` and ``save_onnx`` and reports its peak resident memory (VmHWM from
 /proc/self/status: anonymous and file-backed pages, so memory-mapped weights count). A second
-child that only imports the same modules gives the constant.
+child that only imports the same modules (and loads nothing) gives the constant.
 
 Cases (each can be picked with ``--case``):
 * ``inline``: ~300 MB fp32, weights inline in the .onnx, norms as torch's dynamo chain;
@@ -130,7 +130,6 @@ from normexport.fuse import fuse_model, load_onnx, save_onnx
 def hwm():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 if sys.argv[1] == "baseline":
-    import onnx, onnxruntime  # noqa: F401  (what a fusion child has loaded)
     print(json.dumps({"peak": hwm()}))
     sys.exit(0)
 t = time.perf_counter()

@@ -272,6 +272,20 @@ def test_weightless_exporter_norm_with_external_data_adds_no_activation_sized_sc
         np.testing.assert_allclose(run(dst, {"x": x})[0].astype(np.float64), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_weightless_norm_over_a_large_normalized_shape_stores_no_ones(tmp_path):
+    """A norm without weight over 1100 x 1000 elements: the fused op's ones come from a
+    ConstantOfShape at run time, not from 4.4 MB of stored ones."""
+    sp = variant(weight="none", shape=(2, 1100, 1000), n_axes=2)
+    model, feed = build(sp)
+    ref = reference(sp, model, feed)
+    for target in ("ort", "onnx"):
+        fused, report = fuse(model, target)
+        assert report.fused == 1
+        assert sum(numpy_helper.to_array(i).size for i in fused.graph.initializer) < 1024
+        assert [n.op_type for n in fused.graph.node].count("ConstantOfShape") == 1
+        np.testing.assert_allclose(run(fused, feed)[0].astype(np.float64), ref, rtol=2e-5, atol=2e-4)
+
+
 def test_shape_inference_failure_is_reported_and_changes_nothing(monkeypatch, capfd):
     """ONNX shape inference raising: where no check needed an inferred shape the fusion is
     the same and the report says inference failed; where one did, fusing fails (exit 2)

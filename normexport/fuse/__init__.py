@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from onnxscript.rewriter import _basics
 
 from normexport.errors import NormexportError
 from normexport.fuse import patterns as P
-from normexport.fuse.files import check_acyclic, check_external_data, write_inline
+from normexport.fuse.files import check_acyclic, check_external_data, read_model_proto, write_inline
 from normexport.fuse.names import Names
 from normexport.fuse.report import FuseReport, Skipped
 from normexport.fuse.shapes import infer_shapes
@@ -232,7 +233,9 @@ def load_onnx(path: str | Path) -> ir.Model:
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise NormexportError(f"{path} is a PyTorch file, not an ONNX model", "use `normexport convert` for PyTorch models")
     try:
-        model = ir.load(str(path))  # external data is not read here: tensors map their file when used
+        # External data is not read here: tensors map their file when used.
+        model = ir.serde.deserialize_model(read_model_proto(path))
+        ir.external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(path)))
     except Exception as e:
         raise NormexportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})", "pass an .onnx file (with its external data next to it)") from None
     check_external_data(model, path)

@@ -106,6 +106,89 @@ def _reads(node: ir.Node) -> Iterator[ir.Value]:
                 yield from (v for v in inner.inputs if v is not None and v.graph is not g and v.graph is not inner.graph)
 
 
+MERGE_CHUNK = 16 << 20
+GRAPH_FIELD = 7  # ModelProto.graph
+
+
+def read_model_proto(path: Path):
+    """The ModelProto in ``path``, parsed a slice of the graph's fields at a time.
+
+    onnx.load reads the whole file into memory and then parses it: twice the model at once.
+    Protobuf merges repeated occurrences of a message, so the graph's records (nodes,
+    initializers, ...) can be merged in slices of about MERGE_CHUNK bytes: the peak is the
+    parsed model plus one slice (or one tensor, if larger). Only the record boundaries of
+    the top two levels are read here; protobuf parses everything."""
+    import onnx
+
+    model = onnx.ModelProto()
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        for field, wire, start, payload, stop in _records(f, 0, end):
+            if field == GRAPH_FIELD and wire == 2:
+                _merge_slices(f, model.graph, payload, stop)
+            else:
+                f.seek(start)
+                model.MergeFromString(f.read(stop - start))
+            f.seek(stop)
+    return model
+
+
+def _merge_slices(f, message, begin: int, end: int) -> None:
+    chunk = begin
+    for _, _, start, _, stop in _records(f, begin, end):
+        if stop - chunk > MERGE_CHUNK and start > chunk:
+            _merge_range(f, message, chunk, start)
+            chunk = start
+        f.seek(stop)
+    _merge_range(f, message, chunk, end)
+
+
+def _merge_range(f, message, begin: int, end: int) -> None:
+    if end > begin:
+        f.seek(begin)
+        message.MergeFromString(f.read(end - begin))
+
+
+def _records(f, begin: int, end: int):
+    """(field, wire type, record start, payload start, record end) of each record in
+    [begin, end); leaves the file anywhere (callers seek)."""
+    pos = begin
+    while pos < end:
+        start = pos
+        f.seek(pos)
+        key, pos = _varint(f, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, stop = _varint(f, pos)
+            payload = pos
+        elif wire == 2:
+            length, payload = _varint(f, pos)
+            stop = payload + length
+        elif wire in (1, 5):
+            payload, stop = pos, pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} at byte {pos}")
+        if stop > end:
+            raise ValueError(f"a protobuf record runs past the end of its message (byte {stop} > {end})")
+        yield field, wire, start, payload, stop
+        pos = stop
+
+
+def _varint(f, pos: int) -> tuple[int, int]:
+    result, shift = 0, 0
+    while True:
+        b = f.read(1)
+        if not b:
+            raise ValueError("the file ends inside a protobuf varint")
+        pos += 1
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("a protobuf varint longer than 10 bytes")
+
+
 LIFT_ELEMENTS = 1 << 16
 
 
