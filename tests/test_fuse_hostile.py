@@ -297,6 +297,10 @@ def test_shape_inference_failure_is_reported_and_changes_nothing(monkeypatch, ca
     expected, report_ok = fuse(model, "ort")
     assert not any("shape inference" in n for n in report_ok.notes)
 
+    weighted, _ = build(variant(weight="after"))  # absorbing the weight needs the norm's inferred shape
+    fused, report = fuse(weighted, "ort")  # with inference: the weight is absorbed
+    assert [n.op_type for n in fused.graph.node] == ["SimplifiedLayerNormalization"] and not report.notes
+
     def broken(*a, **k):
         raise RuntimeError("forced failure")
 
@@ -307,10 +311,28 @@ def test_shape_inference_failure_is_reported_and_changes_nothing(monkeypatch, ca
     assert any("shape inference failed" in n and "forced failure" in n for n in report.notes), report.notes
     np.testing.assert_array_equal(run(fused, feed)[0], run(expected, feed)[0])
 
-    weighted, _ = build(variant(weight="after"))  # absorbing the weight needs the norm's inferred shape
     with pytest.raises(NormexportError, match="shape inference failed"):
         fuse(weighted, "ort")
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_strict_shape_inference_failure_falls_back_to_non_strict_and_says_so(monkeypatch):
+    import onnx.shape_inference
+
+    real = onnx.shape_inference.infer_shapes
+
+    def strict_fails(proto, *a, strict_mode=False, **k):
+        if strict_mode:
+            raise RuntimeError("forced strict failure")
+        return real(proto, *a, strict_mode=False, **k)
+
+    sp = variant(weight="after")
+    model, feed = build(sp)
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", strict_fails)
+    fused, report = fuse(model, "ort")
+    assert [n.op_type for n in fused.graph.node] == ["SimplifiedLayerNormalization"]
+    assert any("strict mode" in n and "forced strict failure" in n for n in report.notes), report.notes
+    np.testing.assert_allclose(run(fused, feed)[0].astype(np.float64), reference(sp, model, feed), rtol=2e-5, atol=2e-4)
 
 
 def test_external_data_model_prints_no_shape_inference_traceback(tmp_path):

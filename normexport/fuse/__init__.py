@@ -40,7 +40,7 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     report = FuseReport(target=target, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
     if target == "onnx":
         _raise_opset(model, report)
-    shapes_failed = infer_shapes(model)
+    shapes_failed = infer_shapes(model)  # (why strict inference failed, whether all of it did)
     names = Names(model)
     log = P.FusionLog()
     _count_plugin_nodes(model, log)
@@ -58,8 +58,8 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
     names.rename_new(model)
-    if shapes_failed:
-        _shapes_failed(report, log, shapes_failed)
+    if shapes_failed[0]:
+        _shapes_failed(report, log, *shapes_failed)
     if target == "decompose":
         for f in log.fused:
             f.op = "primitive ops"
@@ -77,16 +77,22 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     return report
 
 
-def _shapes_failed(report: FuseReport, log: P.FusionLog, why: str) -> None:
-    """Shape inference failed: the fusion ran on the shapes stored in the model. Where a check
-    refused for want of a shape, the result may differ from the fusion with shapes: fail."""
-    if log.shape_blocked:
+def _shapes_failed(report: FuseReport, log: P.FusionLog, why: str, total: bool) -> None:
+    """Shape inference failed. In full: the fusion ran on the shapes stored in the model, and
+    where a check refused for want of a shape the result may differ from the fusion with
+    shapes: fail. In strict mode only: the fusion ran on non-strict mode's shapes; said so."""
+    blocked = len(log.shape_blocked)
+    if total and blocked:
         raise NormexportError(
-            f"ONNX shape inference failed on this model ({why}); without inferred shapes {len(log.shape_blocked)} check(s) "
+            f"ONNX shape inference failed on this model ({why}); without inferred shapes {blocked} check(s) "
             f"could not prove a norm's shapes (first: {log.shape_blocked[0]})",
             "check the model with onnx.checker.check_model(path, full_check=True), or store its value shapes (value_info)",
         )
-    report.notes.append(f"ONNX shape inference failed ({why}); no check needed an inferred shape, so the fusion is the same")
+    if total:
+        report.notes.append(f"ONNX shape inference failed ({why}); no check needed an inferred shape, so the fusion is the same")
+    else:
+        report.notes.append(f"ONNX shape inference failed in strict mode ({why}); the fusion used non-strict mode's shapes"
+                            + (f" ({blocked} check(s) found a shape unknown)" if blocked else ""))
 
 
 def _count_plugin_nodes(model: ir.Model, log: P.FusionLog) -> None:

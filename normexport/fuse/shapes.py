@@ -57,23 +57,23 @@ def structure_proto(model: ir.Model):
         _restore(undo)
 
 
-def infer_shapes(model: ir.Model) -> str | None:
-    """Fill in the shapes and dtypes ONNX infers (strict mode; where that fails, the partial
-    result of non-strict mode). Returns None, or why inference failed in both modes (then
-    the model keeps the shapes it had)."""
+def infer_shapes(model: ir.Model) -> tuple[str | None, bool]:
+    """Fill in the shapes and dtypes ONNX infers: strict mode, or where that fails, the
+    partial result of non-strict mode. Returns (why strict mode failed or None, whether
+    non-strict mode failed too: then the model keeps the shapes it had)."""
     import onnx
 
     proto = structure_proto(model)
-    errors = []
+    why = None
     for strict in (True, False):
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, check_type=strict, strict_mode=strict, data_prop=True)
         except Exception as e:  # onnx's own failure on this graph: reported, never silent
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            why = why or f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             continue
         _merge(model, inferred)
-        return None
-    return errors[-1]
+        return why, False
+    return why, True
 
 
 def _merge(model: ir.Model, inferred) -> None:
