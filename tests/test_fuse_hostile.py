@@ -163,6 +163,34 @@ def test_graph_input_named_like_the_generated_ones_scale_is_not_shadowed():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_names_used_only_inside_a_subgraph_are_not_reused():
+    """A value defined inside an If branch carries the name the fusion would give the ones
+    scale: the new initializer (visible in the branch's scope) must not take it."""
+    sp = variant(weight="none")
+    model, _ = build(sp)
+    g = model.graph
+    g.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    g.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [16]))
+    ones = [n for n in generated_names(model, "ort") if "ones_scale" in n]
+    assert len(ones) == 1
+
+    def branch(k: float) -> onnx.GraphProto:
+        c = numpy_helper.from_array(np.full(16, k, np.float32), f"c{int(k)}")
+        nodes = [helper.make_node("Constant", [], [ones[0]], value=c, name=f"const_{int(k)}"),
+                 helper.make_node("Neg", [ones[0]], [f"out_{int(k)}"], name=f"neg_{int(k)}")]
+        return helper.make_graph(nodes, f"branch{int(k)}", [], [helper.make_tensor_value_info(f"out_{int(k)}", TensorProto.FLOAT, [16])])
+
+    g.node.append(helper.make_node("If", ["cond"], ["z"], name="user_if", then_branch=branch(2.0), else_branch=branch(3.0)))
+    rng = np.random.default_rng(99)
+    feed = {"x": rng.standard_normal((2, 5, 16)).astype(np.float32) * 3, "cond": np.array(True)}
+    expected = run(model, feed)
+    fused, report = fuse(model, "ort")
+    assert report.fused == 1
+    assert ones[0] not in {i.name for i in fused.graph.initializer}
+    for a, b in zip(run(fused, feed), expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory
 
