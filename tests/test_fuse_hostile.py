@@ -488,7 +488,7 @@ def _assert_exit2(path: Path, *words):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "hardlink"])
 def test_external_data_outside_the_model_folder_is_refused_unread(tmp_path, monkeypatch, how):
     secret = tmp_path / "secret.bin"
     secret.write_bytes(np.arange(16, dtype=np.float32).tobytes())
@@ -498,7 +498,10 @@ def test_external_data_outside_the_model_folder_is_refused_unread(tmp_path, monk
         path = _external_model(tmp_path / "model", str(secret))
     else:
         path = _external_model(tmp_path / "model", "w.bin")
-        (tmp_path / "model" / "w.bin").symlink_to(secret)
+        if how == "symlink":
+            (tmp_path / "model" / "w.bin").symlink_to(secret)
+        else:
+            os.link(secret, tmp_path / "model" / "w.bin")
     opened = []
     real_open = open
 
@@ -507,7 +510,7 @@ def test_external_data_outside_the_model_folder_is_refused_unread(tmp_path, monk
         return real_open(file, *a, **k)
 
     monkeypatch.setattr("builtins.open", watching_open)
-    _assert_exit2(path, "outside the model's folder", "not read")
+    _assert_exit2(path, "hard links" if how == "hardlink" else "outside the model's folder", "not read")
     assert str(secret.resolve()) not in opened
 
 

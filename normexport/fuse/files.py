@@ -2,8 +2,8 @@
 whose memory does not grow with the model.
 
 * ``check_external_data``: every external-data file a tensor names lies inside the model's
-  folder (no absolute path, no ``..``, no symlink out of it), exists and holds the bytes the
-  tensor says. Nothing outside the folder is opened.
+  folder (no absolute path, no ``..``, no symlink out of it, no hard link), exists and holds
+  the bytes the tensor says. Nothing outside the folder is opened.
 * ``check_acyclic``: the graph (and each subgraph) has no cycle.
 * ``write_inline``: one .onnx file with every weight inline, written one tensor at a time.
 """
@@ -57,6 +57,9 @@ def check_external_data(model: ir.Model, path: Path) -> None:
             if not os.path.isfile(where):
                 raise NormexportError(f"{path}: external data file '{location}' (tensor '{tensor.name}') is missing",
                                       f"put '{location}' beside the model, as it was exported")
+            if os.stat(where).st_nlink > 1:  # may be a file from anywhere, linked in; onnx_ir refuses it too
+                raise NormexportError(f"{path}: external data file '{location}' has other hard links; not read",
+                                      f"replace '{location}' by a plain copy of the data (cp, not ln)")
             sizes[where] = os.path.getsize(where)
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
         if end > sizes[where]:
