@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from onnxscript.rewriter import _basics
 
 from normexport.errors import NormexportError
 from normexport.fuse import patterns as P
+from normexport.fuse.files import check_acyclic, check_external_data, read_model_proto, write_inline
+from normexport.fuse.names import Names
 from normexport.fuse.report import FuseReport, Skipped
+from normexport.fuse.shapes import infer_shapes
 from normexport.fuse.targets import TARGET_OPS, TARGETS, lower
 
 __all__ = ["TARGETS", "TARGET_OPS", "FuseReport", "fuse_model", "fuse_file", "find_near_misses", "load_onnx", "save_onnx"]
@@ -36,10 +40,11 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     report = FuseReport(target=target, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
     if target == "onnx":
         _raise_opset(model, report)
-    _infer_shapes(model)
+    shapes_failed = infer_shapes(model)  # (why strict inference failed, whether all of it did)
+    names = Names(model)
     log = P.FusionLog()
     _count_plugin_nodes(model, log)
-    _import_skip_nodes(model, log)
+    _import_skip_nodes(model, log, names)
     P.import_rules(log).apply_to_model(model)
     P.core_rules(log).apply_to_model(model)  # decompose too: every norm found is rewritten as canonical primitive ops
     tails = P.tail_rules(log)
@@ -47,9 +52,12 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
         if tails.apply_to_model(model) == 0:
             break
     report.skipped = find_near_misses(model)
-    lower(model, target, log, residual=residual)
+    lower(model, target, log, names, residual=residual)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
+    names.rename_new(model)
+    if shapes_failed[0]:
+        _shapes_failed(report, log, *shapes_failed)
     if target == "decompose":
         for f in log.fused:
             f.op = "primitive ops"
@@ -67,6 +75,24 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     return report
 
 
+def _shapes_failed(report: FuseReport, log: P.FusionLog, why: str, total: bool) -> None:
+    """Shape inference failed. In full: the fusion ran on the shapes stored in the model, and
+    where a check refused for want of a shape the result may differ from the fusion with
+    shapes: fail. In strict mode only: the fusion ran on non-strict mode's shapes; said so."""
+    blocked = len(log.shape_blocked)
+    if total and blocked:
+        raise NormexportError(
+            f"ONNX shape inference failed on this model ({why}); without inferred shapes {blocked} check(s) "
+            f"could not prove a norm's shapes (first: {log.shape_blocked[0]})",
+            "check the model with onnx.checker.check_model(path, full_check=True), or store its value shapes (value_info)",
+        )
+    if total:
+        report.notes.append(f"ONNX shape inference failed ({why}); no check needed an inferred shape, so the fusion is the same")
+    else:
+        report.notes.append(f"ONNX shape inference failed in strict mode ({why}); the fusion used non-strict mode's shapes"
+                            + (f" ({blocked} check(s) found a shape unknown)" if blocked else ""))
+
+
 def _count_plugin_nodes(model: ir.Model, log: P.FusionLog) -> None:
     """TensorRT plugin nodes from an earlier fusion stay as they are (only TensorRT runs
     them), and count as fused norms."""
@@ -81,7 +107,7 @@ def _count_plugin_nodes(model: ir.Model, log: P.FusionLog) -> None:
             log.fused.append(entry)
 
 
-def _import_skip_nodes(model: ir.Model, log: P.FusionLog) -> None:
+def _import_skip_nodes(model: ir.Model, log: P.FusionLog, names: Names) -> None:
     """onnxruntime's SkipSimplifiedLayerNormalization -> Add + the internal norm, so that a
     fused model can be fused again (same result), retargeted or decomposed. Its optional
     mean / inv_std_var outputs must be unused; its sum output becomes the Add's."""
@@ -96,11 +122,11 @@ def _import_skip_nodes(model: ir.Model, log: P.FusionLog) -> None:
         bias = node.inputs[3] if len(node.inputs) > 3 else None
         eps = node.attributes.get("epsilon")
         eps = float(eps.value) if eps is not None else 1e-12
-        total = ir.Node("", "Add", [a, b], name=f"{node.name}_sum")
+        total = ir.Node("", "Add", [a, b], name=names.fresh(f"{node.name}_sum"))
         total.outputs[0].dtype, total.outputs[0].shape = a.dtype, a.shape
         new = [total]
         if bias is not None:
-            with_bias = ir.Node("", "Add", [total.outputs[0], bias], name=f"{node.name}_sum_bias")
+            with_bias = ir.Node("", "Add", [total.outputs[0], bias], name=names.fresh(f"{node.name}_sum_bias"))
             with_bias.outputs[0].dtype, with_bias.outputs[0].shape = a.dtype, a.shape
             new.append(with_bias)
         x = new[-1].outputs[0]
@@ -108,7 +134,7 @@ def _import_skip_nodes(model: ir.Model, log: P.FusionLog) -> None:
         norm = ir.Node(
             P.INTERNAL_DOMAIN, P.INTERNAL_OP, [x, gamma],
             attributes=[ir.AttrFloat32("epsilon", eps), ir.AttrInt64("axis", -1), ir.AttrInt64("stash_type", int(ir.DataType.FLOAT)), ir.AttrInt64("out_dtype", int(y.dtype or a.dtype))],
-            name=f"{node.name}_norm",
+            name=names.fresh(f"{node.name}_norm"),
         )
         norm.outputs[0].dtype, norm.outputs[0].shape = y.dtype or a.dtype, y.shape
         new.append(norm)
@@ -145,15 +171,6 @@ def _raise_opset(model: ir.Model, report: FuseReport) -> None:
         )
     model.ir_version = max(model.ir_version or 0, MIN_IR_FOR_OPSET23)
     report.notes.append(f"opset raised from {opset} to {ONNX_TARGET_OPSET} for RMSNormalization")
-
-
-def _infer_shapes(model: ir.Model) -> None:
-    """Shapes let the checks prove that a scale broadcasts along the normalized dims only.
-    ONNX's inference cannot see into onnxruntime's own ops; it keeps what it cannot infer."""
-    try:
-        common_passes.ShapeInferencePass()(model)
-    except Exception:
-        pass  # shapes stay as the exporter wrote them; checks refuse what they cannot prove
 
 
 def find_near_misses(model: ir.Model) -> list[Skipped]:
@@ -220,9 +237,14 @@ def load_onnx(path: str | Path) -> ir.Model:
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise NormexportError(f"{path} is a PyTorch file, not an ONNX model", "use `normexport convert` for PyTorch models")
     try:
-        return ir.load(str(path))
+        # External data is not read here: tensors map their file when used.
+        model = ir.serde.deserialize_model(read_model_proto(path))
+        ir.external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(path)))
     except Exception as e:
         raise NormexportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})", "pass an .onnx file (with its external data next to it)") from None
+    check_external_data(model, path)
+    check_acyclic(model, path)
+    return model
 
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB limit
@@ -242,15 +264,8 @@ def save_onnx(model: ir.Model, path: str | Path, external: bool | None = None) -
         data = outputs.data_path(path)
         with outputs.staged(data, path) as tmpdir:
             ir.save(model, str(tmpdir / path.name), external_data=data.name)
-    else:
-        _internalize(model)  # weights read lazily from the source's .data go into the file
-        outputs.write_with(path, lambda tmp: ir.save(model, str(tmp)))
-
-
-def _internalize(model: ir.Model) -> None:
-    for v in model.graph.initializers.values():
-        if isinstance(v.const_value, ir.ExternalTensor):
-            v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
+    else:  # weights read lazily from the source's .data go into the file, one at a time
+        outputs.write_with(path, lambda tmp: write_inline(model, tmp))
 
 
 def _initializer_bytes(model: ir.Model) -> int:

@@ -127,6 +127,7 @@ class FusionLog:
 
     fused: list[FusedNorm] = field(default_factory=list)
     by_output: dict[int, FusedNorm] = field(default_factory=dict)  # id(internal value) -> entry
+    shape_blocked: list[str] = field(default_factory=list)  # refusals for want of a shape or rank
 
     def record(self, value: ir.Value, entry: FusedNorm) -> None:
         self.fused.append(entry)
@@ -183,11 +184,22 @@ def broadcast_reason(param: ir.Value, normalized: ir.Value, axis: int, what: str
     return None
 
 
+class _RecordsUnknownShapes:
+    """Rules whose refusals for an unknown shape or rank are logged: without shape inference
+    such a refusal may change the fusion, and the caller must know."""
+
+    def check(self, context, **bindings):
+        result = self._check(context, **bindings)
+        if not result and "unknown" in (result.reason or ""):
+            self._log.shape_blocked.append(result.reason)
+        return result
+
+
 # ---------------------------------------------------------------------------------------------
 # The core
 
 
-class CoreRule(pattern.RewriteRuleClassBase):
+class CoreRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
     """x / sqrt(mean(x²) + eps), every spelling. ``root`` picks the op that divides (Div, or a
     Mul by the inverse root); OrValue covers the rest, commutation covers operand order."""
 
@@ -223,9 +235,11 @@ class CoreRule(pattern.RewriteRuleClassBase):
         )
         return op.Mul(xc, inverse)
 
-    def check(self, context, x, exponent, eps, one, neg_half, mean, xa=None, xc=None, xb=None, square=None, inverse=None, has_eps=True, **_):
+    def _check(self, context, x, exponent, eps, one, neg_half, mean, xa=None, xc=None, xb=None, square=None, inverse=None, has_eps=True, **_):
         result = pattern.MatchResult()
         xa, xc = xa or x, xc or x
+        if x.dtype is None or xa.dtype is None:
+            return result.fail("the input's dtype is unknown", x)
         if x.dtype not in FLOAT_TYPES:
             return result.fail(f"the input is {x.dtype}, not a float type", x)
         compute = xa.dtype
@@ -285,7 +299,7 @@ class CoreRule(pattern.RewriteRuleClassBase):
 # Norms already fused by the exporter
 
 
-class ImportRule(pattern.RewriteRuleClassBase):
+class ImportRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
     """RMSNormalization / SimplifiedLayerNormalization nodes into the internal node, so that a
     fused model can be retargeted, repaired (mismatched X/scale dtypes) or fused again."""
 
@@ -297,7 +311,7 @@ class ImportRule(pattern.RewriteRuleClassBase):
     def pattern(self, op, x, scale):
         return getattr(op, self._op_type)(x, scale, _outputs=["y"])
 
-    def check(self, context, x, scale, y, **_):
+    def _check(self, context, x, scale, y, **_):
         result = pattern.MatchResult()
         node = y.producer()
         if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
@@ -307,8 +321,27 @@ class ImportRule(pattern.RewriteRuleClassBase):
             if x.shape is None:
                 return result.fail(f"{self._op_type} has a positive axis and an input of unknown rank", node)
             axis -= x.shape.rank()
+        if x.dtype is None or y.dtype is None:
+            return result.fail(f"{self._op_type}'s input or output dtype is unknown", node)
         if x.dtype not in FLOAT_TYPES or y.dtype not in FLOAT_TYPES:
             return result.fail(f"{self._op_type} with non-float input or output", node)
+        self._scale_form, self._reduced = "scale", None
+        why = broadcast_reason(scale, x, axis, "scale")
+        if why and "unknown" in why:
+            self._log.shape_blocked.append(why)
+        if why:
+            # The scale spans dims that are not normalized (the op allows any scale that
+            # broadcasts to x): reduced to the normalized shape where it is constant along
+            # them, else the op is a norm followed by a Mul by the scale, and stays so.
+            from normexport.fuse.scales import reduced_scale
+
+            reduced = reduced_scale(scale, x, axis)
+            if reduced is not None:
+                self._scale_form, self._reduced = "reduced", reduced[1]
+            elif scale.dtype != y.dtype:
+                return result.fail(f"{self._op_type}'s scale ({scale.dtype}) broadcasts along unnormalized dims and differs from its output's dtype", node)
+            else:
+                self._scale_form = "mul"
         self._axis = axis
         self._epsilon = float(_attr(node, "epsilon", 1e-5))
         self._stash = int(_attr(node, "stash_type", 1))
@@ -318,11 +351,17 @@ class ImportRule(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, scale, **_):
         stash = self._stash if self._stash in (int(ir.DataType.FLOAT), int(ir.DataType.DOUBLE)) else int(ir.DataType.FLOAT)
+        norm_scale = scale
+        if self._scale_form == "reduced":  # all ones (no scale) or the values of one row
+            norm_scale = None if self._reduced is None else op.Constant(value=ir.tensor(self._reduced.astype(scale.dtype.numpy())))
+        elif self._scale_form == "mul":
+            norm_scale = None
         out = op.RMSNorm(
-            x, scale, _domain=INTERNAL_DOMAIN, epsilon=self._epsilon, axis=self._axis, stash_type=stash, out_dtype=int(self._out)
+            x, norm_scale, _domain=INTERNAL_DOMAIN, epsilon=self._epsilon, axis=self._axis, stash_type=stash, out_dtype=int(self._out)
         )
-        self._log.record(out, FusedNorm("", f"{self._op_type} (already fused)", self._epsilon, self._axis, self._out.name, scale=True, module=self._module))
-        return out
+        pattern_name = f"{self._op_type} (already fused)" + {"reduced": ", scale reduced to the normalized shape", "mul": ", scale kept as a Mul"}.get(self._scale_form, "")
+        self._log.record(out, FusedNorm("", pattern_name, self._epsilon, self._axis, self._out.name, scale=self._scale_form != "mul" and norm_scale is not None, module=self._module))
+        return op.Mul(out, scale) if self._scale_form == "mul" else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +387,9 @@ class CastTailRule(pattern.RewriteRuleClassBase):
 
     def check(self, context, n, y, **_):
         result = pattern.MatchResult()
+        if y.dtype is None:
+            self._log.shape_blocked.append("the dtype of a Cast after a norm is unknown")
+            return result.fail("the dtype of the Cast's output is unknown", y)
         if y.dtype not in FLOAT_TYPES:
             return result.fail(f"the norm's output is cast to {y.dtype}, not a float type", y)
         return result
@@ -362,7 +404,7 @@ class CastTailRule(pattern.RewriteRuleClassBase):
         return out
 
 
-class AffineTailRule(pattern.RewriteRuleClassBase):
+class AffineTailRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
     """Mul(norm, scale) or Add(norm, bias) -> the norm with that scale / bias, where the
     parameter broadcasts along the normalized dims only (else the Mul/Add stays)."""
 
@@ -375,13 +417,15 @@ class AffineTailRule(pattern.RewriteRuleClassBase):
         n = op.RMSNorm(_domain=INTERNAL_DOMAIN, _allow_other_inputs=True, _outputs=["n"])
         return op.Mul(n, p) if self._kind == "scale" else op.Add(n, p)
 
-    def check(self, context, n, p, **_):
+    def _check(self, context, n, p, **_):
         result = pattern.MatchResult()
         _, _, scale, bias, attrs = _internal_parts(n)
         if bias is not None:
             return result.fail(f"a {self._kind} after the bias", p)
         if self._kind == "scale" and scale is not None:
             return result.fail("a second scale", p)
+        if p.dtype is None or n.dtype is None:
+            return result.fail(f"the {self._kind}'s or the norm's dtype is unknown", p)
         if p.dtype != n.dtype:
             return result.fail(f"the {self._kind} is {p.dtype}, the norm {n.dtype}", p)
         why = broadcast_reason(p, n, attrs["axis"], self._kind)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from normexport.fuse.names import Names
 from normexport.fuse.patterns import INTERNAL_DOMAIN, INTERNAL_OP, FusionLog, wider
 
 MS_DOMAIN = "com.microsoft"
@@ -46,15 +47,15 @@ class Lowered:
 class _Builder:
     """Makes nodes and initializers with unique names next to one fused norm."""
 
-    def __init__(self, graph: ir.Graph, prefix: str):
+    def __init__(self, graph: ir.Graph, prefix: str, names: Names, log: FusionLog):
         self.graph = graph
+        self.log = log
         self.prefix = prefix
+        self.names = names
         self.nodes: list[ir.Node] = []
-        self._n = 0
 
     def _name(self, what: str) -> str:
-        self._n += 1
-        return f"{self.prefix}/{what}_{self._n}"
+        return self.names.fresh(f"{self.prefix}/{what}")
 
     def node(self, op_type: str, inputs, domain: str = "", num_outputs: int = 1, **attrs) -> ir.Node:
         node = ir.Node(
@@ -66,7 +67,7 @@ class _Builder:
             name=self._name(op_type),
         )
         for i, out in enumerate(node.outputs):
-            out.name = f"{node.name}_out{i}"
+            out.name = self.names.fresh(f"{node.name}_out{i}")
         self.nodes.append(node)
         return node
 
@@ -102,6 +103,7 @@ def _normalized_shape(x: ir.Value, axis: int) -> list | None:
 
 
 MAX_FOLD_NODES = 16
+MAX_ONES_ELEMENTS = 1 << 20  # a norm without scale gets a stored ones tensor up to this size
 
 
 def fold_constant(value: ir.Value) -> np.ndarray | None:
@@ -143,14 +145,18 @@ def _scale_in(b: _Builder, x: ir.Value, scale: ir.Value | None, axis: int, dtype
     """The scale as the fused op wants it: exactly the normalized shape (or flattened to one
     dim for ops that normalize only the last dim) in ``dtype``; ones where there was none."""
     dims = _normalized_shape(x, axis)
+    if dims is None:
+        b.log.shape_blocked.append(f"the normalized dims of {x.name} are unknown")
     want = [int(np.prod(dims))] if (flat and dims is not None) else dims
     if scale is None:
-        if want is not None:
-            return b.const(np.ones(want, dtype=dtype.numpy()), "ones_scale")
-        shape = b.op("Shape", x, start=axis, dtype=ir.DataType.INT64)
         ones = ir.tensor(np.ones([1], dtype=dtype.numpy()))
+        if want is not None and int(np.prod(want)) <= MAX_ONES_ELEMENTS:
+            return b.const(np.ones(want, dtype=dtype.numpy()), "ones_scale")
+        if want is not None:  # a large normalized shape: the runtime makes the ones, the file holds none
+            return b.op("ConstantOfShape", b.const(np.array(want, np.int64), "ones_shape"), value=ones, dtype=dtype, shape=ir.Shape(want))
+        shape = b.op("Shape", x, start=axis, dtype=ir.DataType.INT64)
         return b.op("ConstantOfShape", shape, value=ones, dtype=dtype)
-    if scale.const_value is None or scale.is_graph_input():
+    if (scale.const_value is None or scale.is_graph_input()) and _fits(scale, want):
         folded = fold_constant(scale)
         if folded is not None:
             scale = b.const(folded.astype(scale.dtype.numpy()), f"{scale.name}_folded")
@@ -163,14 +169,25 @@ def _scale_in(b: _Builder, x: ir.Value, scale: ir.Value | None, axis: int, dtype
     return scale
 
 
-def _residual_add(x: ir.Value, norm: ir.Node) -> ir.Node | None:
+def _fits(value: ir.Value, want: list | None) -> bool:
+    """True if ``value`` has a known shape of at most ``want``'s size: folding it stores no
+    more than the scale the fused op takes (never a tensor the size of an activation)."""
+    if want is None or value.shape is None or not all(isinstance(d, int) for d in value.shape):
+        return False
+    return int(np.prod(list(value.shape))) <= int(np.prod(want))
+
+
+def _residual_add(x: ir.Value, log: FusionLog) -> ir.Node | None:
     """The Add feeding the norm when it is a residual sum: two inputs of one shape (no
     broadcasting), rank 2 or 3, float32 (what onnxruntime's CPU and CUDA kernels share)."""
     add = x.producer()
     if add is None or add.op_type != "Add" or add.domain != "":
         return None
     a, c = add.inputs
-    if a is None or c is None or a.shape is None or c.shape is None or x.shape is None:
+    if a is None or c is None:
+        return None
+    if a.shape is None or c.shape is None or x.shape is None:
+        log.shape_blocked.append(f"the shapes of the residual Add {add.name} are unknown")
         return None
     if x.dtype != ir.DataType.FLOAT or a.dtype != ir.DataType.FLOAT:
         return None
@@ -181,7 +198,7 @@ def _residual_add(x: ir.Value, norm: ir.Node) -> ir.Node | None:
     return add
 
 
-def lower(model: ir.Model, target: str, log: FusionLog, residual: bool = True) -> list[Lowered]:
+def lower(model: ir.Model, target: str, log: FusionLog, names: Names, residual: bool = True) -> list[Lowered]:
     """Rewrite every internal node of ``model`` for ``target``; returns what was done.
     ``residual``: fold a residual Add that feeds a norm into the fused op (ort: Skip...)."""
     graph = model.graph
@@ -190,7 +207,7 @@ def lower(model: ir.Model, target: str, log: FusionLog, residual: bool = True) -
         if node.domain != INTERNAL_DOMAIN or node.op_type != INTERNAL_OP:
             continue
         entry = log.by_output.get(id(node.outputs[0]))
-        lowered = _lower_one(graph, node, target, residual)
+        lowered = _lower_one(graph, node, target, names, log, residual)
         for n in lowered.nodes:
             n.metadata_props["normexport.pattern"] = entry.pattern if entry else "rms"
         final = lowered.new_values[0].producer()
@@ -214,14 +231,14 @@ def lower(model: ir.Model, target: str, log: FusionLog, residual: bool = True) -
     return done
 
 
-def _lower_one(graph: ir.Graph, node: ir.Node, target: str, fold_residual: bool = True) -> Lowered:
+def _lower_one(graph: ir.Graph, node: ir.Node, target: str, names: Names, log: FusionLog, fold_residual: bool = True) -> Lowered:
     inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
     x, scale, bias = inputs[:3]
     attrs = {k: a.value for k, a in node.attributes.items()}
     eps, axis, stash = float(attrs["epsilon"]), int(attrs["axis"]), int(attrs["stash_type"])
     out_dtype = ir.DataType(int(attrs["out_dtype"]))
     y_old = node.outputs[0]
-    b = _Builder(graph, (node.name or "rmsnorm").replace("/", "_") + "_fused")
+    b = _Builder(graph, (node.name or "rmsnorm").replace("/", "_") + "_fused", names, log)
 
     if target == "decompose":
         y = _decompose(b, x, scale, bias, eps, axis, ir.DataType(stash), out_dtype, graph)
@@ -230,7 +247,7 @@ def _lower_one(graph: ir.Graph, node: ir.Node, target: str, fold_residual: bool 
     io = wider(x.dtype, out_dtype)  # one dtype for X, scale and Y
     residual = None
     if fold_residual and target in ("ort", "trt-plugin") and axis == -1 and io == x.dtype:
-        residual = _residual_add(x, node)
+        residual = _residual_add(x, log)
     flat = target == "trt-plugin"  # the plugin normalizes the last dim only
     gamma = _scale_in(b, x, scale, axis, io, flat=flat)
     old_nodes, old_values, new_values = [node], [y_old], []
