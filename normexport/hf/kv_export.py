@@ -24,7 +24,6 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from normexport.errors import NormexportError
 from normexport.hf.folder import HFModel
 
 EXPORT_OPSET = 20
@@ -150,7 +149,7 @@ def export_decoder(hf: HFModel, workdir: Path) -> DecoderExport:
 
 
 def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path: Path, hf: HFModel) -> ir.Model:
-    from normexport.export import _brief, _quiet
+    from normexport.export import _quiet, _raise_export_error
 
     with _quiet() as err:
         try:
@@ -159,10 +158,10 @@ def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path
                 dynamic_shapes=shapes, opset_version=EXPORT_OPSET, dynamo=True, optimize=True, external_data=True,
             )
         except Exception as e:
-            raise NormexportError(
-                f"torch.onnx cannot export {hf.architecture} ({hf.task}): {_brief(e, err)}",
+            _raise_export_error(
+                f"torch.onnx cannot export {hf.architecture} ({hf.task})", e, err,
                 "this architecture does not export with torch.onnx today; try --task text-generation (no cache) or another transformers version",
-            ) from None
+            )
     model = ir.load(str(path))
     for v in model.graph.initializers.values():  # the temp folder goes away
         if isinstance(v.const_value, ir.ExternalTensor):
