@@ -530,28 +530,92 @@ def save_torchscript(module, example_inputs: dict, path: Path) -> None:
 
 def save_exported(module, example_inputs: dict, path: Path, dynamic: bool = True) -> None:
     """torch.export the module (batch/sequence dims dynamic where it allows) and save the archive."""
+    _write_bytes(path, exported_bytes(export_program(module, example_inputs, dynamic=dynamic)))
+
+
+def exported_bytes(ep) -> bytes:
+    """The .pt2 archive of ``ep``, without the stack traces (they hold absolute paths: the
+    archive would depend on where it was made)."""
     import torch
 
-    module.eval()
-    ep = export_program(module, example_inputs, dynamic=dynamic)
-    for node in ep.graph.nodes:  # stack traces hold absolute paths: the archive would depend on where it was made
+    for node in ep.graph.nodes:
         node.meta.pop("stack_trace", None)
     buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temp file has neither
     torch.export.save(ep, buf)
-    _write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def export_program(module, example_inputs: dict, dynamic: bool = True):
+    """torch.export ``module`` (in eval mode), inputs bound to ``forward``'s parameters by name.
+
+    With ``dynamic``, batch (dim 0) and sequence (dim 1) stay dynamic where torch allows: a
+    batch of 1 is traced as 2 (torch specialises a dim of size 1). Where that fails, or the
+    doubled batch comes out static, the example is exported with static shapes.
+    """
     import torch
 
-    args = tuple(example_inputs.values())
+    module.eval()
     if dynamic:
-        shapes = {k: dynamic_dims(v) for k, v in example_inputs.items()}
+        inputs = _batch_of_two(example_inputs)
+        args, kwargs = bind_inputs(module, inputs)
+        shapes = {k: dynamic_dims(v) if isinstance(v, torch.Tensor) else None for k, v in inputs.items()}
         try:
-            return torch.export.export(module, args, dynamic_shapes=tuple(shapes.values()), strict=False)
+            ep = torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
+            if inputs is example_inputs or _batch_is_dynamic(ep):
+                return ep
         except Exception:
             pass
-    return torch.export.export(module, args, strict=False)
+    args, kwargs = bind_inputs(module, example_inputs)
+    return torch.export.export(module, args, kwargs, strict=False)
+
+
+def bind_inputs(module, inputs: dict) -> tuple[tuple, dict]:
+    """Positional args for the leading ``forward`` parameters that ``inputs`` names, keyword
+    args for the rest: the order torch.export and the module take them in."""
+    positional = positional_inputs(module, inputs)
+    return tuple(inputs[k] for k in positional), {k: v for k, v in inputs.items() if k not in positional}
+
+
+def positional_inputs(module, inputs: dict) -> list[str]:
+    """The leading positional parameters of ``module.forward`` that ``inputs`` names, in order."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    positional = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name not in inputs:
+            break
+        positional.append(p.name)
+    return positional
+
+
+def _batch_of_two(example_inputs: dict) -> dict:
+    import torch
+
+    if not any(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1 for v in example_inputs.values()):
+        return example_inputs
+    return {
+        k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1 else v
+        for k, v in example_inputs.items()
+    }
+
+
+def _batch_is_dynamic(ep) -> bool:
+    return any(d.endswith("[0]") for d in dynamic_input_dims(ep))
+
+
+def dynamic_input_dims(ep) -> list[str]:
+    """The user-input dims that stayed dynamic in ``ep``, as "name[dim]"."""
+    import torch
+
+    user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    dims = []
+    for ph in ep.graph.nodes:
+        v = ph.meta.get("val") if ph.op == "placeholder" and ph.name in user else None
+        if isinstance(v, torch.Tensor):
+            dims += [f"{ph.name}[{i}]" for i, s in enumerate(v.shape) if not isinstance(s, int)]
+    return dims
 
 
 def dynamic_dims(tensor) -> dict | None:
