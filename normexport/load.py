@@ -577,13 +577,17 @@ def bind_inputs(module, inputs: dict) -> tuple[tuple, dict]:
 
 
 def positional_inputs(module, inputs: dict) -> list[str]:
-    """The leading positional parameters of ``module.forward`` that ``inputs`` names, in order."""
+    """The leading positional parameters of ``module.forward`` that ``inputs`` names, in order;
+    where ``forward`` takes ``*args`` (or its signature cannot be read), the rest of ``inputs``
+    follow in their own order."""
     try:
-        params = inspect.signature(module.forward).parameters.values()
+        params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
-        params = []
+        return list(inputs)
     positional = []
     for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            return positional + [k for k in inputs if k not in positional]
         if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name not in inputs:
             break
         positional.append(p.name)
