@@ -558,7 +558,8 @@ def export_program(module, example_inputs: dict, dynamic: bool = True):
     if dynamic:
         inputs = _batch_of_two(example_inputs)
         args, kwargs = bind_inputs(module, inputs)
-        shapes = {k: dynamic_dims(v) if isinstance(v, torch.Tensor) else None for k, v in inputs.items()}
+        dims = {k: dynamic_dims(v) if isinstance(v, torch.Tensor) else None for k, v in inputs.items()}
+        shapes = {k: dims[k] for k in kwargs} if kwargs else tuple(dims[k] for k in bound_names(module, inputs)[0])
         try:
             ep = torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
             if inputs is example_inputs or _batch_is_dynamic(ep):
@@ -570,28 +571,28 @@ def export_program(module, example_inputs: dict, dynamic: bool = True):
 
 
 def bind_inputs(module, inputs: dict) -> tuple[tuple, dict]:
-    """Positional args for the leading ``forward`` parameters that ``inputs`` names, keyword
-    args for the rest: the order torch.export and the module take them in."""
-    positional = positional_inputs(module, inputs)
-    return tuple(inputs[k] for k in positional), {k: v for k, v in inputs.items() if k not in positional}
+    """``inputs`` as (args, kwargs) for ``module.forward`` (see ``bound_names``)."""
+    positional, keyword = bound_names(module, inputs)
+    return tuple(inputs[k] for k in positional), {k: inputs[k] for k in keyword}
 
 
-def positional_inputs(module, inputs: dict) -> list[str]:
-    """The leading positional parameters of ``module.forward`` that ``inputs`` names, in order;
-    where ``forward`` takes ``*args`` (or its signature cannot be read), the rest of ``inputs``
-    follow in their own order."""
+def bound_names(module, inputs: dict) -> tuple[list[str], list[str]]:
+    """The names of ``inputs`` passed by position and by keyword, in the order torch.export
+    and the module take them: the leading parameters of ``forward`` by position, in its order
+    (archives stay byte-identical); otherwise every input by keyword; where an input names no
+    parameter (a ``forward(*args)``), every input by position in the order given."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
-        return list(inputs)
-    positional = []
-    for p in params:
-        if p.kind is p.VAR_POSITIONAL:
-            return positional + [k for k in inputs if k not in positional]
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name not in inputs:
-            break
-        positional.append(p.name)
-    return positional
+        params = []
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    leading = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    order = [n for n in named if n in inputs]
+    if len(order) != len(inputs):
+        return list(inputs), []
+    if order == leading[: len(order)]:
+        return order, []
+    return [], order
 
 
 def _batch_of_two(example_inputs: dict) -> dict:

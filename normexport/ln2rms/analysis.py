@@ -27,7 +27,7 @@ from normexport.ln2rms.graph import (
     passthrough_input,
     rank_last,
 )
-from normexport.load import positional_inputs
+from normexport.load import bound_names
 
 
 @dataclass
@@ -292,8 +292,7 @@ def _uses_in_role(g: TracedModel, u: fx.Node, ph: fx.Node, t) -> bool:
 
 def index_highs(g: TracedModel, example_inputs: dict) -> dict[str, int]:
     """For integer inputs that index embeddings: the smallest table size (draw below it)."""
-    positional = positional_inputs(g.model, example_inputs)
-    names = positional + [k for k in example_inputs if k not in positional]
+    names = [n for group in bound_names(g.model, example_inputs) for n in group]
     user = [s.arg.name for s in g.ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     placeholders = {n.name: n for n in g.graph.nodes if n.op == "placeholder"}
     highs: dict[str, int] = {}
