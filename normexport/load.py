@@ -607,20 +607,10 @@ def _batch_of_two(example_inputs: dict) -> dict:
 
 
 def _batch_is_dynamic(ep) -> bool:
-    return any(d.endswith("[0]") for d in dynamic_input_dims(ep))
-
-
-def dynamic_input_dims(ep) -> list[str]:
-    """The user-input dims that stayed dynamic in ``ep``, as "name[dim]"."""
     import torch
 
-    user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
-    dims = []
-    for ph in ep.graph.nodes:
-        v = ph.meta.get("val") if ph.op == "placeholder" and ph.name in user else None
-        if isinstance(v, torch.Tensor):
-            dims += [f"{ph.name}[{i}]" for i, s in enumerate(v.shape) if not isinstance(s, int)]
-    return dims
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"]
+    return any(isinstance(v, torch.Tensor) and v.dim() and not isinstance(v.shape[0], int) for v in vals)
 
 
 def dynamic_dims(tensor) -> dict | None:

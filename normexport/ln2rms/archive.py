@@ -11,7 +11,7 @@ from torch import nn
 from normexport import outputs
 from normexport.errors import ValidationFailed
 from normexport.ln2rms.equivalence import float_leaves, float_outputs
-from normexport.load import bind_inputs, dynamic_input_dims, export_program, exported_bytes
+from normexport.load import bind_inputs, export_program, exported_bytes
 from normexport.pt2 import load_exported
 
 
@@ -41,3 +41,14 @@ def export_archive(
     out.parent.mkdir(parents=True, exist_ok=True)
     outputs.write_bytes(out, data)
     return {"output": str(out), "dynamic_dims": dynamic, "archive_max_abs_vs_converted": worst}
+
+
+def dynamic_input_dims(ep) -> list[str]:
+    """The user-input dims that stayed dynamic in ``ep``, as "name[dim]"."""
+    user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    dims = []
+    for ph in ep.graph.nodes:
+        v = ph.meta.get("val") if ph.op == "placeholder" and ph.name in user else None
+        if isinstance(v, torch.Tensor):
+            dims += [f"{ph.name}[{i}]" for i, s in enumerate(v.shape) if not isinstance(s, int)]
+    return dims
