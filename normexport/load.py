@@ -465,38 +465,87 @@ def save_torchscript(module, example_inputs: dict, path: Path) -> None:
 
 def save_exported(module, example_inputs: dict, path: Path, dynamic: bool = True) -> None:
     """torch.export the module (batch/sequence dims dynamic where it allows) and save the archive."""
+    _write_bytes(path, exported_bytes(export_program(module, example_inputs, dynamic=dynamic)))
+
+
+def exported_bytes(ep) -> bytes:
+    """The .pt2 archive of ``ep``, without the stack traces (they hold absolute paths: the
+    archive would depend on where it was made)."""
     import torch
 
-    module.eval()
-    ep = export_program(module, example_inputs, dynamic=dynamic)
-    for node in ep.graph.nodes:  # stack traces hold absolute paths: the archive would depend on where it was made
+    for node in ep.graph.nodes:
         node.meta.pop("stack_trace", None)
     buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temp file has neither
     torch.export.save(ep, buf)
-    _write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def export_program(module, example_inputs: dict, dynamic: bool = True):
-    """torch.export with the inputs bound to forward()'s parameters by name (in its order)."""
+    """torch.export ``module`` (in eval mode), inputs bound to ``forward``'s parameters by name.
+
+    With ``dynamic``, batch (dim 0) and sequence (dim 1) stay dynamic where torch allows: a
+    batch of 1 is traced as 2 (torch specialises a dim of size 1). Where that fails, or the
+    doubled batch comes out static, the example is exported with static shapes.
+    """
     import torch
 
-    params = _forward_arg_names(module)
-    order = [n for n in params if n in example_inputs]
-    if len(order) != len(example_inputs):  # a forward(*args): in the order given
-        positional, keyword = list(example_inputs), []
-    elif order == params[: len(order)]:  # the leading parameters: by position, in their order
-        positional, keyword = order, []
-    else:
-        positional, keyword = [], order
-    args = tuple(example_inputs[n] for n in positional)
-    kwargs = {n: example_inputs[n] for n in keyword}
+    module.eval()
     if dynamic:
-        shapes = {n: dynamic_dims(example_inputs[n]) for n in keyword} if keyword else tuple(dynamic_dims(a) for a in args)
+        inputs = _batch_of_two(example_inputs)
+        args, kwargs = bind_inputs(module, inputs)
+        dims = {k: dynamic_dims(v) if isinstance(v, torch.Tensor) else None for k, v in inputs.items()}
+        shapes = {k: dims[k] for k in kwargs} if kwargs else tuple(dims[k] for k in bound_names(module, inputs)[0])
         try:
-            return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+            ep = torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
+            if inputs is example_inputs or _batch_is_dynamic(ep):
+                return ep
         except Exception:
             pass
-    return torch.export.export(module, args, kwargs=kwargs, strict=False)
+    args, kwargs = bind_inputs(module, example_inputs)
+    return torch.export.export(module, args, kwargs, strict=False)
+
+
+def bind_inputs(module, inputs: dict) -> tuple[tuple, dict]:
+    """``inputs`` as (args, kwargs) for ``module.forward`` (see ``bound_names``)."""
+    positional, keyword = bound_names(module, inputs)
+    return tuple(inputs[k] for k in positional), {k: inputs[k] for k in keyword}
+
+
+def bound_names(module, inputs: dict) -> tuple[list[str], list[str]]:
+    """The names of ``inputs`` passed by position and by keyword, in the order torch.export
+    and the module take them: the leading parameters of ``forward`` by position, in its order
+    (archives stay byte-identical); otherwise every input by keyword; where an input names no
+    parameter (a ``forward(*args)``), every input by position in the order given."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    leading = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    order = [n for n in named if n in inputs]
+    if len(order) != len(inputs):
+        return list(inputs), []
+    if order == leading[: len(order)]:
+        return order, []
+    return [], order
+
+
+def _batch_of_two(example_inputs: dict) -> dict:
+    import torch
+
+    if not any(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1 for v in example_inputs.values()):
+        return example_inputs
+    return {
+        k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1 else v
+        for k, v in example_inputs.items()
+    }
+
+
+def _batch_is_dynamic(ep) -> bool:
+    import torch
+
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"]
+    return any(isinstance(v, torch.Tensor) and v.dim() and not isinstance(v.shape[0], int) for v in vals)
 
 
 def dynamic_dims(tensor) -> dict | None:
