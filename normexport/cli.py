@@ -12,7 +12,7 @@ from normexport import __version__
 from normexport.errors import NormexportError
 from normexport.fuse.targets import TARGETS
 from normexport.hf import route_folder
-from normexport.hf.commands import convert_hf, generate_command, hf_convert_options
+from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, validate_hf
 
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
 
@@ -215,6 +215,8 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
     from normexport import pipeline, report
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate")
+    if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
+        return validate_hf(model, fused, opts, unfused, report_path)
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)
     result = pipeline.validate_models(loaded, specs, unfused, fused, opts)
     report.print_validation(report.console(), result)
@@ -233,8 +235,9 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a bar chart of the latencies (PNG; needs matplotlib).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@hf_bench_options
 @_handle_errors
-def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, warmup, iters, backend, plot, report_path):
+def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, warmup, iters, backend, plot, report_path, **hf):
     """Time PyTorch eager, the unfused and the FUSED ONNX model side by side, and the normalization share."""
     import shutil
     import tempfile
@@ -244,6 +247,8 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
     from normexport.load import make_inputs
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, warmup=warmup, iters=iters, backend=backend)
+    if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
+        return bench_hf(model, fused, opts, unfused, report_path, plot, hf)
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)
     feeds = [make_inputs(specs, seed + 1000 + i) for i in range(3)]
     tmp = Path(tempfile.mkdtemp(prefix="normexport-bench-"))
