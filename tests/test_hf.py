@@ -200,6 +200,35 @@ def test_batch_and_past_are_dynamic(llama):
     assert past["past_key_values.0.key"].shape == (3, 2, 8, 16)
 
 
+def test_left_padded_batch_matches_transformers(llama):
+    """A left-padded row (attention_mask 0, positions from its first real token) through the
+    rotary/attention-fused graph: prefill and a decode step equal transformers' where attended."""
+    folder, out = llama
+    model = load_torch(folder)
+    decoder = OnnxDecoder(out)
+    rng = np.random.default_rng(21)
+    ids = rng.integers(3, 1000, size=(2, 7))
+    mask = np.ones((2, 7), dtype=np.int64)
+    mask[0, :3] = 0
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **decoder.empty_past(2)}
+    outs = dict(zip(decoder.output_names, decoder.session.run(None, feed)))
+    key = cache_kwarg(model)
+    with torch.inference_mode():
+        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos), use_cache=True, **{key: transformers.DynamicCache()})
+    attended = mask.astype(bool)
+    np.testing.assert_allclose(outs["logits"][attended], ref.logits.numpy()[attended], atol=1e-4, rtol=1e-3)
+    nxt = outs["logits"][:, -1].argmax(-1)[:, None]
+    mask2 = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    pos2 = pos[:, -1:] + 1
+    feed = {"input_ids": nxt, "attention_mask": mask2, "position_ids": pos2}
+    feed.update({p: outs[p.replace("past_key_values.", "present.", 1)] for p in decoder.past_names})
+    logits = decoder.session.run(["logits"], feed)[0]
+    with torch.inference_mode():
+        ref2 = model(input_ids=torch.tensor(nxt), attention_mask=torch.tensor(mask2), position_ids=torch.tensor(pos2), use_cache=True, **{key: output_cache(ref)})
+    np.testing.assert_allclose(logits, ref2.logits.numpy(), atol=1e-4, rtol=1e-3)
+
+
 def test_generate_command_matches_transformers(llama):
     folder, out = llama
     result = invoke("generate", out, "--prompt-ids", "17,905,333,4", "--max-new-tokens", 12)
