@@ -12,7 +12,7 @@ from normexport import __version__
 from normexport.errors import NormexportError
 from normexport.fuse.targets import TARGETS
 from normexport.hf import route_folder
-from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, validate_hf
+from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, validate_hf
 
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
 
@@ -139,6 +139,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     progress = (lambda s: err.print(f"[dim]... {s}[/dim]")) if err.is_terminal else (lambda s: None)
     if route_folder(model):  # a Hugging Face folder: normexport.hf converts it
         return convert_hf(model, opts, hf, report_path, progress)
+    refuse_folder_options(hf)
     result = pipeline.convert(model, opts, progress=progress)
     report.print_convert(report.console(), result)
     if report_path:
@@ -249,6 +250,7 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, warmup=warmup, iters=iters, backend=backend)
     if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
         return bench_hf(model, fused, opts, unfused, report_path, plot, hf)
+    refuse_folder_options(hf)
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)
     feeds = [make_inputs(specs, seed + 1000 + i) for i in range(3)]
     tmp = Path(tempfile.mkdtemp(prefix="normexport-bench-"))

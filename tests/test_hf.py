@@ -455,8 +455,10 @@ def test_inspect_folder_lists_every_rmsnorm_module_fused(llama):
         (("validate", "{folder}", "{empty}"), "no model.onnx"),
         (("validate", "{folder}", "{out}", "--unfused", "x.onnx"), "--unfused"),
         (("bench", "{folder}", "{out}", "--input", "x:int64:1x2"), "--input"),
+        (("convert", "{out}/model.onnx", "--no-attention-fusion"), "--attention-fusion/--no-attention-fusion applies to Hugging Face folders only"),
+        (("bench", "{out}/model.onnx", "{out}/model.onnx", "--rounds", "3"), "--rounds applies to Hugging Face folders only"),
     ],
-    ids=["inspect-empty-dir", "inspect-factory", "validate-source-as-output", "validate-no-model", "validate-unfused", "bench-input"],
+    ids=["inspect-empty-dir", "inspect-factory", "validate-source-as-output", "validate-no-model", "validate-unfused", "bench-input", "convert-file-attention", "bench-file-rounds"],
 )
 def test_folder_commands_refuse_wrong_combinations(llama, tmp_path, args, words):
     folder, out = llama
@@ -498,3 +500,26 @@ def test_bench_folder_reports_every_variant(llama, tmp_path):
         assert v["prefill_ms"] > 0 and v["decode_ms_per_token"] > 0 and v["rounds"] == 2
         assert v["tokens_equal_reference"], v
     assert report["prompt_tokens"] == 12 and report["decode_past"] == "12..14"
+
+
+@pytest.mark.slow
+def test_onnxscript_fallback_without_transformers_exporters(tmp_path, monkeypatch):
+    """Without transformers.exporters (transformers 4.x) onnxscript's optimize_for_ort runs
+    alone: the norms stay fused and generation still equals transformers."""
+    import sys
+
+    from normexport.fuse import fuse_model, save_onnx
+    from normexport.hf.folder import load_folder
+    from normexport.hf.generation import check_generation
+    from normexport.hf.kv_export import export_decoder
+    from normexport.hf.ort_attention import fuse_attention, fused_norms
+
+    hf = load_folder(save_tiny("llama", tmp_path / "llama", seed=9))
+    model = export_decoder(hf, tmp_path).model
+    fused = fuse_model(model, "ort").fused
+    monkeypatch.setitem(sys.modules, "transformers.exporters.onnxruntime_fusions", None)
+    result = fuse_attention(model)
+    assert result.pipeline == "onnxscript optimize_for_ort"
+    assert fused == 5 and fused_norms(result.after) == fused
+    save_onnx(model, tmp_path / "out" / "model.onnx")
+    assert check_generation(hf.module, OnnxDecoder(tmp_path / "out"), "float32", NEW_TOKENS, seed=4).passed

@@ -119,3 +119,16 @@ def bench_hf(model: Path, fused: Path, opts, unfused, report_path: Path | None, 
     report.console().print(t)
     if report_path:
         report.write_json(result, report_path)
+
+
+_DEFAULTS = {"task": None, "gen_tokens": 32, "attention_fusion": None, "trust_remote_code": False, "prompt_len": 64, "new_tokens": 16, "rounds": 5}
+
+
+_FLAGS = {"attention_fusion": "--attention-fusion/--no-attention-fusion"}
+
+
+def refuse_folder_options(hf: dict) -> None:
+    """Options only a Hugging Face folder takes, given with a model file: exit 2, not ignored."""
+    given = [_FLAGS.get(k, "--" + k.replace("_", "-")) for k, v in hf.items() if v != _DEFAULTS.get(k, v)]
+    if given:
+        raise NormexportError(f"{', '.join(given)} applies to Hugging Face folders only", "drop the option, or pass a folder with config.json and safetensors weights")
