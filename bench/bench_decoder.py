@@ -2,7 +2,8 @@
 
   torch eager       transformers with its DynamicCache (inference_mode)
   onnx unfused      normexport's KV-cache export before fusion, on onnxruntime
-  onnx fused        the same after the RMSNorm fusion (what `normexport convert DIR` writes)
+  onnx fused        the same after the RMSNorm fusion (`convert DIR --no-attention-fusion`)
+  onnx fused + attn the norms, then onnxruntime's rotary/attention fusions (what `convert DIR` writes)
   genai (ours)      onnxruntime-genai running normexport's folder
   genai builder     onnxruntime-genai's own model builder on the same folder (fp32, cpu)
 
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,9 +51,9 @@ def save_folder(folder: Path, a) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2").save_pretrained(folder)
 
 
-def build_onnx(folder: Path, work: Path) -> tuple[Path, Path]:
-    """(unfused model.onnx, fused folder) from normexport's export and fusion."""
-    from normexport.fuse import fuse_model, save_onnx
+def build_onnx(folder: Path, work: Path) -> tuple[Path, Path, Path]:
+    """(unfused model.onnx, norm-fused folder, norm+attention-fused folder) from normexport."""
+    from normexport.fuse import save_onnx
     from normexport.hf.convert import HFOptions, convert_folder
     from normexport.hf.folder import load_folder
     from normexport.hf.kv_export import export_decoder
@@ -62,10 +62,12 @@ def build_onnx(folder: Path, work: Path) -> tuple[Path, Path]:
     exp = export_decoder(load_folder(folder), work)
     unfused = work / "unfused" / "model.onnx"
     save_onnx(exp.model, unfused)
-    fused = work / "fused"
-    report = convert_folder(folder, Options(output=fused, residual=False), HFOptions(gen_tokens=8))
-    assert report.passed and report.written, report.to_json()
-    return unfused, fused
+    folders = []
+    for name, attention in (("fused", False), ("fused-attention", True)):
+        report = convert_folder(folder, Options(output=work / name, residual=False), HFOptions(gen_tokens=8, attention_fusion=attention))
+        assert report.passed and report.written, report.to_json()
+        folders.append(work / name)
+    return unfused, *folders
 
 
 def build_genai(folder: Path, out: Path) -> Path | None:
@@ -86,43 +88,6 @@ def set_genai_threads(folder: Path, threads: int) -> None:
     path.write_text(json.dumps(cfg, indent=2))
 
 
-def run_torch(model, prompt, new):
-    import torch
-    from transformers import DynamicCache
-
-    from normexport.hf.kv_export import cache_kwarg, output_cache
-
-    key = cache_kwarg(model)
-    with torch.inference_mode():
-        ids = torch.tensor([prompt])
-        t = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, **{key: DynamicCache()})
-        prefill = time.perf_counter() - t
-        tokens = [int(out.logits[0, -1].argmax())]
-        t = time.perf_counter()
-        for _ in range(new - 1):
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{key: output_cache(out)})
-            tokens.append(int(out.logits[0, -1].argmax()))
-        decode = (time.perf_counter() - t) / (new - 1)
-    return prefill, decode, tokens
-
-
-def run_ort(decoder, prompt, new):
-    import numpy as np
-
-    ids = np.asarray([prompt], dtype=np.int64)
-    t = time.perf_counter()
-    logits, past = decoder.step(ids, decoder.empty_past(), 0)
-    prefill = time.perf_counter() - t
-    tokens, n = [int(logits[0, -1].argmax())], len(prompt)
-    t = time.perf_counter()
-    for _ in range(new - 1):
-        logits, past = decoder.step(np.asarray([[tokens[-1]]], dtype=np.int64), past, n)
-        tokens.append(int(logits[0, -1].argmax()))
-        n += 1
-    return prefill, (time.perf_counter() - t) / (new - 1), tokens
-
-
 def run_genai(og, model, prompt, new):
     import numpy as np
 
@@ -141,6 +106,23 @@ def run_genai(og, model, prompt, new):
     return prefill, (time.perf_counter() - t) / max(1, len(tokens) - 1), tokens
 
 
+def print_ops(graphs: dict[str, Path]) -> None:
+    """Each graph's nodes by op type (the ops it runs per step)."""
+    import onnx
+
+    from normexport.hf.ort_attention import op_counts
+
+    import onnx_ir as ir
+
+    counts = {name: op_counts(ir.from_proto(onnx.load(str(path), load_external_data=False))) for name, path in graphs.items()}
+    ops = sorted({op for c in counts.values() for op in c}, key=lambda op: -max(c.get(op, 0) for c in counts.values()))
+    print("\n| op | " + " | ".join(counts) + " |")
+    print("|---|" + "---:|" * len(counts))
+    print("| **nodes** | " + " | ".join(str(sum(c.values())) for c in counts.values()) + " |")
+    for op in ops:
+        print(f"| {op} | " + " | ".join(str(c.get(op, 0)) for c in counts.values()) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=256)
@@ -157,48 +139,45 @@ def main() -> None:
     import transformers
 
     from normexport.hf.generation import OnnxDecoder, torch_generate
+    from normexport.hf.timing import interleave, run_ort, run_torch
 
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-decoder-"))
     try:
         folder = work / "llama"
         save_folder(folder, a)
-        unfused, fused = build_onnx(folder, work)
+        unfused, fused, fused_attn = build_onnx(folder, work)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval()
         prompt = np.random.default_rng(0).integers(3, a.vocab, size=a.prompt).tolist()
         reference = torch_generate(model, prompt, a.new)
         variants = {
             "torch eager (DynamicCache)": lambda: run_torch(model, prompt, a.new),
             "onnx unfused (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(unfused, threads=a.threads)),
-            "onnx fused (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(fused, threads=a.threads)),
+            "onnx fused norms (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(fused, threads=a.threads)),
+            "onnx fused norms + rotary/attention (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(fused_attn, threads=a.threads)),
         }
+        graphs = {"onnx unfused": unfused, "onnx fused norms": fused / "model.onnx", "onnx fused norms + rotary/attention": fused_attn / "model.onnx"}
         try:
             import onnxruntime_genai as og
         except ImportError:
             og = None
             print("onnxruntime-genai is not installed: its rows are left out (pip install onnxruntime-genai)")
         if og is not None:
-            set_genai_threads(fused, a.threads)
-            variants["onnxruntime-genai, normexport's folder"] = (lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(fused)))
+            set_genai_threads(fused_attn, a.threads)
+            variants["onnxruntime-genai, normexport's folder"] = (lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(fused_attn)))
             built = build_genai(folder, work / "genai-builder")
             if built is not None:
                 set_genai_threads(built, a.threads)
                 variants["onnxruntime-genai, its builder"] = (lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(built)))
-        results = {k: [] for k in variants}
-        for fn in variants.values():  # warm-up
-            fn()
-        for _ in range(a.rounds):
-            for name, fn in variants.items():
-                results[name].append(fn())
+                graphs["onnxruntime-genai builder"] = built / "model.onnx"
+        timings = interleave(variants, a.rounds)
         print(f"\n{machine_line(a.threads)}")
         print(f"Llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, fp32; prompt {a.prompt} tokens, {a.new} new tokens, batch 1; median of {a.rounds} rounds\n")
         print("| variant | prefill ms | decode ms/token | greedy tokens = transformers |")
         print("|---|---:|---:|---|")
-        for name, runs in results.items():
-            pre = statistics.median(r[0] for r in runs) * 1e3
-            dec = statistics.median(r[1] for r in runs) * 1e3
-            same = all(r[2] == reference for r in runs)
-            print(f"| {name} | {pre:.2f} | {dec:.3f} | {'yes' if same else 'no'} |")
+        for t in timings:
+            print(f"| {t.name} | {t.prefill_ms:.2f} | {t.decode_ms:.3f} | {'yes' if t.tokens_equal(reference) else 'no'} |")
+        print_ops(graphs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,7 +13,7 @@ from normexport import __version__
 from normexport.errors import NormexportError
 from normexport.fuse.targets import TARGETS
 from normexport.hf import route_folder
-from normexport.hf.commands import convert_hf, generate_command, hf_convert_options
+from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, validate_hf
 
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
 
@@ -219,6 +219,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     progress = (lambda s: err.print(f"[dim]... {s}[/dim]")) if err.is_terminal else (lambda s: None)
     if folder:
         return convert_hf(model, opts, hf, report_path, progress)
+    refuse_folder_options(hf)
     result = pipeline.convert(model, opts, progress=progress)
     report.print_convert(report.console(), result)
     if report_path:
@@ -302,6 +303,8 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
     check([model, fused, unfused, _factory_file(factory)], [Output("--report", report_path, "report")], force)
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate", stress=stress)
+    if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
+        return validate_hf(model, fused, opts, unfused, report_path)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)
@@ -323,8 +326,9 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a bar chart of the latencies (PNG; needs matplotlib).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option
+@hf_bench_options
 @_handle_errors
-def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, warmup, iters, backend, plot, report_path, force):
+def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, warmup, iters, backend, plot, report_path, force, **hf):
     """Time PyTorch eager, the unfused and the FUSED ONNX model side by side, and the normalization share."""
     import shutil
     import tempfile
@@ -337,6 +341,9 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
     check([model, fused, unfused, _factory_file(factory)], [Output("--plot", plot, "plot"), Output("--report", report_path, "report")], force)
 
     opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, warmup=warmup, iters=iters, backend=backend)
+    if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
+        return bench_hf(model, fused, opts, unfused, report_path, plot, hf)
+    refuse_folder_options(hf)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
     loaded, specs = pipeline.prepare_model_for(model, fused, opts)

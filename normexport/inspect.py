@@ -10,13 +10,23 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from normexport.errors import NormexportError
 
 NORM_WORDS = ("rmsnorm", "layernorm", "norm")
 
 
 def inspect_path(path: Path, factory: str | None = None, trust_pickle: bool = False) -> dict:
+    from normexport.hf import route_folder
     from normexport.load import require_regular_file
 
+    path = Path(path)
+    if route_folder(path):
+        from normexport.hf.tools import inspect_folder, refuse_model_file_options
+
+        refuse_model_file_options({"--factory": factory})
+        return inspect_folder(path, trust_pickle)
+    if path.is_dir():
+        raise NormexportError(f"{path} is a folder with no config.json or safetensors: not a Hugging Face model folder", "pass an .onnx or PyTorch model file, or a folder save_pretrained wrote")
     path = require_regular_file(path)
     if _is_onnx(path):
         return inspect_onnx(path)

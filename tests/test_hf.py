@@ -93,6 +93,66 @@ def test_greedy_tokens_equal_transformers(converted):
         assert ours == torch_generate(model, prompt, NEW_TOKENS), family
 
 
+ROTARY_FAMILIES = {"llama", "qwen3"}  # RotaryEmbedding must fuse for these (query and key of every layer)
+
+
+def _ops(path: Path) -> dict[str, int]:
+    m = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in m.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def test_attention_and_rotary_fusions_are_counted(converted):
+    """The report's op counts are the written graph's; rotary embeddings fused per layer."""
+    family, folder, out, rep, result = converted
+    assert result.exit_code == 0, result.output + result.stderr
+    attention = json.loads(rep.read_text())["attention_fusion"]
+    ops = _ops(out / "model.onnx")
+    assert attention["ops_after"] == ops
+    assert attention["nodes_after"] == sum(ops.values()) < attention["nodes_before"]
+    assert attention["gained"].get("RotaryEmbedding", 0) == ops.get("RotaryEmbedding", 0)
+    if family in ROTARY_FAMILIES:
+        layers = transformers.AutoConfig.from_pretrained(str(folder)).num_hidden_layers
+        assert ops["RotaryEmbedding"] == 2 * layers, (family, ops)
+        assert "RotaryEmbedding x" in result.output
+
+
+def _fused_norms(ops: dict[str, int]) -> int:
+    return sum(ops.get(op, 0) for op in FUSED_OPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--no-attention-fusion",), ("--no-residual-fusion",)], ids=["no-attention", "no-residual"])
+def test_attention_fusion_options(tmp_path, flags):
+    """Off: no contrib attention/rotary ops and the same norms. With --no-residual-fusion the
+    skip norms the attention pass makes are lowered again: every norm plain, none lost."""
+    folder = save_tiny("llama", tmp_path / "llama", seed=5)
+    rep = tmp_path / "r.json"
+    result = invoke("convert", folder, "-o", tmp_path / "out", "--report", rep, "--gen-tokens", 8, *flags)
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(rep.read_text())
+    assert report["generation"]["passed"]
+    ops = _ops(tmp_path / "out" / "model.onnx")
+    modules = sum(1 for m in load_torch(folder).modules() if type(m).__name__.endswith("RMSNorm"))
+    assert _fused_norms(ops) == modules
+    if flags == ("--no-attention-fusion",):
+        assert report["attention_fusion"] is None and "RotaryEmbedding" not in ops
+    else:
+        assert ops["RotaryEmbedding"] == 4 and "SkipSimplifiedLayerNormalization" not in ops
+        assert ops["SimplifiedLayerNormalization"] == modules
+
+
+def test_attention_fusion_needs_target_ort(tmp_path):
+    folder = save_tiny("llama", tmp_path / "llama")
+    result = invoke("convert", folder, "-o", tmp_path / "out", "--target", "onnx", "--attention-fusion")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error:") and "--target onnx" in lines[0] and lines[1].startswith("hint:") and len(lines) == 2
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llama")
@@ -138,6 +198,35 @@ def test_batch_and_past_are_dynamic(llama):
         np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4, rtol=1e-3)
         n += 1
     assert past["past_key_values.0.key"].shape == (3, 2, 8, 16)
+
+
+def test_left_padded_batch_matches_transformers(llama):
+    """A left-padded row (attention_mask 0, positions from its first real token) through the
+    rotary/attention-fused graph: prefill and a decode step equal transformers' where attended."""
+    folder, out = llama
+    model = load_torch(folder)
+    decoder = OnnxDecoder(out)
+    rng = np.random.default_rng(21)
+    ids = rng.integers(3, 1000, size=(2, 7))
+    mask = np.ones((2, 7), dtype=np.int64)
+    mask[0, :3] = 0
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **decoder.empty_past(2)}
+    outs = dict(zip(decoder.output_names, decoder.session.run(None, feed)))
+    key = cache_kwarg(model)
+    with torch.inference_mode():
+        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos), use_cache=True, **{key: transformers.DynamicCache()})
+    attended = mask.astype(bool)
+    np.testing.assert_allclose(outs["logits"][attended], ref.logits.numpy()[attended], atol=1e-4, rtol=1e-3)
+    nxt = outs["logits"][:, -1].argmax(-1)[:, None]
+    mask2 = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    pos2 = pos[:, -1:] + 1
+    feed = {"input_ids": nxt, "attention_mask": mask2, "position_ids": pos2}
+    feed.update({p: outs[p.replace("past_key_values.", "present.", 1)] for p in decoder.past_names})
+    logits = decoder.session.run(["logits"], feed)[0]
+    with torch.inference_mode():
+        ref2 = model(input_ids=torch.tensor(nxt), attention_mask=torch.tensor(mask2), position_ids=torch.tensor(pos2), use_cache=True, **{key: output_cache(ref)})
+    np.testing.assert_allclose(logits, ref2.logits.numpy(), atol=1e-4, rtol=1e-3)
 
 
 def test_generate_command_matches_transformers(llama):
@@ -344,3 +433,93 @@ def test_model_file_loader_names_the_folder_kind(tmp_path):
     with pytest.raises(NormexportError) as e:
         load_model(folder)
     assert "Hugging Face folder" in e.value.message and "normexport convert" in e.value.hint
+
+
+def test_inspect_folder_lists_every_rmsnorm_module_fused(llama):
+    folder, out = llama
+    result = invoke("inspect", folder, "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    names = [n for n, m in load_torch(folder).named_modules() if type(m).__name__.endswith("RMSNorm")]
+    assert [m["module"] for m in report["modules"]] == names and len(names) == 5
+    assert all(m["status"] == "fused" and m["class"] == "LlamaRMSNorm" for m in report["modules"])
+    assert len(report["norms"]) == len(names)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("inspect", "{empty}"), "not a Hugging Face model folder"),
+        (("inspect", "{folder}", "--factory", "m:f"), "--factory"),
+        (("validate", "{folder}", "{folder}"), "not a converted one"),
+        (("validate", "{folder}", "{empty}"), "no model.onnx"),
+        (("validate", "{folder}", "{out}", "--unfused", "x.onnx"), "--unfused"),
+        (("bench", "{folder}", "{out}", "--input", "x:int64:1x2"), "--input"),
+        (("convert", "{out}/model.onnx", "--no-attention-fusion"), "--attention-fusion/--no-attention-fusion applies to Hugging Face folders only"),
+        (("bench", "{out}/model.onnx", "{out}/model.onnx", "--rounds", "3"), "--rounds applies to Hugging Face folders only"),
+    ],
+    ids=["inspect-empty-dir", "inspect-factory", "validate-source-as-output", "validate-no-model", "validate-unfused", "bench-input", "convert-file-attention", "bench-file-rounds"],
+)
+def test_folder_commands_refuse_wrong_combinations(llama, tmp_path, args, words):
+    folder, out = llama
+    (tmp_path / "empty").mkdir()
+    args = [a.format(folder=folder, out=out, empty=tmp_path / "empty") for a in args]
+    result = invoke(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, result.output + result.stderr
+    assert len(lines) == 2 and lines[0].startswith("error:") and words in lines[0] and lines[1].startswith("hint:")
+
+
+def test_validate_folder_against_its_output(llama, tmp_path):
+    folder, out = llama
+    rep = tmp_path / "v.json"
+    result = invoke("validate", folder, out, "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    generation = json.loads(rep.read_text())["generation"]
+    assert generation["passed"] and generation["new_tokens"] == NEW_TOKENS
+    assert all(p["tokens_equal"] for p in generation["prompts"])
+
+
+def test_validate_fails_for_another_models_output(llama, tmp_path):
+    """Same architecture, other weights: the check must see it (exit 1)."""
+    folder, out = llama
+    other = save_tiny("llama", tmp_path / "other", seed=11)
+    result = invoke("validate", other, out)
+    assert result.exit_code == 1, result.output + result.stderr
+    assert "FAILED" in result.output
+
+
+def test_bench_folder_reports_every_variant(llama, tmp_path):
+    folder, out = llama
+    rep = tmp_path / "b.json"
+    result = invoke("bench", folder, out, "--prompt-len", 12, "--new-tokens", 4, "--rounds", 2, "--threads", 1, "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(rep.read_text())
+    assert [v["variant"] for v in report["variants"]] == ["torch eager (cache)", "onnx unfused", f"onnx fused ({out.name})"]
+    for v in report["variants"]:
+        assert v["prefill_ms"] > 0 and v["decode_ms_per_token"] > 0 and v["rounds"] == 2
+        assert v["tokens_equal_reference"], v
+    assert report["prompt_tokens"] == 12 and report["decode_past"] == "12..14"
+
+
+@pytest.mark.slow
+def test_onnxscript_fallback_without_transformers_exporters(tmp_path, monkeypatch):
+    """Without transformers.exporters (transformers 4.x) onnxscript's optimize_for_ort runs
+    alone: the norms stay fused and generation still equals transformers."""
+    import sys
+
+    from normexport.fuse import fuse_model, save_onnx
+    from normexport.hf.folder import load_folder
+    from normexport.hf.generation import check_generation
+    from normexport.hf.kv_export import export_decoder
+    from normexport.hf.ort_attention import fuse_attention, fused_norms
+
+    hf = load_folder(save_tiny("llama", tmp_path / "llama", seed=9))
+    model = export_decoder(hf, tmp_path).model
+    fused = fuse_model(model, "ort").fused
+    monkeypatch.setitem(sys.modules, "transformers.exporters.onnxruntime_fusions", None)
+    result = fuse_attention(model)
+    assert result.pipeline == "onnxscript optimize_for_ort"
+    assert fused == 5 and fused_norms(result.after) == fused
+    save_onnx(model, tmp_path / "out" / "model.onnx")
+    assert check_generation(hf.module, OnnxDecoder(tmp_path / "out"), "float32", NEW_TOKENS, seed=4).passed

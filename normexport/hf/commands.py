@@ -16,6 +16,7 @@ def hf_convert_options(fn):
         [
             click.option("--task", type=click.Choice(TASKS), help="Hugging Face folders: what to export (default: text-generation-with-past for *ForCausalLM, else feature-extraction)."),
             click.option("--gen-tokens", type=click.IntRange(1, 4096), default=32, show_default=True, help="Hugging Face folders: greedy tokens generated per prompt to check against transformers."),
+            click.option("--attention-fusion/--no-attention-fusion", default=None, help="Hugging Face folders: after the norms, fuse rotary embeddings and attention into onnxruntime's ops (RotaryEmbedding, MultiHeadAttention/GroupQueryAttention where faster on CPU) [default: on for --target ort]."),
             click.option("--trust-remote-code", is_flag=True, help="Hugging Face folders: allow custom modeling code (auto_map in config.json). It runs Python from the folder."),
         ]
     ):
@@ -29,7 +30,7 @@ def convert_hf(model: Path, opts, hf: dict, report_path: Path | None, progress) 
     from normexport.hf.convert import HFOptions, convert_folder
     from normexport.hf.show import print_hf_convert
 
-    hf_opts = HFOptions(task=hf.get("task"), gen_tokens=hf.get("gen_tokens") or 32, trust_remote_code=bool(hf.get("trust_remote_code")))
+    hf_opts = HFOptions(task=hf.get("task"), gen_tokens=hf.get("gen_tokens") or 32, trust_remote_code=bool(hf.get("trust_remote_code")), attention_fusion=hf.get("attention_fusion"))
     result = convert_folder(model, opts, hf_opts, progress=progress)
     print_hf_convert(report.console(), result)
     if report_path:
@@ -72,3 +73,62 @@ def generate_command(folder, prompt_ids, max_new_tokens, threads, as_json):
         click.echo(json.dumps({"prompt_ids": prompt_ids, "new_tokens": tokens, "seconds": round(seconds, 4)}))
     else:
         click.echo(",".join(map(str, tokens)))
+
+
+def hf_bench_options(fn):
+    for deco in reversed(
+        [
+            click.option("--prompt-len", type=click.IntRange(1, 100000), default=64, show_default=True, help="Hugging Face folders: prompt tokens of the timed prefill."),
+            click.option("--new-tokens", type=click.IntRange(2, 100000), default=16, show_default=True, help="Hugging Face folders: tokens generated after it (decode ms/token is their mean, past from the prompt length on)."),
+            click.option("--rounds", type=click.IntRange(1, 10000), default=5, show_default=True, help="Hugging Face folders: interleaved rounds (medians reported)."),
+        ]
+    ):
+        fn = deco(fn)
+    return fn
+
+
+def validate_hf(model: Path, fused: Path, opts, unfused, report_path: Path | None) -> None:
+    """validate DIR OUTDIR: the generation check; exit 1 when it fails."""
+    from normexport import report
+    from normexport.hf.show import print_generation
+    from normexport.hf.tools import refuse_model_file_options, validate_folder
+
+    refuse_model_file_options({"--input": opts.inputs, "--factory": opts.factory, "--unfused": unfused})
+    result = validate_folder(model, fused, opts, gen_tokens=32)
+    print_generation(report.console(), result)
+    if report_path:
+        report.write_json({"model": str(model), "fused": str(fused), "generation": result.to_json()}, report_path)
+    if not result.passed:
+        sys.exit(1)
+
+
+def bench_hf(model: Path, fused: Path, opts, unfused, report_path: Path | None, plot, hf: dict) -> None:
+    """bench DIR OUTDIR: prefill and decode latency table."""
+    from rich.table import Table
+
+    from normexport import report
+    from normexport.hf.tools import bench_folder, refuse_model_file_options
+
+    refuse_model_file_options({"--input": opts.inputs, "--factory": opts.factory, "--unfused": unfused, "--plot": plot})
+    result = bench_folder(model, fused, opts, hf["prompt_len"], hf["new_tokens"], hf["rounds"])
+    t = Table(title=f"{model}: prefill of {result['prompt_tokens']} tokens, decode with past {result['decode_past']}, {result['threads']} thread(s), median of {result['rounds']} rounds")
+    for col in ("variant", "prefill ms", "decode ms/token", "greedy tokens = transformers"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for v in result["variants"]:
+        t.add_row(v["variant"], f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", "yes" if v["tokens_equal_reference"] else "[red]no[/red]")
+    report.console().print(t)
+    if report_path:
+        report.write_json(result, report_path)
+
+
+_DEFAULTS = {"task": None, "gen_tokens": 32, "attention_fusion": None, "trust_remote_code": False, "prompt_len": 64, "new_tokens": 16, "rounds": 5}
+
+
+_FLAGS = {"attention_fusion": "--attention-fusion/--no-attention-fusion"}
+
+
+def refuse_folder_options(hf: dict) -> None:
+    """Options only a Hugging Face folder takes, given with a model file: exit 2, not ignored."""
+    given = [_FLAGS.get(k, "--" + k.replace("_", "-")) for k, v in hf.items() if v != _DEFAULTS.get(k, v)]
+    if given:
+        raise NormexportError(f"{', '.join(given)} applies to Hugging Face folders only", "drop the option, or pass a folder with config.json and safetensors weights")

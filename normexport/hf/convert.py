@@ -29,6 +29,7 @@ class HFOptions:
     task: str | None = None
     gen_tokens: int = 32
     trust_remote_code: bool = False
+    attention_fusion: bool | None = None  # None: on for --target ort
 
 
 @dataclass
@@ -40,6 +41,7 @@ class HFConvertReport:
     architecture: str = ""
     rmsnorm_modules: int = 0
     fusion: object = None  # FuseReport
+    attention: object = None  # ort_attention.AttentionFusion
     generation: object = None  # GenerationReport
     outputs: list = field(default_factory=list)  # OutputComparison (tasks without a cache)
     inputs: list[str] = field(default_factory=list)
@@ -68,6 +70,7 @@ class HFConvertReport:
             "inputs": self.inputs, "outputs": self.output_names,
             "rmsnorm_modules": self.rmsnorm_modules,
             "fusion": self.fusion.to_json() if self.fusion else None,
+            "attention_fusion": self.attention.to_json() if self.attention else None,
             "generation": self.generation.to_json() if self.generation else None,
             "validation": {"passed": self.passed, "outputs": [c.to_json() for c in self.outputs]} if self.checked else None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
@@ -103,6 +106,8 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
         )
     if opts.target not in TARGETS:
         raise NormexportError(f"unknown target '{opts.target}'", f"one of {', '.join(TARGETS)}")
+    if hf_opts.attention_fusion and opts.target != "ort":
+        raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {opts.target}", "use --target ort, or drop --attention-fusion")
     t = time.perf_counter()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.dtype, opts.trust_pickle, hf_opts.trust_remote_code)
@@ -118,7 +123,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     try:
         staged = work / "out"
         staged.mkdir()
-        _export_and_fuse(hf, opts, report, staged / MODEL_NAME, progress)
+        _export_and_fuse(hf, opts, report, staged / MODEL_NAME, progress, attention_wanted(opts, hf_opts))
         if opts.validate:
             t = time.perf_counter()
             progress("checking generation against transformers")
@@ -135,13 +140,17 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     return report
 
 
-def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress) -> None:
+def attention_wanted(opts, hf_opts: HFOptions) -> bool:
+    return opts.target == "ort" if hf_opts.attention_fusion is None else hf_opts.attention_fusion
+
+
+def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False) -> None:
     from normexport.fuse import fuse_model, save_onnx
     from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
 
     t = time.perf_counter()
     progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx")
-    exp = export_decoder(hf, dst.parent.parent)
+    exp = export_decoder(hf, dst.parent.parent, attention_form=attention)
     report.inputs, report.output_names = exp.input_names, exp.output_names
     report.steps["export"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -153,8 +162,28 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
         raise NormexportError(f"no RMSNorm found in {hf.path} ({hf.architecture})", "normexport fuses x / sqrt(mean(x²) + eps) · g; this model has none it recognises")
     if fusion.fused < report.rmsnorm_modules:
         report.notes.append(f"{report.rmsnorm_modules} RMSNorm modules in PyTorch, {fusion.fused} fused norms in the graph")
+    if attention:
+        _fuse_attention(exp.model, report, progress, opts)
     save_onnx(exp.model, dst)
     report.steps["fuse"] = time.perf_counter() - t
+
+
+def _fuse_attention(model, report: HFConvertReport, progress, opts) -> None:
+    """onnxruntime's attention/rotary fusions after the norms; every fused norm must survive.
+    They fold residual Adds into skip norms: with --no-residual-fusion the norms are lowered
+    again without them."""
+    from normexport.fuse import fuse_model
+    from normexport.hf.ort_attention import fuse_attention, fused_norms, op_counts, quiet_passes
+
+    progress("fusing attention and rotary embeddings for onnxruntime")
+    norms = fused_norms(op_counts(model))
+    report.attention = fuse_attention(model)
+    if not opts.residual:
+        with quiet_passes():  # ONNX's shape inference cannot see into the contrib ops
+            fuse_model(model, opts.target, residual=False)
+        report.attention.recount(model)
+    if fused_norms(report.attention.after) < norms:
+        raise AssertionError(f"the attention fusions unfused norms: {norms} fused before, {fused_norms(report.attention.after)} after")
 
 
 def _validate(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertReport, model_path: Path) -> None:

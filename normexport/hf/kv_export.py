@@ -14,6 +14,7 @@ hides what lies outside the window), so one graph serves prefill and decode.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -120,8 +121,9 @@ def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: in
     return feed
 
 
-def export_decoder(hf: HFModel, workdir: Path) -> DecoderExport:
-    """torch.onnx (dynamo) export of the task's wrapper; batch, sequence and past dynamic."""
+def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False) -> DecoderExport:
+    """torch.onnx (dynamo) export of the task's wrapper; batch, sequence and past dynamic.
+    ``attention_form``: SDPA exported the way onnxruntime's attention fusions match it."""
     from torch.export import Dim
 
     start = time.perf_counter()
@@ -140,8 +142,11 @@ def export_decoder(hf: HFModel, workdir: Path) -> DecoderExport:
     if with_past:
         shapes = (*shapes, tuple({0: d, 2: d} for _ in layout.past_names))
     workdir = fresh_workdir(workdir)
+    from normexport.hf.ort_attention import export_patches
+
     try:
-        model = _run_export(wrapper, feed, outputs, shapes, workdir / "export.onnx", hf)
+        with export_patches() if attention_form else contextlib.nullcontext():
+            model = _run_export(wrapper, feed, outputs, shapes, workdir / "export.onnx", hf)
     finally:
         remove(workdir)
     name_dims(model, with_past)

@@ -1,0 +1,89 @@
+"""Prefill and per-token decode latency of a KV-cache decoder, in interleaved rounds.
+
+A run feeds the prompt (prefill: one forward over ``prompt`` tokens from an empty cache),
+then decodes ``new - 1`` greedy tokens one at a time, each after the growing past; it returns
+(prefill seconds, mean decode seconds per token, greedy tokens). ``interleave`` runs every
+variant once per round, after one warm-up each, so drift on a shared machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+Run = tuple[float, float, list[int]]
+
+
+def run_torch(model, prompt: list[int], new: int) -> Run:
+    """transformers eager with its DynamicCache."""
+    import torch
+    from transformers import DynamicCache
+
+    from normexport.hf.kv_export import cache_kwarg, output_cache
+
+    key = cache_kwarg(model)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        t = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, **{key: DynamicCache()})
+        prefill = time.perf_counter() - t
+        tokens = [int(out.logits[0, -1].argmax())]
+        t = time.perf_counter()
+        for _ in range(new - 1):
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{key: output_cache(out)})
+            tokens.append(int(out.logits[0, -1].argmax()))
+        decode = (time.perf_counter() - t) / max(1, new - 1)
+    return prefill, decode, tokens
+
+
+def run_ort(decoder, prompt: list[int], new: int) -> Run:
+    """normexport's onnxruntime loop (generation.OnnxDecoder) over the KV contract."""
+    import numpy as np
+
+    ids = np.asarray([prompt], dtype=np.int64)
+    t = time.perf_counter()
+    logits, past = decoder.step(ids, decoder.empty_past(), 0)
+    prefill = time.perf_counter() - t
+    tokens, n = [int(logits[0, -1].argmax())], len(prompt)
+    t = time.perf_counter()
+    for _ in range(new - 1):
+        logits, past = decoder.step(np.asarray([[tokens[-1]]], dtype=np.int64), past, n)
+        tokens.append(int(logits[0, -1].argmax()))
+        n += 1
+    return prefill, (time.perf_counter() - t) / max(1, new - 1), tokens
+
+
+@dataclass
+class Timing:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def prefill_ms(self) -> float:
+        return statistics.median(r[0] for r in self.runs) * 1e3
+
+    @property
+    def decode_ms(self) -> float:
+        return statistics.median(r[1] for r in self.runs) * 1e3
+
+    def tokens_equal(self, reference: list[int]) -> bool:
+        return all(r[2] == reference for r in self.runs)
+
+    def to_json(self, reference: list[int] | None = None) -> dict:
+        out = {"variant": self.name, "prefill_ms": round(self.prefill_ms, 4), "decode_ms_per_token": round(self.decode_ms, 4), "rounds": len(self.runs)}
+        if reference is not None:
+            out["tokens_equal_reference"] = self.tokens_equal(reference)
+        return out
+
+
+def interleave(variants: dict[str, Callable[[], Run]], rounds: int, warmup: int = 1) -> list[Timing]:
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    timings = {name: Timing(name) for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            timings[name].runs.append(fn())
+    return list(timings.values())
