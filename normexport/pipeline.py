@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
-import numpy as np
 
 from normexport import outputs
 from normexport.errors import NormexportError
@@ -126,6 +122,7 @@ def apply_dtype(loaded: LoadedModel, specs: list[InputSpec], dtype: str) -> list
 
 
 def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) -> ConvertReport:
+    """Convert the model file (or Hugging Face folder) at ``path``: load, then ``convert_loaded``."""
     path = Path(path)
     from normexport.hf import route_folder
 
@@ -135,49 +132,38 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
         return convert_folder(path, opts, progress=progress)
     out = Path(opts.output) if opts.output else default_output(path, opts.target)
     outputs.check_distinct([path], [outputs.Output("-o", out, "onnx")])
-    from normexport.fuse import TARGETS
-
-    if opts.target not in TARGETS:
-        raise NormexportError(f"unknown target '{opts.target}'", f"one of {', '.join(TARGETS)}")
-    report = ConvertReport(model=str(path), target=opts.target, output=str(out))
-
+    check_target(opts.target)
     t = time.perf_counter()
     progress(f"loading {path}")
     loaded, specs = prepare_model(path, opts)
-    report.kind = loaded.kind
+    report = ConvertReport(model=str(path), target=opts.target, output=str(out), kind=loaded.kind)
+    report.steps["load"] = time.perf_counter() - t
+    return convert_loaded(loaded, specs, out, opts, report, progress)
+
+
+def check_target(target: str) -> None:
+    from normexport.fuse import TARGETS
+
+    if target not in TARGETS:
+        raise NormexportError(f"unknown target '{target}'", f"one of {', '.join(TARGETS)}")
+
+
+def require_norms(fusion: FuseReport, source: str | os.PathLike, hint: str) -> None:
+    """The one refusal of a model in which no RMSNorm was fused (convert and fuse)."""
+    if fusion.fused:
+        return
+    reasons = "; ".join(sorted({s.reason for s in fusion.skipped}))[:300]
+    near = f" ({len(fusion.skipped)} near-miss(es): {reasons})" if fusion.skipped else ""
+    raise NormexportError(f"no RMSNorm found in {source}{near}", f"normexport fuses x / sqrt(mean(x²) + eps) · g; {hint}")
+
+
+def convert_loaded(loaded: LoadedModel, specs: list[InputSpec], out: Path, opts: Options, report: ConvertReport, progress: Progress = _noop) -> ConvertReport:
+    """Export, fuse, validate and time a loaded model; install the fused model at ``out``
+    (through normexport.outputs) when it validates, or with ``opts.keep_failed``."""
     report.notes += loaded.notes
     report.inputs = [s.to_json() for s in specs]
-    report.steps["load"] = time.perf_counter() - t
-
-    workdir = Path(tempfile.mkdtemp(prefix="normexport-"))
-    try:
-        t = time.perf_counter()
-        progress("exporting with torch.onnx")
-        from normexport.export import export_onnx
-
-        example = make_inputs(specs, opts.seed)
-        exp = export_onnx(loaded, example, opts.opset, exporter=opts.exporter)
-        report.exporter, report.opset, report.dynamic = exp.exporter, exp.opset, exp.dynamic
-        report.notes += exp.notes
-        unfused_path = workdir / "unfused.onnx"
-        save_onnx(exp.model, unfused_path)
-        report.steps["export"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        progress(f"fusing RMSNorm for target {opts.target}")
-        model = load_onnx(unfused_path)
-        fusion = fuse_model(model, opts.target, residual=opts.residual)
-        report.fusion = fusion
-        if fusion.fused == 0:
-            reasons = "; ".join(sorted({s.reason for s in fusion.skipped}))[:300]
-            raise NormexportError(
-                f"no RMSNorm found in {path}" + (f" ({len(fusion.skipped)} near-miss(es): {reasons})" if fusion.skipped else ""),
-                "normexport fuses x / sqrt(mean(x²) + eps) · g; run `normexport inspect` to see what it sees",
-            )
-        fused_path = workdir / "fused" / out.name  # named as the output: its external data file too
-        save_onnx(model, fused_path)
-        report.steps["fuse"] = time.perf_counter() - t
-
+    with outputs.work_dir() as workdir:
+        unfused_path, fused_path = _export_and_fuse(loaded, specs, workdir, out.name, opts, report, progress)
         runs_here = not (opts.target == "trt-plugin" and opts.backend != "trt")  # plugin nodes run on TensorRT only
         if opts.validate and not runs_here:
             report.notes.append("not validated: trt-plugin nodes run only on TensorRT (use --backend trt on a machine with TensorRT)")
@@ -194,16 +180,49 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
             feeds = [make_inputs(specs, opts.seed + 1000 + i) for i in range(3)]
             report.bench = bench_models(loaded, unfused_path, fused_path, feeds, opts)
             report.steps["bench"] = time.perf_counter() - t
-
         passed = report.validation is None or report.validation.passed
         if passed or opts.keep_failed:
             outputs.install_onnx(fused_path, out)
             report.written = True
         else:
             report.notes.append(f"validation failed: {out} not written (--keep-failed writes it anyway)")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+def _export_and_fuse(loaded, specs, workdir: Path, name: str, opts: Options, report: ConvertReport, progress: Progress) -> tuple[Path, Path]:
+    """The unfused export and the fused model, both written into ``workdir``."""
+    from normexport.export import export_onnx
+
+    t = time.perf_counter()
+    progress("exporting with torch.onnx")
+    exp = export_onnx(loaded, make_inputs(specs, opts.seed), opts.opset, exporter=opts.exporter)
+    report.exporter, report.opset, report.dynamic = exp.exporter, exp.opset, exp.dynamic
+    report.notes += exp.notes
+    unfused_path = workdir / "unfused.onnx"
+    save_onnx(exp.model, unfused_path)
+    report.steps["export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress(f"fusing RMSNorm for target {opts.target}")
+    model = load_onnx(unfused_path)
+    report.fusion = fuse_model(model, opts.target, residual=opts.residual)
+    require_norms(report.fusion, report.model, "run `normexport inspect` to see what it sees")
+    fused_path = workdir / "fused" / name  # named as the output: its external data file too
+    save_onnx(model, fused_path)
+    report.steps["fuse"] = time.perf_counter() - t
+    return unfused_path, fused_path
+
+
+def fuse_file(model: Path, out: Path, target: str, residual: bool = True, allow_none: bool = False) -> FuseReport:
+    """Fuse the ONNX file ``model`` into ``out``; refuse a model with no RMSNorm unless
+    ``allow_none`` (or the target is ``decompose``: it only rewrites fused norms back)."""
+    require_regular_file(model, "ONNX")
+    m = load_onnx(model)
+    result = fuse_model(m, target, residual=residual)
+    if not allow_none and target != "decompose":
+        require_norms(result, model, "run `normexport inspect` to see what normexport sees (--allow-none writes the model anyway)")
+    save_onnx(m, out)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +348,19 @@ def prepare_model_for(path: Path, onnx_path: Path, opts: Options) -> tuple[Loade
     return loaded, specs
 
 
+def bench_onnx(loaded: LoadedModel, specs: list[InputSpec], fused: Path, unfused: Path | None, opts: Options):
+    """``bench_models`` on a given fused ONNX file; without ``unfused``, the unfused model is
+    exported from ``loaded`` into a private temp folder first."""
+    feeds = [make_inputs(specs, opts.seed + 1000 + i) for i in range(3)]
+    with outputs.work_dir("normexport-bench-") as tmp:
+        if unfused is None:
+            from normexport.export import export_onnx
+
+            unfused = tmp / "unfused.onnx"
+            save_onnx(export_onnx(loaded, feeds[0]).model, unfused)
+        return bench_models(loaded, unfused, fused, feeds, opts)
+
+
 def check_inputs_cover(model_path: Path, specs: list[InputSpec]) -> None:
     """The ONNX model's inputs must all have a spec of its dtype and of its static dims
     (validate/bench on a given ONNX file)."""
@@ -352,9 +384,3 @@ def check_inputs_cover(model_path: Path, specs: list[InputSpec]) -> None:
                 f"input '{i.name}' is {s.dtype}:{'x'.join(map(str, s.shape))} here, but {model_path} takes {dtype}:{want}",
                 "give --input shapes and dtypes that match the ONNX model (or the ONNX model of this MODEL)",
             )
-
-
-def numpy_feed(feed: dict) -> dict[str, np.ndarray]:
-    from normexport.runners.torch_runner import to_numpy
-
-    return {k: to_numpy(v) for k, v in feed.items()}
