@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import ort_helper
 from normexport.fuse import fuse_model, save_onnx
 from normexport.pipeline import Options
 from normexport.stress import LARGE_MAGNITUDES, NormParams, reference, row_kinds, stress_check, stress_rows, wanted
@@ -83,9 +83,7 @@ def test_correct_fusion_passes_against_float64_and_unfused(tmp_path, name, sp):
     # The fused model, run here on the large rows by itself, equals torch's float64 rms_norm.
     big = np.full(SHAPE, 0.5) * np.sign(np.random.default_rng(1).standard_normal(SHAPE)) * 250.0
     feed = {"a": (big / 2).astype(np.float32), "b": (big / 2).astype(np.float32)} if sp.residual else {"x": big.astype(np.float16 if sp.dtype == TensorProto.FLOAT16 else np.float32)}
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    y = ort.InferenceSession(str(fused), so, providers=["CPUExecutionProvider"]).run(["y"], feed)[0]
+    y = ort_helper.session(fused).run(["y"], feed)[0]
     assert np.all(np.isfinite(y)) and np.abs(y).max() > 0.1
 
 
