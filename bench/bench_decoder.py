@@ -57,13 +57,13 @@ def build_onnx(folder: Path, work: Path) -> tuple[Path, Path]:
     from normexport.hf.convert import HFOptions, convert_folder
     from normexport.hf.folder import load_folder
     from normexport.hf.kv_export import export_decoder
-    from normexport.pipeline import Options
+    from normexport.options import ConvertOptions, FuseOptions
 
     exp = export_decoder(load_folder(folder), work)
     unfused = work / "unfused" / "model.onnx"
     save_onnx(exp.model, unfused)
     fused = work / "fused"
-    report = convert_folder(folder, Options(output=fused, residual=False), HFOptions(gen_tokens=8))
+    report = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=False), output=fused), HFOptions(gen_tokens=8))
     assert report.passed and report.written, report.to_json()
     return unfused, fused
 

@@ -22,6 +22,7 @@ from normexport import outputs, pipeline
 from normexport.errors import NormexportError
 from normexport.fuse import load_onnx
 from normexport.load import InputSpec, LoadedModel, load_model, spec_of
+from normexport.options import BenchOptions, ConvertOptions, ExportOptions, FuseOptions, ValidateOptions
 
 PathLike = str | os.PathLike
 
@@ -163,9 +164,12 @@ def convert(
     ``<name>.<target>.onnx`` beside it). ``atol``/``rtol``: one value, or a dict by ONNX output
     name with the default under None. A Hugging Face folder is converted by the CLI only.
     """
-    opts = pipeline.Options(
-        target=target, residual=residual, opset=opset, exporter=exporter, factory=factory, trust_pickle=trust_pickle, dtype=dtype, validate=validate, bench=bench,
-        backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, keep_failed=keep_failed,
+    opts = ConvertOptions(
+        export=ExportOptions(opset=opset, exporter=exporter, seed=seed),
+        fuse=FuseOptions(target=target, residual=residual),
+        validate=ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype) if validate else None,
+        bench=BenchOptions(backend=backend, threads=threads, seed=seed, dtype=dtype) if bench else None,
+        output=output, keep_failed=keep_failed,
     )
     pipeline.check_target(target)
     if _is_module(model):
@@ -235,7 +239,7 @@ def validate(
     where they differ, name the first diverging norm. Returns a ``ValidationReport``
     (``passed``, ``outputs``, ``first_divergence``): a mismatch is a result, not an exception.
     Tolerances default by dtype (normexport.validate.DEFAULT_TOLERANCES)."""
-    opts = pipeline.Options(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, localize=localize, stress=stress, dtype=dtype)
+    opts = ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, localize=localize, stress=stress, dtype=dtype)
     loaded, specs = load(model, inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
     with onnx_file(onnx_model) as fused, contextlib.ExitStack() as stack:
         base = stack.enter_context(onnx_file(unfused)) if unfused is not None else None
@@ -261,7 +265,7 @@ def bench(
 ):
     """Time PyTorch eager, the unfused and the fused ONNX model side by side (the unfused one
     exported from ``model`` unless given) and the normalization share: a ``BenchReport``."""
-    opts = pipeline.Options(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype)
+    opts = BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype)
     loaded, specs = load(model, inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
     with onnx_file(onnx_model) as fused, contextlib.ExitStack() as stack:
         base = stack.enter_context(onnx_file(unfused)) if unfused is not None else None

@@ -221,10 +221,13 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     out = None if folder else output or pipeline.default_output(model, target)
     check([model, _factory_file(factory)], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
 
-    opts = pipeline.Options(
-        target=target, residual=residual, opset=opset, exporter=exporter, inputs=inputs, factory=factory, trust_pickle=trust_pickle, output=output, dtype=dtype,
-        validate=not no_validate, bench=not no_bench, backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed,
-        warmup=warmup, iters=iters, threads=threads, keep_failed=keep_failed, stress=stress,
+    opts = pipeline.ConvertOptions(
+        load=pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype),
+        export=pipeline.ExportOptions(opset=opset, exporter=exporter, seed=seed),
+        fuse=pipeline.FuseOptions(target=target, residual=residual),
+        validate=None if no_validate else pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress),
+        bench=None if no_bench else pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype),
+        output=output, keep_failed=keep_failed,
     )
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
@@ -301,10 +304,11 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
 
     check([model, fused, unfused, _factory_file(factory)], [Output("--report", report_path, "report")], force)
 
-    opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate", stress=stress)
+    load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
+    opts = pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
-    loaded, specs = pipeline.prepare_model_for(model, fused, opts)
+    loaded, specs = pipeline.prepare_model_for(model, fused, load)
     result = pipeline.validate_models(loaded, specs, unfused, fused, opts)
     report.print_validation(report.console(), result)
     if report_path:
@@ -330,10 +334,11 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
 
     check([model, fused, unfused, _factory_file(factory)], [Output("--plot", plot, "plot"), Output("--report", report_path, "report")], force)
 
-    opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, warmup=warmup, iters=iters, backend=backend)
+    load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
+    opts = pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
-    loaded, specs = pipeline.prepare_model_for(model, fused, opts)
+    loaded, specs = pipeline.prepare_model_for(model, fused, load)
     result = pipeline.bench_onnx(loaded, specs, fused, unfused, opts)
     c = report.console()
     report.print_bench(c, result)
