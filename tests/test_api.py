@@ -212,3 +212,24 @@ def test_readme_pytest_example_runs_and_passes(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert re.search(r"\b1 passed\b", proc.stdout), proc.stdout[-2000:]
+
+
+def test_bench_times_the_three_variants(converted):
+    module, result = converted
+    report = normexport.bench(module, result.output, {"input_ids": token_ids(9)}, warmup=1, iters=3, threads=1)
+    assert set(report.latency_ms) == {"torch", "onnx_unfused", "onnx_fused"}
+    assert all(lat.iters == 3 and 0 < lat.min <= lat.median for lat in report.latency_ms.values())
+    assert 0 < report.norm_share["onnx_fused"] < 1
+
+
+def test_ln2rms_converts_a_pre_ln_model_to_an_equivalent_rmsnorm_one():
+    from models.gpt2_style import gpt2_small
+
+    model, example = gpt2_small()
+    converted_model, report = normexport.ln2rms(model, example)
+    assert report.passed and not any(isinstance(m, nn.LayerNorm) for m in converted_model.modules())
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(77))
+    with torch.no_grad():
+        ref, got = model.double()(ids), copy.deepcopy(converted_model).double()(ids)
+    ref, got = (getattr(t, "logits", t) for t in (ref, got))
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
