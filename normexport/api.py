@@ -7,7 +7,8 @@ ONNX models are a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``. Inputs a
 example tensors bound to the model's inputs by name: their names, dtypes and shapes describe
 the seeded random draws that validation and timing run on (integer inputs that index an
 embedding draw across its whole vocabulary; other integer inputs within the example's range).
-Every user error raises a ``normexport.errors.NormexportError`` subclass.
+A module given is switched to eval mode. Every user error raises a
+``normexport.errors.NormexportError`` subclass.
 """
 
 from __future__ import annotations
