@@ -233,3 +233,25 @@ def test_ln2rms_converts_a_pre_ln_model_to_an_equivalent_rmsnorm_one():
         ref, got = model.double()(ids), copy.deepcopy(converted_model).double()(ids)
     ref, got = (getattr(t, "logits", t) for t in (ref, got))
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+def test_cli_exit_code_is_1_for_every_failed_validation_and_0_otherwise():
+    from normexport.bench import BenchReport
+    from normexport.cli import exit_code
+    from normexport.hf.convert import HFConvertReport
+    from normexport.pipeline import ConvertReport
+    from normexport.validate import ValidationReport, compare_arrays
+
+    ok = compare_arrays("y", np.ones(3), np.ones(3))
+    off = compare_arrays("y", np.ones(3), np.full(3, 2.0))
+    assert ok.passed and not off.passed
+
+    def validation(c):
+        return ValidationReport(passed=c.passed, samples=1, outputs=[c], unfused=[])
+
+    assert [exit_code(validation(c)) for c in (ok, off)] == [0, 1]
+    assert [exit_code(ConvertReport("m", "ort", "o", validation=validation(c))) for c in (ok, off)] == [0, 1]
+    assert exit_code(ConvertReport("m", "ort", "o")) == 0  # not validated
+    assert [exit_code(HFConvertReport("m", "ort", "o", outputs=[c])) for c in (ok, off)] == [0, 1]
+    assert exit_code(BenchReport(threads=1, warmup=0, iters=1, input_sets=1)) == 0
+    assert exit_code(None) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -23,8 +22,9 @@ def hf_convert_options(fn):
     return fn
 
 
-def convert_hf(model: Path, opts, hf: dict, report_path: Path | None, progress) -> None:
-    """convert for a folder: print the report, write the JSON, exit 1 when generation differs."""
+def convert_hf(model: Path, opts, hf: dict, report_path: Path | None, progress):
+    """convert for a folder: print the report, write the JSON; the report is returned (the CLI
+    exits 1 when generation differs)."""
     from normexport import report
     from normexport.hf.convert import HFOptions, convert_folder
     from normexport.hf.show import print_hf_convert
@@ -34,8 +34,7 @@ def convert_hf(model: Path, opts, hf: dict, report_path: Path | None, progress) 
     print_hf_convert(report.console(), result)
     if report_path:
         report.write_json(result.to_json(), report_path)
-    if not result.passed:
-        sys.exit(1)
+    return result
 
 
 def _parse_ids(ctx, param, value):
