@@ -1,7 +1,7 @@
 """What fusing RMSNorm buys on onnxruntime CPU (issue 2). Two tables, one run, markdown out.
 
 (a) The shipped model ``models/tinyllama.pt`` through normexport's own chain
-    (``pipeline.convert(..., Options(validate=False))``: load, export, fuse for ``ort``, bench):
+    (``pipeline.convert(..., ConvertOptions(validate=None))``: load, export, fuse for ``ort``, bench):
     PyTorch eager vs the unfused ONNX export vs the fused ONNX, onnxruntime CPU with its default
     graph optimizations, one thread count for all (1 by default), timed in interleaved rounds by
     ``normexport.bench.interleaved``. Also: which norm ops onnxruntime actually runs in each
@@ -53,7 +53,7 @@ def part_a(args, threads: int, tmp: Path) -> str:
     from normexport.runners import TorchRunner
 
     t = time.perf_counter()
-    loaded, specs = pipeline.prepare_model(MODEL, pipeline.Options())
+    loaded, specs = pipeline.prepare_model(MODEL, pipeline.LoadOptions())
     with common.quiet():
         exp = export_onnx(loaded, make_inputs(specs, 0))
     paths = {"onnx_unfused": tmp / "unfused.onnx", "onnx_fused": tmp / "fused_skip.onnx", "onnx_fused_separate": tmp / "fused_separate.onnx"}

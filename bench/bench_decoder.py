@@ -57,14 +57,14 @@ def build_onnx(folder: Path, work: Path) -> tuple[Path, Path, Path]:
     from normexport.hf.convert import HFOptions, convert_folder
     from normexport.hf.folder import load_folder
     from normexport.hf.kv_export import export_decoder
-    from normexport.pipeline import Options
+    from normexport.options import ConvertOptions, FuseOptions
 
     exp = export_decoder(load_folder(folder), work)
     unfused = work / "unfused" / "model.onnx"
     save_onnx(exp.model, unfused)
     folders = []
     for name, attention in (("fused", False), ("fused-attention", True)):
-        report = convert_folder(folder, Options(output=work / name, residual=False), HFOptions(gen_tokens=8, attention_fusion=attention))
+        report = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=False), output=work / name), HFOptions(gen_tokens=8, attention_fusion=attention))
         assert report.passed and report.written, report.to_json()
         folders.append(work / name)
     return unfused, *folders

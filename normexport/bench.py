@@ -79,13 +79,6 @@ class BenchReport:
         }
 
 
-def time_runner(runner: Runner, feeds: list[dict], warmup: int, iters: int) -> Latency:
-    """Warm up, then ``iters`` timed calls rotating through ``feeds``."""
-    for i in range(warmup):
-        runner.infer(feeds[i % len(feeds)])
-    return Latency.of([runner.time_once(feeds[i % len(feeds)]) for i in range(iters)])
-
-
 def interleaved(runners: dict[str, Runner], feeds: list[dict], warmup: int, iters: int, rounds: int = 5) -> dict[str, Latency]:
     """Time the variants in alternating rounds, so that a noisy neighbour on a shared machine
     slows all of them alike instead of one."""

@@ -44,10 +44,10 @@ def _handle_errors(fn):
         ctx = click.get_current_context()
         debug = (ctx.find_root().params or {}).get("debug", False)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except NormexportError as e:
             _report(e, debug)
-            sys.exit(2)
+            sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
             click.echo("interrupted", err=True)
             sys.exit(getattr(e, "exit_code", 130))
@@ -58,8 +58,20 @@ def _handle_errors(fn):
             click.echo(f"internal error: {type(e).__name__}: {first}", err=True)
             click.echo("hint: rerun with --debug for the traceback, and report it", err=True)
             sys.exit(3)
+        code = exit_code(result)
+        if code:
+            sys.exit(code)
 
     return wrapper
+
+
+def exit_code(result) -> int:
+    """What a command's result means for the exit status: 1 where validation ran and failed
+    (a convert report's, a validate command's report, or an HF folder's), else 0. Errors map
+    in ``_handle_errors``: the user's 2, interrupts 130, normexport's own bugs 3."""
+    validation = getattr(result, "validation", result)
+    passed = getattr(validation, "passed", None)
+    return 1 if passed is False else 0
 
 
 class NormexportGroup(click.Group):
@@ -209,10 +221,13 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     out = None if folder else output or pipeline.default_output(model, target)
     check([model, _factory_file(factory)], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
 
-    opts = pipeline.Options(
-        target=target, residual=residual, opset=opset, exporter=exporter, inputs=inputs, factory=factory, trust_pickle=trust_pickle, output=output, dtype=dtype,
-        validate=not no_validate, bench=not no_bench, backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed,
-        warmup=warmup, iters=iters, threads=threads, keep_failed=keep_failed, stress=stress,
+    opts = pipeline.ConvertOptions(
+        load=pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype),
+        export=pipeline.ExportOptions(opset=opset, exporter=exporter, seed=seed),
+        fuse=pipeline.FuseOptions(target=target, residual=residual),
+        validate=None if no_validate else pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress),
+        bench=None if no_bench else pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype),
+        output=output, keep_failed=keep_failed,
     )
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
@@ -224,8 +239,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     report.print_convert(report.console(), result)
     if report_path:
         report.write_json(result.to_json(), report_path)
-    if result.validation is not None and not result.validation.passed:
-        sys.exit(1)
+    return result
 
 
 @main.command()
@@ -239,23 +253,12 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
 @_handle_errors
 def fuse(model, output, target, residual, report_path, allow_none, force):
     """Fuse every RMSNorm subgraph of an ONNX MODEL for a target runtime."""
-    from normexport import fuse as fuse_mod
-    from normexport import report
+    from normexport import pipeline, report
     from normexport.outputs import Output, check
-    from normexport.load import require_regular_file
 
-    require_regular_file(model, "ONNX")
     out = output or model.with_name(f"{model.stem}.{target}.onnx")
     check([model], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
-    m = fuse_mod.load_onnx(model)
-    result = fuse_mod.fuse_model(m, target, residual=residual)
-    if result.fused == 0 and not allow_none and target != "decompose":
-        reasons = "; ".join(sorted({s.reason for s in result.skipped}))[:300]
-        raise NormexportError(
-            f"no RMSNorm found in {model}" + (f" ({len(result.skipped)} near-miss(es): {reasons})" if result.skipped else ""),
-            "run `normexport inspect` to see what normexport sees (--allow-none writes the model anyway)",
-        )
-    fuse_mod.save_onnx(m, out)
+    result = pipeline.fuse_file(model, out, target, residual=residual, allow_none=allow_none)
     c = report.console()
     report.print_fusion(c, result)
     c.print(f"wrote [bold]{out}[/bold]")
@@ -302,18 +305,18 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
 
     check([model, fused, unfused, _factory_file(factory)], [Output("--report", report_path, "report")], force)
 
-    opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, atol=atol, rtol=rtol, samples=samples, backend=backend, target="validate", stress=stress)
+    load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
+    opts = pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress)
     if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
-        return validate_hf(model, fused, opts, unfused, report_path)
+        return validate_hf(model, fused, load, opts, unfused, report_path)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
-    loaded, specs = pipeline.prepare_model_for(model, fused, opts)
+    loaded, specs = pipeline.prepare_model_for(model, fused, load)
     result = pipeline.validate_models(loaded, specs, unfused, fused, opts)
     report.print_validation(report.console(), result)
     if report_path:
         report.write_json({"model": str(model), "fused": str(fused), "validation": result.to_json()}, report_path)
-    if not result.passed:
-        sys.exit(1)
+    return result
 
 
 @main.command()
@@ -330,44 +333,29 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
 @_handle_errors
 def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, warmup, iters, backend, plot, report_path, force, **hf):
     """Time PyTorch eager, the unfused and the FUSED ONNX model side by side, and the normalization share."""
-    import shutil
-    import tempfile
-
     from normexport import pipeline, report
-    from normexport.fuse import save_onnx
-    from normexport.load import make_inputs
     from normexport.outputs import Output, check
 
     check([model, fused, unfused, _factory_file(factory)], [Output("--plot", plot, "plot"), Output("--report", report_path, "report")], force)
 
-    opts = pipeline.Options(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype, seed=seed, threads=threads, warmup=warmup, iters=iters, backend=backend)
+    load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
+    opts = pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype)
     if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
-        return bench_hf(model, fused, opts, unfused, report_path, plot, hf)
+        return bench_hf(model, fused, load, opts, unfused, report_path, plot, hf)
     refuse_folder_options(hf)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
-    loaded, specs = pipeline.prepare_model_for(model, fused, opts)
-    feeds = [make_inputs(specs, seed + 1000 + i) for i in range(3)]
-    tmp = Path(tempfile.mkdtemp(prefix="normexport-bench-"))
-    try:
-        if unfused is None:
-            from normexport.export import export_onnx
+    loaded, specs = pipeline.prepare_model_for(model, fused, load)
+    result = pipeline.bench_onnx(loaded, specs, fused, unfused, opts)
+    c = report.console()
+    report.print_bench(c, result)
+    if plot:
+        from normexport.plot import plot_bench
 
-            exp = export_onnx(loaded, feeds[0])
-            unfused = tmp / "unfused.onnx"
-            save_onnx(exp.model, unfused)
-        result = pipeline.bench_models(loaded, unfused, fused, feeds, opts)
-        c = report.console()
-        report.print_bench(c, result)
-        if plot:
-            from normexport.plot import plot_bench
-
-            plot_bench(result, plot, title=f"{model.name}: latency ({backend}, {result.threads} threads)")
-            c.print(f"wrote [bold]{plot}[/bold]")
-        if report_path:
-            report.write_json({"model": str(model), "fused": str(fused), "bench": result.to_json()}, report_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        plot_bench(result, plot, title=f"{model.name}: latency ({backend}, {result.threads} threads)")
+        c.print(f"wrote [bold]{plot}[/bold]")
+    if report_path:
+        report.write_json({"model": str(model), "fused": str(fused), "bench": result.to_json()}, report_path)
 
 
 def _register_optional_commands() -> None:

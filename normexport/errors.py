@@ -1,10 +1,10 @@
-"""The one exception a user can cause: a message and a hint. The CLI maps it to exit 2."""
+"""The exceptions a user can cause: a message and a hint. The CLI maps each to its ``exit_code``."""
 
 from __future__ import annotations
 
 
 class NormexportError(Exception):
-    """A problem with the user's input or options: one line of message, one line of hint."""
+    """A problem with the user's input or options: one line of message, one line of hint (exit 2)."""
 
     exit_code = 2
 
@@ -17,11 +17,11 @@ class NormexportError(Exception):
         return f"{self.message} (hint: {self.hint})" if self.hint else self.message
 
 
-class ValidationFailed(Exception):
-    """Validation ran and the fused model did not match: exit 1. Carries the report."""
+class ValidationFailed(NormexportError):
+    """Validation ran and the result did not match its reference (exit 1). Carries the report."""
 
     exit_code = 1
 
-    def __init__(self, message: str, report=None):
-        super().__init__(message)
+    def __init__(self, message: str, report=None, hint: str | None = None):
+        super().__init__(message, hint)
         self.report = report

@@ -118,7 +118,7 @@ def pair_norms(norms: list[tuple[object, str]], torch_outs: list[tuple[str, np.n
         if all(mod in by_module for _, mod in norms):
             return [(mod, by_module[mod]) for _, mod in norms]
     if len(norms) != len(torch_outs):
-        raise NormexportError(f"{len(norms)} fused norms but {len(torch_outs)} norm calls in PyTorch, and no module names to pair them by", "compare outputs only (--no-localize)")
+        raise NormexportError(f"{len(norms)} fused norms but {len(torch_outs)} norm calls in PyTorch, and no module names to pair them by", "the output comparison stands on its own; a model fused by normexport from its PyTorch export names each norm's module")
     return list(torch_outs)
 
 

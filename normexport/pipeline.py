@@ -9,47 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from normexport import outputs
 from normexport.errors import NormexportError
 from normexport.fuse import FuseReport, fuse_model, load_onnx, save_onnx
 from normexport.load import InputSpec, LoadedModel, load_model, make_inputs, require_regular_file
+from normexport.options import BenchOptions, ConvertOptions, ExportOptions, FuseOptions, LoadOptions, ValidateOptions  # noqa: F401 (the stages' options)
 
 LARGE_INPUT_SCALE = 300.0  # fp16/bf16 draws whose squares overflow fp16 (300² > 65504)
-
-
-@dataclass
-class Options:
-    target: str = "ort"
-    residual: bool = True  # fold residual Adds into the fused op (Skip...) where one feeds a norm
-    opset: int | None = None
-    exporter: str = "auto"
-    inputs: list[InputSpec] = field(default_factory=list)
-    factory: str | None = None
-    trust_pickle: bool = False
-    output: Path | None = None
-    dtype: str | None = None
-    validate: bool = True
-    bench: bool = True
-    backend: str = "ort-cpu"
-    atol: float | None = None
-    rtol: float | None = None
-    samples: int = 2
-    seed: int = 0
-    warmup: int = 5
-    iters: int = 30
-    threads: int | None = None
-    keep_failed: bool = False
-    localize: bool = True
-    stress: bool | None = None  # each fused norm alone on large rows; None: on for fp16/bf16 norms
 
 
 @dataclass
@@ -105,7 +76,7 @@ def default_output(model: Path, target: str) -> Path:
     return model.with_name(f"{model.stem}.{target}.onnx")
 
 
-def prepare_model(path: Path, opts: Options) -> tuple[LoadedModel, list[InputSpec]]:
+def prepare_model(path: Path, opts: LoadOptions) -> tuple[LoadedModel, list[InputSpec]]:
     """Load, apply --input and --dtype; the specs the rest of the run draws inputs from."""
     loaded = load_model(path, factory=opts.factory, trust_pickle=opts.trust_pickle).with_inputs(opts.inputs or None)
     specs = loaded.require_specs()
@@ -125,7 +96,8 @@ def apply_dtype(loaded: LoadedModel, specs: list[InputSpec], dtype: str) -> list
     return [InputSpec(s.name, dtype, s.shape, s.low, s.high) if s.is_float else s for s in specs]
 
 
-def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) -> ConvertReport:
+def convert(path: str | os.PathLike, opts: ConvertOptions, progress: Progress = _noop) -> ConvertReport:
+    """Convert the model file (or Hugging Face folder) at ``path``: load, then ``convert_loaded``."""
     path = Path(path)
     from normexport.hf import route_folder
 
@@ -133,84 +105,109 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
         from normexport.hf.convert import convert_folder
 
         return convert_folder(path, opts, progress=progress)
-    out = Path(opts.output) if opts.output else default_output(path, opts.target)
+    out = Path(opts.output) if opts.output else default_output(path, opts.fuse.target)
     outputs.check_distinct([path], [outputs.Output("-o", out, "onnx")])
-    from normexport.fuse import TARGETS
-
-    if opts.target not in TARGETS:
-        raise NormexportError(f"unknown target '{opts.target}'", f"one of {', '.join(TARGETS)}")
-    report = ConvertReport(model=str(path), target=opts.target, output=str(out))
-
+    check_target(opts.fuse.target)
     t = time.perf_counter()
     progress(f"loading {path}")
-    loaded, specs = prepare_model(path, opts)
-    report.kind = loaded.kind
+    loaded, specs = prepare_model(path, opts.load)
+    report = ConvertReport(model=str(path), target=opts.fuse.target, output=str(out), kind=loaded.kind)
+    report.steps["load"] = time.perf_counter() - t
+    return convert_loaded(loaded, specs, out, opts, report, progress)
+
+
+def check_target(target: str) -> None:
+    from normexport.fuse import TARGETS
+
+    if target not in TARGETS:
+        raise NormexportError(f"unknown target '{target}'", f"one of {', '.join(TARGETS)}")
+
+
+def require_norms(fusion: FuseReport, source: str | os.PathLike, hint: str) -> None:
+    """The one refusal of a model in which no RMSNorm was fused (convert and fuse)."""
+    if fusion.fused:
+        return
+    reasons = "; ".join(sorted({s.reason for s in fusion.skipped}))[:300]
+    near = f" ({len(fusion.skipped)} near-miss(es): {reasons})" if fusion.skipped else ""
+    raise NormexportError(f"no RMSNorm found in {source}{near}", f"normexport fuses x / sqrt(mean(x²) + eps) · g; {hint}")
+
+
+def convert_loaded(loaded: LoadedModel, specs: list[InputSpec], out: Path, opts: ConvertOptions, report: ConvertReport, progress: Progress = _noop) -> ConvertReport:
+    """Export, fuse, validate and time a loaded model; install the fused model at ``out``
+    (through normexport.outputs) when it validates, or with ``opts.keep_failed``."""
     report.notes += loaded.notes
     report.inputs = [s.to_json() for s in specs]
-    report.steps["load"] = time.perf_counter() - t
+    with outputs.work_dir() as workdir:
+        unfused_path, fused_path = _export_and_fuse(loaded, specs, workdir, out.name, opts, report, progress)
+        def runs_here(backend: str) -> bool:
+            return not (opts.fuse.target == "trt-plugin" and backend != "trt")  # plugin nodes run on TensorRT only
 
-    workdir = Path(tempfile.mkdtemp(prefix="normexport-"))
-    try:
-        t = time.perf_counter()
-        progress("exporting with torch.onnx")
-        from normexport.export import export_onnx
-
-        example = make_inputs(specs, opts.seed)
-        exp = export_onnx(loaded, example, opts.opset, exporter=opts.exporter)
-        report.exporter, report.opset, report.dynamic = exp.exporter, exp.opset, exp.dynamic
-        report.notes += exp.notes
-        unfused_path = workdir / "unfused.onnx"
-        save_onnx(exp.model, unfused_path)
-        report.steps["export"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        progress(f"fusing RMSNorm for target {opts.target}")
-        model = load_onnx(unfused_path)
-        fusion = fuse_model(model, opts.target, residual=opts.residual)
-        report.fusion = fusion
-        if fusion.fused == 0:
-            reasons = "; ".join(sorted({s.reason for s in fusion.skipped}))[:300]
-            raise NormexportError(
-                f"no RMSNorm found in {path}" + (f" ({len(fusion.skipped)} near-miss(es): {reasons})" if fusion.skipped else ""),
-                "normexport fuses x / sqrt(mean(x²) + eps) · g; run `normexport inspect` to see what it sees",
-            )
-        fused_path = workdir / "fused" / out.name  # named as the output: its external data file too
-        save_onnx(model, fused_path)
-        report.steps["fuse"] = time.perf_counter() - t
-
-        runs_here = not (opts.target == "trt-plugin" and opts.backend != "trt")  # plugin nodes run on TensorRT only
-        if opts.validate and not runs_here:
+        v, b = opts.validate, opts.bench
+        if v and not runs_here(v.backend):
             report.notes.append("not validated: trt-plugin nodes run only on TensorRT (use --backend trt on a machine with TensorRT)")
-        elif opts.validate:
+        elif v:
             t = time.perf_counter()
-            progress(f"validating against PyTorch ({opts.samples} sample(s))")
-            report.validation = validate_models(loaded, specs, unfused_path, fused_path, opts)
+            progress(f"validating against PyTorch ({v.samples} sample(s))")
+            report.validation = validate_models(loaded, specs, unfused_path, fused_path, v)
             report.steps["validate"] = time.perf_counter() - t
-        if opts.bench and not runs_here:
+        if b and not runs_here(b.backend):
             report.notes.append("not benchmarked: trt-plugin nodes run only on TensorRT (use --backend trt)")
-        elif opts.bench:
+        elif b:
             t = time.perf_counter()
-            progress(f"benchmarking ({opts.iters} runs each)")
-            feeds = [make_inputs(specs, opts.seed + 1000 + i) for i in range(3)]
-            report.bench = bench_models(loaded, unfused_path, fused_path, feeds, opts)
+            progress(f"benchmarking ({b.iters} runs each)")
+            feeds = [make_inputs(specs, b.seed + 1000 + i) for i in range(3)]
+            report.bench = bench_models(loaded, unfused_path, fused_path, feeds, b)
             report.steps["bench"] = time.perf_counter() - t
-
         passed = report.validation is None or report.validation.passed
         if passed or opts.keep_failed:
             outputs.install_onnx(fused_path, out)
             report.written = True
         else:
             report.notes.append(f"validation failed: {out} not written (--keep-failed writes it anyway)")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+def _export_and_fuse(loaded, specs, workdir: Path, name: str, opts: ConvertOptions, report: ConvertReport, progress: Progress) -> tuple[Path, Path]:
+    """The unfused export and the fused model, both written into ``workdir``."""
+    from normexport.export import export_onnx
+
+    t = time.perf_counter()
+    progress("exporting with torch.onnx")
+    exp = export_onnx(loaded, make_inputs(specs, opts.export.seed), opts.export.opset, exporter=opts.export.exporter)
+    report.exporter, report.opset, report.dynamic = exp.exporter, exp.opset, exp.dynamic
+    report.notes += exp.notes
+    unfused_path = workdir / "unfused.onnx"
+    save_onnx(exp.model, unfused_path)
+    report.steps["export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress(f"fusing RMSNorm for target {opts.fuse.target}")
+    model = load_onnx(unfused_path)
+    report.fusion = fuse_model(model, opts.fuse.target, residual=opts.fuse.residual)
+    require_norms(report.fusion, report.model, "run `normexport inspect` to see what it sees")
+    fused_path = workdir / "fused" / name  # named as the output: its external data file too
+    save_onnx(model, fused_path)
+    report.steps["fuse"] = time.perf_counter() - t
+    return unfused_path, fused_path
+
+
+def fuse_file(model: Path, out: Path, target: str, residual: bool = True, allow_none: bool = False) -> FuseReport:
+    """Fuse the ONNX file ``model`` into ``out``; refuse a model with no RMSNorm unless
+    ``allow_none`` (or the target is ``decompose``: it only rewrites fused norms back)."""
+    require_regular_file(model, "ONNX")
+    m = load_onnx(model)
+    result = fuse_model(m, target, residual=residual)
+    if not allow_none and target != "decompose":
+        require_norms(result, model, "run `normexport inspect` to see what normexport sees (--allow-none writes the model anyway)")
+    save_onnx(m, out)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # Validate
 
 
-def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path | None, fused: Path, opts: Options):
+def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path | None, fused: Path, opts: ValidateOptions):
     """PyTorch vs the unfused export (when given) vs the fused model, on ``opts.samples``
     seeded draws (plus large-magnitude draws for fp16/bf16 inputs), with onnxruntime's graph
     optimizations off so that its own fusions cannot hide or fake ours."""
@@ -271,7 +268,7 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
 # Bench
 
 
-def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, feeds: list[dict], opts: Options):
+def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, feeds: list[dict], opts: BenchOptions):
     """Latency of the variants side by side (interleaved rounds), and the normalization share."""
     import torch
 
@@ -319,7 +316,7 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
     return report
 
 
-def prepare_model_for(path: Path, onnx_path: Path, opts: Options) -> tuple[LoadedModel, list[InputSpec]]:
+def prepare_model_for(path: Path, onnx_path: Path, opts: LoadOptions) -> tuple[LoadedModel, list[InputSpec]]:
     """For validate / bench on a given ONNX file: a clear error for a missing or corrupt ONNX
     file before PyTorch loads anything, then the model, then inputs that cover the ONNX's."""
     require_regular_file(onnx_path, "ONNX")
@@ -327,6 +324,19 @@ def prepare_model_for(path: Path, onnx_path: Path, opts: Options) -> tuple[Loade
     loaded, specs = prepare_model(path, opts)
     check_inputs_cover(onnx_path, specs)
     return loaded, specs
+
+
+def bench_onnx(loaded: LoadedModel, specs: list[InputSpec], fused: Path, unfused: Path | None, opts: BenchOptions):
+    """``bench_models`` on a given fused ONNX file; without ``unfused``, the unfused model is
+    exported from ``loaded`` into a private temp folder first."""
+    feeds = [make_inputs(specs, opts.seed + 1000 + i) for i in range(3)]
+    with outputs.work_dir("normexport-bench-") as tmp:
+        if unfused is None:
+            from normexport.export import export_onnx
+
+            unfused = tmp / "unfused.onnx"
+            save_onnx(export_onnx(loaded, feeds[0]).model, unfused)
+        return bench_models(loaded, unfused, fused, feeds, opts)
 
 
 def check_inputs_cover(model_path: Path, specs: list[InputSpec]) -> None:
@@ -352,9 +362,3 @@ def check_inputs_cover(model_path: Path, specs: list[InputSpec]) -> None:
                 f"input '{i.name}' is {s.dtype}:{'x'.join(map(str, s.shape))} here, but {model_path} takes {dtype}:{want}",
                 "give --input shapes and dtypes that match the ONNX model (or the ONNX model of this MODEL)",
             )
-
-
-def numpy_feed(feed: dict) -> dict[str, np.ndarray]:
-    from normexport.runners.torch_runner import to_numpy
-
-    return {k: to_numpy(v) for k, v in feed.items()}

@@ -6,25 +6,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
+import ort_helper
 from normexport.fuse import fuse_model
 from rms_graphs import Spelling, build, reference, variant
 
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization", "RMSNorm"}
 
 
-def run(model: onnx.ModelProto, feed) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusions of onnxruntime's own
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    return sess.run(None, {k: v for k, v in feed.items() if k in names})
+run = ort_helper.run  # onnxruntime's optimizer off: no fusions of its own
 
 
 def fuse(model: onnx.ModelProto, target: str):
@@ -192,7 +186,7 @@ def test_exporter_fp16_gemma_rmsnormalization_with_fp32_scale_is_repaired():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, (2, 16))], [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model.ir_version = 11
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="bound to different types"):  # onnxruntime's Fail: a type error on load
         run(model, {"x": np.zeros((2, 16), np.float16)})
     x = rng.standard_normal((2, 16)).astype(np.float16)
     for target in ("onnx", "ort"):
@@ -276,7 +270,7 @@ def test_external_data_save_is_atomic_and_loads(tmp_path):
     save_onnx(m, out, external=True)
     assert (tmp_path / "big.onnx.data").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # no temp leftovers
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    sess = ort_helper.session(out, optimize=True)
     np.testing.assert_allclose(sess.run(None, feed)[0].astype(np.float64), reference(sp, model, feed), rtol=2e-5, atol=2e-4)
     again = load_onnx(out)  # external data read back through the loader
     assert sum(1 for n in again.graph if n.op_type == "SimplifiedLayerNormalization") == 1
@@ -295,5 +289,5 @@ def test_model_with_external_data_saved_elsewhere_carries_its_weights(tmp_path):
     onnx.save_model(model, str(src_dir / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
     fuse_file(src_dir / "m.onnx", dst_dir / "fused.onnx", "ort")
     (src_dir / "m.onnx.data").unlink()  # the source's weights are gone: the copy must stand alone
-    sess = ort.InferenceSession(str(dst_dir / "fused.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort_helper.session(dst_dir / "fused.onnx", optimize=True)
     np.testing.assert_allclose(sess.run(None, feed)[0].astype(np.float64), ref, rtol=2e-5, atol=2e-4)

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+import ort_helper
 from normexport.cli import main
 from normexport.errors import NormexportError
 from normexport.fuse import fuse_file, fuse_model, load_onnx
@@ -29,14 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization", "RMSNorm"}
 
 
-def run(model: onnx.ModelProto | str | Path, feed) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    return sess.run(None, {k: v for k, v in feed.items() if k in names})
+run = ort_helper.run
 
 
 def fuse(model: onnx.ModelProto, target: str = "ort"):

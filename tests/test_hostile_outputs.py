@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+import ort_helper
 import own_model
 import rms_graphs
 from normexport import outputs, pipeline
@@ -308,7 +308,7 @@ def test_symlinks_planted_at_predictable_names_are_not_followed(work):
     assert r.exit_code == 0, r.stderr
     assert victim.read_text() == "precious\n"
     assert all((work / n).is_symlink() for n in (".out.onnx.partial", ".out.onnx.tmp", ".rep.json.tmp"))
-    ort.InferenceSession(str(work / "out.onnx"))
+    ort_helper.session(work / "out.onnx", optimize=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +486,7 @@ def test_concurrent_fuse_runs_to_one_output_give_one_complete_model(tmp_path):
     src = norm_linear_onnx(tmp_path / "m.onnx", 1024)  # 4 MB
     out = tmp_path / "out.onnx"
     x = np.random.default_rng(5).standard_normal((1, 4, 1024)).astype(np.float32)
-    ref = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
+    ref = ort_helper.session(src, optimize=True).run(None, {"x": x})[0]
     for round_ in range(3):
         procs = [
             subprocess.Popen(CLI + ["fuse", str(src), "-o", str(out), "--target", t], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -497,7 +497,7 @@ def test_concurrent_fuse_runs_to_one_output_give_one_complete_model(tmp_path):
         m = onnx.load(str(out))
         ops = {n.op_type for n in m.graph.node}
         assert ops & {"SimplifiedLayerNormalization", "RMSNormalization"}, (round_, ops)
-        got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+        got = ort_helper.session(out, optimize=True).run(None, {"x": x})[0]
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
         assert temps_in(tmp_path) == []
 
@@ -523,7 +523,7 @@ def test_external_data_model_is_written_data_first_and_loads(tmp_path, monkeypat
     assert order == ["fused.onnx.data", "fused.onnx"]
     assert outputs.external_data_files(out) == [out.parent / "fused.onnx.data"]
     x = np.random.default_rng(1).standard_normal((1, 4, 64)).astype(np.float32)
-    np.testing.assert_allclose(ort.InferenceSession(str(out)).run(None, {"x": x})[0], ort.InferenceSession(str(src)).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ort_helper.session(out, optimize=True).run(None, {"x": x})[0], ort_helper.session(src, optimize=True).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx", "fused.onnx.data"]
 
 

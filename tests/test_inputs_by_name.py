@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
 
+import ort_helper
 import two_input_model as tim
 from normexport.cli import main
 from normexport.errors import NormexportError
@@ -51,7 +51,7 @@ def test_onnx_inputs_are_named_after_the_parameters_they_feed(converted):
 def test_onnx_matches_pytorch_called_by_keyword_on_fresh_ids(converted):
     _, fused = converted
     model = tim.build()
-    sess = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
+    sess = ort_helper.session(fused, optimize=True)
     rng = np.random.default_rng(1234)
     enc = rng.integers(0, tim.ENC_VOCAB, (3, 9))
     dec = rng.integers(0, tim.DEC_VOCAB, (3, 9))
@@ -168,7 +168,7 @@ def test_transformers_model_with_mask_given_before_ids(tmp_path, monkeypatch):
     monkeypatch.chdir(HERE)
     r = CliRunner().invoke(main, ["convert", str(sd), "--factory", "hf_phi3:build", "--input", "attention_mask:int64:2x16", "--input", "input_ids:int64:2x16", "-o", str(fused), "--no-bench"])
     assert r.exit_code == 0, r.output
-    sess = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
+    sess = ort_helper.session(fused, optimize=True)
     assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
     rng = np.random.default_rng(99)
     ids = rng.integers(0, hf_phi3.VOCAB, (3, 11))

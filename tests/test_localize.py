@@ -16,7 +16,7 @@ from normexport.cli import main
 from normexport.fuse import save_onnx
 from normexport.fuse.patterns import module_path, scope_path
 from normexport.localize import hookable_module, norm_output_values, torch_norm_outputs
-from normexport.pipeline import Options, convert
+from normexport.pipeline import ConvertOptions, LoadOptions, convert
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "tinyllama.pt"
@@ -53,7 +53,7 @@ def _perturb(fused: Path, out: Path, weight: str, factor: float = 1.5) -> ir.Mod
 def shipped_fused(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("localize_shipped")
     out = tmp / "fused.onnx"
-    report = convert(SHIPPED, Options(output=out, validate=False, bench=False))
+    report = convert(SHIPPED, ConvertOptions(output=out, validate=None, bench=None))
     return report, out
 
 
@@ -126,7 +126,7 @@ def test_hf_module_paths_and_a_perturbed_norm_named(tmp_path, name):
     state = tmp_path / "state.pt"
     torch.save(module.state_dict(), state)
     out = tmp_path / "fused.onnx"
-    report = convert(state, Options(output=out, factory=f"models.hf_tiny:{name}", validate=False, bench=False))
+    report = convert(state, ConvertOptions(load=LoadOptions(factory=f"models.hf_tiny:{name}"), output=out, validate=None, bench=None))
     names = _norm_names(module, "RMSNorm")
     assert sorted(f.module for f in report.fusion.fused_norms) == sorted(names)
     target = next(n for n in names if n.endswith("layers.1.input_layernorm"))

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import ort_helper
 from normexport.fuse import fuse_model, save_onnx
-from normexport.pipeline import Options
+from normexport.options import ValidateOptions
 from normexport.stress import LARGE_MAGNITUDES, NormParams, reference, row_kinds, stress_check, stress_rows, wanted
 from rms_graphs import IR_VERSION, build, variant
 
@@ -73,7 +73,7 @@ def test_fp16_rows_reach_overflowing_squares_tiny_and_zero_rows():
 def test_correct_fusion_passes_against_float64_and_unfused(tmp_path, name, sp):
     unfused, _ = build(sp, seed=7)
     fused = _fused(unfused, tmp_path / "fused.onnx")
-    report = stress_check(fused, _write(unfused, tmp_path / "unfused.onnx"), Options(stress=True))
+    report = stress_check(fused, _write(unfused, tmp_path / "unfused.onnx"), ValidateOptions(stress=True))
     assert report.passed and not report.not_checked and len(report.norms) == 1
     n = report.norms[0]
     assert n.epsilon == pytest.approx(sp.eps, rel=1e-6)
@@ -83,9 +83,7 @@ def test_correct_fusion_passes_against_float64_and_unfused(tmp_path, name, sp):
     # The fused model, run here on the large rows by itself, equals torch's float64 rms_norm.
     big = np.full(SHAPE, 0.5) * np.sign(np.random.default_rng(1).standard_normal(SHAPE)) * 250.0
     feed = {"a": (big / 2).astype(np.float32), "b": (big / 2).astype(np.float32)} if sp.residual else {"x": big.astype(np.float16 if sp.dtype == TensorProto.FLOAT16 else np.float32)}
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    y = ort.InferenceSession(str(fused), so, providers=["CPUExecutionProvider"]).run(["y"], feed)[0]
+    y = ort_helper.session(fused).run(["y"], feed)[0]
     assert np.all(np.isfinite(y)) and np.abs(y).max() > 0.1
 
 
@@ -125,7 +123,7 @@ def test_norm_whose_squares_overflow_fp16_fails_and_is_named(tmp_path):
     unfused, _ = build(sp, seed=2)
     gamma = numpy_helper.to_array(next(i for i in unfused.graph.initializer if i.name == "w")).astype(np.float64)
     broken = _write(_overflowing_fp16_norm(sp.eps, gamma, "layers.3.input_layernorm"), tmp_path / "broken.onnx")
-    report = stress_check(broken, _write(unfused, tmp_path / "unfused.onnx"), Options())
+    report = stress_check(broken, _write(unfused, tmp_path / "unfused.onnx"), ValidateOptions())
     assert not report.passed
     [n] = report.failed
     assert n.module == "layers.3.input_layernorm" and n.node == "y"
@@ -147,11 +145,11 @@ def test_fused_scale_perturbed_fails_against_the_unfused_subgraph(tmp_path):
     scale.const_value = ir.tensor(scale.const_value.numpy() * 1.25, name=scale.name)
     ir.save(model, str(tmp_path / "perturbed.onnx"))
     unfused_path = _write(unfused, tmp_path / "unfused.onnx")
-    report = stress_check(tmp_path / "perturbed.onnx", unfused_path, Options(stress=True))
+    report = stress_check(tmp_path / "perturbed.onnx", unfused_path, ValidateOptions(stress=True))
     [n] = report.failed
     assert "differs from the unfused subgraph" in n.failed_rows
     assert n.vs_reference.passed  # the kernel computes what its weights say: only the comparison with the original catches it
-    assert stress_check(fused, unfused_path, Options(stress=True)).passed
+    assert stress_check(fused, unfused_path, ValidateOptions(stress=True)).passed
 
 
 def test_stress_is_on_by_default_for_fp16_norms_only(tmp_path):
@@ -181,7 +179,7 @@ def test_shipped_model_fused_norms_pass_and_a_perturbed_one_is_named(shipped_exp
     fuse_model(model, target)
     fused = tmp / f"{target}.onnx"
     save_onnx(model, fused)
-    report = stress_check(fused, unfused, Options(stress=True))
+    report = stress_check(fused, unfused, ValidateOptions(stress=True))
     assert report.passed and len(report.norms) == 9 and not report.not_checked
     assert [n.module for n in report.norms][:2] == ["layers.0.input_norm", "layers.0.post_attn_norm"]
     for n in report.norms:
@@ -189,7 +187,7 @@ def test_shipped_model_fused_norms_pass_and_a_perturbed_one_is_named(shipped_exp
     gamma = model.graph.initializers["layers.2.input_norm.gamma"]
     gamma.const_value = ir.tensor(gamma.const_value.numpy() * 1.5, name=gamma.name)
     save_onnx(model, tmp / "perturbed.onnx")
-    bad = stress_check(tmp / "perturbed.onnx", unfused, Options(stress=True))
+    bad = stress_check(tmp / "perturbed.onnx", unfused, ValidateOptions(stress=True))
     assert [n.module for n in bad.failed] == ["layers.2.input_norm"]
 
 
@@ -241,7 +239,7 @@ def test_fused_op_written_by_another_tool_is_stressed(tmp_path):
     graph = helper.make_graph([node], "other", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, SHAPE)], [helper.make_tensor_value_info("y", TensorProto.FLOAT16, SHAPE)], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = IR_VERSION
-    report = stress_check(_write(model, tmp_path / "other.onnx"), _write(unfused, tmp_path / "unfused.onnx"), Options())
+    report = stress_check(_write(model, tmp_path / "other.onnx"), _write(unfused, tmp_path / "unfused.onnx"), ValidateOptions())
     [n] = report.norms
     assert report.passed and n.node == "y" and n.module == "" and n.op == "SimplifiedLayerNormalization"
     assert n.vs_unfused.passed and n.epsilon == pytest.approx(1e-5)

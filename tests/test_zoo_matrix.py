@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 
+import ort_helper
 from models.zoo import DYNAMO_OPSETS, TORCHSCRIPT_OPSETS, ZOO
 from normexport.export import export_onnx
 from normexport.fuse import fuse_model
@@ -21,11 +21,7 @@ CASES = [(name, "dynamo", opset) for name in ZOO for opset in DYNAMO_OPSETS] + [
 ]
 
 
-def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+_session = ort_helper.session
 
 
 def check_entry(entry, exporter: str, opset: int):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -24,8 +23,9 @@ def hf_convert_options(fn):
     return fn
 
 
-def convert_hf(model: Path, opts, hf: dict, report_path: Path | None, progress) -> None:
-    """convert for a folder: print the report, write the JSON, exit 1 when generation differs."""
+def convert_hf(model: Path, opts, hf: dict, report_path: Path | None, progress):
+    """convert for a folder: print the report, write the JSON; the report is returned (the CLI
+    exits 1 when generation differs)."""
     from normexport import report
     from normexport.hf.convert import HFOptions, convert_folder
     from normexport.hf.show import print_hf_convert
@@ -35,8 +35,7 @@ def convert_hf(model: Path, opts, hf: dict, report_path: Path | None, progress) 
     print_hf_convert(report.console(), result)
     if report_path:
         report.write_json(result.to_json(), report_path)
-    if not result.passed:
-        sys.exit(1)
+    return result
 
 
 def _parse_ids(ctx, param, value):
@@ -87,30 +86,29 @@ def hf_bench_options(fn):
     return fn
 
 
-def validate_hf(model: Path, fused: Path, opts, unfused, report_path: Path | None) -> None:
-    """validate DIR OUTDIR: the generation check; exit 1 when it fails."""
+def validate_hf(model: Path, fused: Path, load, opts, unfused, report_path: Path | None):
+    """validate DIR OUTDIR: the generation check (the CLI exits 1 when it fails)."""
     from normexport import report
     from normexport.hf.show import print_generation
     from normexport.hf.tools import refuse_model_file_options, validate_folder
 
-    refuse_model_file_options({"--input": opts.inputs, "--factory": opts.factory, "--unfused": unfused})
-    result = validate_folder(model, fused, opts, gen_tokens=32)
+    refuse_model_file_options({"--input": load.inputs, "--factory": load.factory, "--unfused": unfused})
+    result = validate_folder(model, fused, load, opts, gen_tokens=32)
     print_generation(report.console(), result)
     if report_path:
         report.write_json({"model": str(model), "fused": str(fused), "generation": result.to_json()}, report_path)
-    if not result.passed:
-        sys.exit(1)
+    return result
 
 
-def bench_hf(model: Path, fused: Path, opts, unfused, report_path: Path | None, plot, hf: dict) -> None:
+def bench_hf(model: Path, fused: Path, load, opts, unfused, report_path: Path | None, plot, hf: dict) -> None:
     """bench DIR OUTDIR: prefill and decode latency table."""
     from rich.table import Table
 
     from normexport import report
     from normexport.hf.tools import bench_folder, refuse_model_file_options
 
-    refuse_model_file_options({"--input": opts.inputs, "--factory": opts.factory, "--unfused": unfused, "--plot": plot})
-    result = bench_folder(model, fused, opts, hf["prompt_len"], hf["new_tokens"], hf["rounds"])
+    refuse_model_file_options({"--input": load.inputs, "--factory": load.factory, "--unfused": unfused, "--plot": plot})
+    result = bench_folder(model, fused, load, opts, hf["prompt_len"], hf["new_tokens"], hf["rounds"])
     t = Table(title=f"{model}: prefill of {result['prompt_tokens']} tokens, decode with past {result['decode_past']}, {result['threads']} thread(s), median of {result['rounds']} rounds")
     for col in ("variant", "prefill ms", "decode ms/token", "greedy tokens = transformers"):
         t.add_column(col, justify="left" if col == "variant" else "right")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from normexport.errors import NormexportError
 from normexport.hf.folder import HFModel, load_folder
+from normexport.options import ValidateOptions
 
 REPORT_NAME = "normexport_report.json"
 MODEL_NAME = "model.onnx"
@@ -24,7 +25,7 @@ TOKENIZER_FILES = (
 
 @dataclass
 class HFOptions:
-    """What a folder conversion takes beyond pipeline.Options."""
+    """What a folder conversion takes beyond normexport.options.ConvertOptions."""
 
     task: str | None = None
     gen_tokens: int = 32
@@ -91,27 +92,27 @@ def check_output(out: Path, src: Path) -> None:
 
 
 def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda s: None) -> HFConvertReport:
-    """opts: pipeline.Options (target, residual, dtype, seed, threads, validate, keep_failed, output)."""
+    """opts: normexport.options.ConvertOptions (fuse, load's dtype, validate, keep_failed, output)."""
     from normexport.fuse import TARGETS
 
     path = Path(path)
     hf_opts = hf_opts or HFOptions()
-    out = Path(opts.output) if opts.output else default_output(path, opts.target)
+    out = Path(opts.output) if opts.output else default_output(path, opts.fuse.target)
     check_output(out, path)
-    unused = [flag for flag, given in (("--factory", opts.factory), ("--input", opts.inputs), ("--opset", opts.opset)) if given]
-    if unused or opts.exporter not in ("auto", "dynamo"):
+    unused = [flag for flag, given in (("--factory", opts.load.factory), ("--input", opts.load.inputs), ("--opset", opts.export.opset)) if given]
+    if unused or opts.export.exporter not in ("auto", "dynamo"):
         raise NormexportError(
             f"{', '.join(unused) or '--exporter torchscript'} does not apply to a Hugging Face folder",
             "the folder's config.json defines the model and its inputs; drop the option",
         )
-    if opts.target not in TARGETS:
-        raise NormexportError(f"unknown target '{opts.target}'", f"one of {', '.join(TARGETS)}")
-    if hf_opts.attention_fusion and opts.target != "ort":
-        raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {opts.target}", "use --target ort, or drop --attention-fusion")
+    if opts.fuse.target not in TARGETS:
+        raise NormexportError(f"unknown target '{opts.fuse.target}'", f"one of {', '.join(TARGETS)}")
+    if hf_opts.attention_fusion and opts.fuse.target != "ort":
+        raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {opts.fuse.target}", "use --target ort, or drop --attention-fusion")
     t = time.perf_counter()
     progress(f"loading {path} with transformers (local files only)")
-    hf = load_folder(path, hf_opts.task, opts.dtype, opts.trust_pickle, hf_opts.trust_remote_code)
-    report = HFConvertReport(str(path), opts.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
+    hf = load_folder(path, hf_opts.task, opts.load.dtype, opts.load.trust_pickle, hf_opts.trust_remote_code)
+    report = HFConvertReport(str(path), opts.fuse.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
     report.steps["load"] = time.perf_counter() - t
     from normexport.hf.kv_export import fresh_workdir, remove
 
@@ -127,7 +128,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
         if opts.validate:
             t = time.perf_counter()
             progress("checking generation against transformers")
-            _validate(hf, opts, hf_opts, report, staged / MODEL_NAME)
+            _validate(hf, opts.validate, hf_opts, report, staged / MODEL_NAME)
             report.steps["validate"] = time.perf_counter() - t
         else:
             report.notes.append("not validated (--no-validate): nothing was compared with transformers")
@@ -141,12 +142,13 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
 
 
 def attention_wanted(opts, hf_opts: HFOptions) -> bool:
-    return opts.target == "ort" if hf_opts.attention_fusion is None else hf_opts.attention_fusion
+    return opts.fuse.target == "ort" if hf_opts.attention_fusion is None else hf_opts.attention_fusion
 
 
 def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False) -> None:
     from normexport.fuse import fuse_model, save_onnx
     from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
+    from normexport.pipeline import require_norms
 
     t = time.perf_counter()
     progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx")
@@ -154,12 +156,11 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
     report.inputs, report.output_names = exp.input_names, exp.output_names
     report.steps["export"] = time.perf_counter() - t
     t = time.perf_counter()
-    progress(f"fusing RMSNorm for target {opts.target}")
-    fusion = fuse_model(exp.model, opts.target, residual=opts.residual)
+    progress(f"fusing RMSNorm for target {opts.fuse.target}")
+    fusion = fuse_model(exp.model, opts.fuse.target, residual=opts.fuse.residual)
     report.fusion = fusion
     report.rmsnorm_modules = count_rmsnorm_modules(hf.module)
-    if fusion.fused == 0:
-        raise NormexportError(f"no RMSNorm found in {hf.path} ({hf.architecture})", "normexport fuses x / sqrt(mean(x²) + eps) · g; this model has none it recognises")
+    require_norms(fusion, f"{hf.path} ({hf.architecture})", "this model has none it recognises")
     if fusion.fused < report.rmsnorm_modules:
         report.notes.append(f"{report.rmsnorm_modules} RMSNorm modules in PyTorch, {fusion.fused} fused norms in the graph")
     if attention:
@@ -178,15 +179,15 @@ def _fuse_attention(model, report: HFConvertReport, progress, opts) -> None:
     progress("fusing attention and rotary embeddings for onnxruntime")
     norms = fused_norms(op_counts(model))
     report.attention = fuse_attention(model)
-    if not opts.residual:
+    if not opts.fuse.residual:
         with quiet_passes():  # ONNX's shape inference cannot see into the contrib ops
-            fuse_model(model, opts.target, residual=False)
+            fuse_model(model, opts.fuse.target, residual=False)
         report.attention.recount(model)
     if fused_norms(report.attention.after) < norms:
         raise AssertionError(f"the attention fusions unfused norms: {norms} fused before, {fused_norms(report.attention.after)} after")
 
 
-def _validate(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertReport, model_path: Path) -> None:
+def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HFConvertReport, model_path: Path) -> None:
     import torch
 
     if opts.threads:

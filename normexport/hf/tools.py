@@ -72,7 +72,7 @@ def _module_json(name: str, m) -> dict:
     return {"module": name, "class": type(m).__name__, "eps": eps, "weight": list(weight.shape) if weight is not None else None, "status": "", "reason": ""}
 
 
-def validate_folder(path: Path, out: Path, opts, gen_tokens: int):
+def validate_folder(path: Path, out: Path, load, opts, gen_tokens: int):
     """The generation check of OUTDIR's decoder against transformers (returns GenerationReport)."""
     import torch
 
@@ -80,8 +80,8 @@ def validate_folder(path: Path, out: Path, opts, gen_tokens: int):
     from normexport.hf.generation import OnnxDecoder, check_generation
 
     decoder = OnnxDecoder(written_folder(out), threads=opts.threads)
-    dtype = opts.dtype or _decoder_dtype(decoder)
-    hf = load_folder(path, dtype=dtype, trust_pickle=opts.trust_pickle)
+    dtype = load.dtype or _decoder_dtype(decoder)
+    hf = load_folder(path, dtype=dtype, trust_pickle=load.trust_pickle)
     if hf.task != "text-generation-with-past":
         raise NormexportError(f"{path} is not a causal LM ({hf.architecture}): there is no generation to check", "validate checks KV-cache decoders that `convert DIR` wrote")
     if opts.threads:
@@ -94,7 +94,7 @@ def _decoder_dtype(decoder) -> str:
     return {"tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}.get(kind, "float32")
 
 
-def bench_folder(path: Path, out: Path, opts, prompt_len: int, new_tokens: int, rounds: int) -> dict:
+def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens: int, rounds: int) -> dict:
     """Interleaved rounds of transformers eager, the unfused export and OUTDIR's model."""
     import numpy as np
     import torch
@@ -106,7 +106,7 @@ def bench_folder(path: Path, out: Path, opts, prompt_len: int, new_tokens: int, 
     from normexport.hf.timing import interleave, run_ort, run_torch
 
     fused = OnnxDecoder(written_folder(out), threads=opts.threads)
-    hf = load_folder(path, dtype=opts.dtype, trust_pickle=opts.trust_pickle)
+    hf = load_folder(path, dtype=load.dtype, trust_pickle=load.trust_pickle)
     if hf.task != "text-generation-with-past":
         raise NormexportError(f"{path} is not a causal LM ({hf.architecture}): no prefill/decode to time", "bench DIR OUTDIR times KV-cache decoders that `convert DIR` wrote")
     if opts.threads:

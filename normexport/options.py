@@ -1,0 +1,66 @@
+"""The options of each stage: what loading, export, fusion, validation and timing each take.
+``ConvertOptions`` groups them for the whole chain; ``validate`` and ``bench`` take their own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normexport.inputs import InputSpec
+
+
+@dataclass
+class LoadOptions:
+    inputs: list[InputSpec] = field(default_factory=list)  # bound to the model's inputs by name
+    factory: str | None = None
+    trust_pickle: bool = False
+    dtype: str | None = None  # convert the model and its float inputs first
+
+
+@dataclass
+class ExportOptions:
+    opset: int | None = None
+    exporter: str = "auto"
+    seed: int = 0  # of the example inputs the export traces
+
+
+@dataclass
+class FuseOptions:
+    target: str = "ort"
+    residual: bool = True  # fold residual Adds into the fused op (Skip...) where one feeds a norm
+
+
+@dataclass
+class ValidateOptions:
+    backend: str = "ort-cpu"
+    atol: float | dict | None = None  # one value, or by output name with the default under None
+    rtol: float | dict | None = None
+    samples: int = 2
+    seed: int = 0
+    threads: int | None = None
+    dtype: str | None = None  # the model's dtype (TensorRT's precision; stress default)
+    localize: bool = True
+    stress: bool | None = None  # each fused norm alone on large rows; None: on for fp16/bf16 norms
+
+
+@dataclass
+class BenchOptions:
+    backend: str = "ort-cpu"
+    warmup: int = 5
+    iters: int = 30
+    threads: int | None = None
+    seed: int = 0
+    dtype: str | None = None
+
+
+@dataclass
+class ConvertOptions:
+    """The whole chain. ``validate`` / ``bench`` None: that stage is skipped."""
+
+    load: LoadOptions = field(default_factory=LoadOptions)
+    export: ExportOptions = field(default_factory=ExportOptions)
+    fuse: FuseOptions = field(default_factory=FuseOptions)
+    validate: ValidateOptions | None = field(default_factory=ValidateOptions)
+    bench: BenchOptions | None = field(default_factory=BenchOptions)
+    output: Path | None = None
+    keep_failed: bool = False
