@@ -453,7 +453,7 @@ def test_inspect_folder_lists_every_rmsnorm_module_fused(llama):
         (("inspect", "{folder}", "--factory", "m:f"), "--factory"),
         (("validate", "{folder}", "{folder}"), "not a converted one"),
         (("validate", "{folder}", "{empty}"), "no model.onnx"),
-        (("validate", "{folder}", "{out}", "--unfused", "x.onnx"), "--unfused"),
+        (("validate", "{folder}", "{out}", "--unfused", "{out}/model.onnx"), "--unfused"),
         (("bench", "{folder}", "{out}", "--input", "x:int64:1x2"), "--input"),
         (("convert", "{out}/model.onnx", "--no-attention-fusion"), "--attention-fusion/--no-attention-fusion applies to Hugging Face folders only"),
         (("bench", "{out}/model.onnx", "{out}/model.onnx", "--rounds", "3"), "--rounds applies to Hugging Face folders only"),
