@@ -22,14 +22,16 @@ from normexport import outputs
 from normexport.errors import NormexportError
 from normexport.fuse import FuseReport, fuse_model, load_onnx, save_onnx
 from normexport.load import InputSpec, LoadedModel, load_model, make_inputs, require_regular_file
+from normexport.runners import BACKENDS, DEFAULT_BACKEND, backend_record, residual_layout
 
+DEFAULT_BENCH_THREADS = 1  # PyTorch's and onnxruntime's thread count unless --threads: see docs/BENCHMARKS.md
 LARGE_INPUT_SCALE = 300.0  # fp16/bf16 draws whose squares overflow fp16 (300² > 65504)
 
 
 @dataclass
 class Options:
     target: str = "ort"
-    residual: bool = True  # fold residual Adds into the fused op (Skip...) where one feeds a norm
+    residual: str = "auto"  # fold residual Adds into the fused op where one feeds a norm: on, off, auto (the backend's record says)
     opset: int | None = None
     exporter: str = "auto"
     inputs: list[InputSpec] = field(default_factory=list)
@@ -39,7 +41,7 @@ class Options:
     dtype: str | None = None
     validate: bool = True
     bench: bool = True
-    backend: str = "ort-cpu"
+    backend: str = DEFAULT_BACKEND
     atol: float | None = None
     rtol: float | None = None
     samples: int = 2
@@ -68,6 +70,7 @@ class ConvertReport:
     steps: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     written: bool = False
+    residual: str = ""  # which residual layout the fusion used, and why
 
     def to_json(self) -> dict:
         fusion = self.fusion.to_json() if self.fusion else None
@@ -85,6 +88,7 @@ class ConvertReport:
             "latency_ms": None,
             "bench": None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
+            "residual_layout": self.residual,
             "notes": self.notes,
         }
         if self.bench is not None:
@@ -135,11 +139,12 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
         return convert_folder(path, opts, progress=progress)
     out = Path(opts.output) if opts.output else default_output(path, opts.target)
     outputs.check_distinct([path], [outputs.Output("-o", out, "onnx")])
-    from normexport.fuse import TARGETS
+    from normexport.fuse import target_record
 
-    if opts.target not in TARGETS:
-        raise NormexportError(f"unknown target '{opts.target}'", f"one of {', '.join(TARGETS)}")
+    target_record(opts.target)  # an unknown target: the user's error, before any work
+    backend = backend_record(opts.backend)
     report = ConvertReport(model=str(path), target=opts.target, output=str(out))
+    fold, report.residual = residual_layout(opts.residual, opts.backend, opts.target)
 
     t = time.perf_counter()
     progress(f"loading {path}")
@@ -166,7 +171,7 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
         t = time.perf_counter()
         progress(f"fusing RMSNorm for target {opts.target}")
         model = load_onnx(unfused_path)
-        fusion = fuse_model(model, opts.target, residual=opts.residual)
+        fusion = fuse_model(model, opts.target, residual=fold)
         report.fusion = fusion
         if fusion.fused == 0:
             reasons = "; ".join(sorted({s.reason for s in fusion.skipped}))[:300]
@@ -178,16 +183,17 @@ def convert(path: str | os.PathLike, opts: Options, progress: Progress = _noop) 
         save_onnx(model, fused_path)
         report.steps["fuse"] = time.perf_counter() - t
 
-        runs_here = not (opts.target == "trt-plugin" and opts.backend != "trt")  # plugin nodes run on TensorRT only
+        runs_here = backend.runs(opts.target)
+        where = ", ".join(b for b in BACKENDS if backend_record(b).runs(opts.target))
         if opts.validate and not runs_here:
-            report.notes.append("not validated: trt-plugin nodes run only on TensorRT (use --backend trt on a machine with TensorRT)")
+            report.notes.append(f"not validated: {opts.target} nodes run only on --backend {where} (on a machine that has it)")
         elif opts.validate:
             t = time.perf_counter()
             progress(f"validating against PyTorch ({opts.samples} sample(s))")
             report.validation = validate_models(loaded, specs, unfused_path, fused_path, opts)
             report.steps["validate"] = time.perf_counter() - t
         if opts.bench and not runs_here:
-            report.notes.append("not benchmarked: trt-plugin nodes run only on TensorRT (use --backend trt)")
+            report.notes.append(f"not benchmarked: {opts.target} nodes run only on --backend {where}")
         elif opts.bench:
             t = time.perf_counter()
             progress(f"benchmarking ({opts.iters} runs each)")
@@ -225,7 +231,7 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
     feeds = []
     with contextlib.ExitStack() as stack:
         fused_runner = stack.enter_context(make_onnx_runner(fused, opts.backend, optimize=False, threads=opts.threads, dtype=opts.dtype))
-        unfused_runner = stack.enter_context(make_onnx_runner(unfused, "ort-cpu", optimize=False, threads=opts.threads)) if unfused else None
+        unfused_runner = stack.enter_context(make_onnx_runner(unfused, DEFAULT_BACKEND, optimize=False, threads=opts.threads)) if unfused else None
         torch_runner = stack.enter_context(TorchRunner(loaded.module, [s.name for s in specs], fused_runner.output_names, threads=opts.threads))
         for i, (seed, scale) in enumerate(draws):
             feed = {k: to_numpy(v) for k, v in make_inputs(specs, seed, scale).items()}
@@ -273,14 +279,16 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
 
 def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, feeds: list[dict], opts: Options):
     """Latency of the variants side by side (interleaved rounds), and the normalization share."""
-    import torch
-
     from normexport.bench import BenchReport, feeds_numpy, interleaved, norm_share, ort_norm_ops, unfused_norm_node_names
+    from normexport.fuse.registry import RESIDUAL_OPS
     from normexport.runners import TorchRunner, make_onnx_runner
 
-    threads = opts.threads or torch.get_num_threads()
+    threads = opts.threads or DEFAULT_BENCH_THREADS
     np_feeds = feeds_numpy(feeds)
     report = BenchReport(threads=threads, warmup=opts.warmup, iters=opts.iters, input_sets=len(feeds))
+    if not opts.threads:
+        report.notes.append(f"{threads} thread(s) for PyTorch and onnxruntime by default: the steadiest timings on a shared machine (--threads N for more)")
+    backend = backend_record(opts.backend)
     runners = {}
     if loaded is not None:
         runners["torch"] = TorchRunner(loaded.module, list(feeds[0]), threads=threads)
@@ -296,11 +304,11 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
     finally:
         for r in entered:
             r.__exit__(None, None, None)
-    if opts.backend.startswith("ort"):
+    if backend.onnxruntime:  # onnxruntime's profiler measures the norm share
         prof_iters = max(5, min(opts.iters, 20))
         if unfused is not None:
             report.norm_share["onnx_unfused"] = norm_share(unfused, np_feeds, threads, prof_iters, unfused_norm_node_names(unfused))
-            if opts.backend == "ort-cpu":
+            if backend.cpu:
                 own = ort_norm_ops(unfused)
                 if own:
                     report.notes.append(
@@ -310,11 +318,9 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
                     )
         report.norm_share["onnx_fused"] = norm_share(fused, np_feeds, threads, prof_iters)
         ratio = report.ratio("onnx_fused", "onnx_unfused")
-        if opts.backend == "ort-cpu" and ratio is not None and ratio > 1.0 and "SkipSimplifiedLayerNormalization" in ort_norm_ops(fused):
-            report.notes.append(
-                "onnxruntime's CPU SkipSimplifiedLayerNormalization is slower than Add + SimplifiedLayerNormalization "
-                "(docs/BENCHMARKS.md): for CPU deployment convert with --no-residual-fusion"
-            )
+        folded = sorted(RESIDUAL_OPS & set(ort_norm_ops(fused)))
+        if not backend.fold_residual and ratio is not None and ratio > 1.0 and folded:
+            report.notes.append(f"{', '.join(folded)} on {backend.name}: {backend.residual_why}; convert with --residual-fusion auto (or off)")
     report.notes.append("onnxruntime with its default graph optimizations (as deployed); PyTorch eager in inference_mode")
     return report
 

@@ -164,6 +164,8 @@ def print_convert(c: Console, r) -> None:
     c.print("inputs: " + ", ".join(f"{i['name']}:{i['dtype']}:{'x'.join(map(str, i['shape']))}" for i in r.inputs))
     if r.fusion:
         print_fusion(c, r.fusion)
+    if getattr(r, "residual", ""):
+        c.print(r.residual)
     print_validation(c, r.validation)
     print_bench(c, r.bench)
     for note in r.notes:

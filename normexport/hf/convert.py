@@ -13,6 +13,7 @@ from pathlib import Path
 
 from normexport.errors import NormexportError
 from normexport.hf.folder import HFModel, load_folder
+from normexport.runners import DEFAULT_BACKEND, residual_layout
 
 REPORT_NAME = "normexport_report.json"
 MODEL_NAME = "model.onnx"
@@ -89,7 +90,7 @@ def check_output(out: Path, src: Path) -> None:
 
 def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda s: None) -> HFConvertReport:
     """opts: pipeline.Options (target, residual, dtype, seed, threads, validate, keep_failed, output)."""
-    from normexport.fuse import TARGETS
+    from normexport.fuse import target_record
 
     path = Path(path)
     hf_opts = hf_opts or HFOptions()
@@ -101,8 +102,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
             f"{', '.join(unused) or '--exporter torchscript'} does not apply to a Hugging Face folder",
             "the folder's config.json defines the model and its inputs; drop the option",
         )
-    if opts.target not in TARGETS:
-        raise NormexportError(f"unknown target '{opts.target}'", f"one of {', '.join(TARGETS)}")
+    target_record(opts.target)  # an unknown target: the user's error, before any work
     t = time.perf_counter()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.dtype, opts.trust_pickle, hf_opts.trust_remote_code)
@@ -146,7 +146,7 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
     report.steps["export"] = time.perf_counter() - t
     t = time.perf_counter()
     progress(f"fusing RMSNorm for target {opts.target}")
-    fusion = fuse_model(exp.model, opts.target, residual=opts.residual)
+    fusion = fuse_model(exp.model, opts.target, residual=residual_layout(opts.residual, DEFAULT_BACKEND, opts.target)[0])  # checked on the default backend
     report.fusion = fusion
     report.rmsnorm_modules = count_rmsnorm_modules(hf.module)
     if fusion.fused == 0:
@@ -190,7 +190,7 @@ def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
     name = "logits" if hf.task == "text-generation" else "last_hidden_state"
     wrapper = DecoderNoCache(hf.module, name).eval()
     results = []
-    with make_onnx_runner(model_path, "ort-cpu", optimize=False, threads=opts.threads) as runner:
+    with make_onnx_runner(model_path, DEFAULT_BACKEND, optimize=False, threads=opts.threads) as runner:
         for i in range(max(1, opts.samples)):
             feed = example_inputs(kv_layout(hf.text_config), torch.float32, seq=9, with_past=False, seed=opts.seed + i)
             with torch.inference_mode():
