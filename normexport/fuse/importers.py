@@ -43,7 +43,7 @@ def count_plugin_nodes(model: ir.Model, log: P.FusionLog, names: Names) -> None:
 
 
 def import_skip_nodes(model: ir.Model, log: P.FusionLog, names: Names) -> None:
-    """onnxruntime's SkipSimplifiedLayerNormalization -> Add + the internal norm, so that a
+    """onnxruntime's residual op (SKIP_SIMPLIFIED_LN) -> Add + the internal norm, so that a
     fused model can be fused again (same result), retargeted or decomposed. Its optional
     mean / inv_std_var outputs must be unused; its sum output becomes the Add's."""
     graph = model.graph
