@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from normexport import pipeline  # noqa: E402
 from normexport.bench import interleaved  # noqa: E402
-from normexport.runners import make_onnx_runner  # noqa: E402
+from normexport.runners import DEFAULT_BACKEND, make_onnx_runner  # noqa: E402
 
 MODEL = common.ROOT / "models" / "tinyllama.pt"
 NORM_SHAPE = (1, 2048, 4096)
@@ -68,7 +68,7 @@ def part_a(args, threads: int, tmp: Path) -> str:
     feeds = [make_inputs(specs, 1000 + i) for i in range(3)]
     np_feeds = feeds_numpy(feeds)
     runners = {"torch": TorchRunner(loaded.module, [s.name for s in specs], threads=threads)}
-    runners.update({k: make_onnx_runner(p, "ort-cpu", optimize=True, threads=threads) for k, p in paths.items()})
+    runners.update({k: make_onnx_runner(p, DEFAULT_BACKEND, optimize=True, threads=threads) for k, p in paths.items()})
     for r in runners.values():
         r.__enter__()
     try:
@@ -135,10 +135,10 @@ def part_b(args, threads: int, tmp: Path) -> str:
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.standard_normal(NORM_SHAPE, dtype=np.float32)} for _ in range(2)]
     runners = {
-        "unfused": make_onnx_runner(unfused, "ort-cpu", optimize=True, threads=threads),
-        "ort": make_onnx_runner(tmp / "rms_ort.onnx", "ort-cpu", optimize=True, threads=threads),
-        "onnx": make_onnx_runner(tmp / "rms_onnx.onnx", "ort-cpu", optimize=True, threads=threads),
-        "identity": make_onnx_runner(ident, "ort-cpu", optimize=True, threads=threads),
+        "unfused": make_onnx_runner(unfused, DEFAULT_BACKEND, optimize=True, threads=threads),
+        "ort": make_onnx_runner(tmp / "rms_ort.onnx", DEFAULT_BACKEND, optimize=True, threads=threads),
+        "onnx": make_onnx_runner(tmp / "rms_onnx.onnx", DEFAULT_BACKEND, optimize=True, threads=threads),
+        "identity": make_onnx_runner(ident, DEFAULT_BACKEND, optimize=True, threads=threads),
         "copyto": common.NumpyCopyRunner("x", feeds[0]["x"]),
     }
     for r in runners.values():

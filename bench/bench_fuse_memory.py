@@ -37,6 +37,7 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from normexport.fuse.ops import RMS_NORMALIZATION  # noqa: E402
 
 CASES = {
     # name: (layers, hidden, inter, vocab, dtype, external, norm, weights as)
@@ -76,7 +77,7 @@ class Graph:
     def norm(self, x: str, form: str, hidden: int, tag: str) -> str:
         if form == "exporter-weightless":
             ones = self.op("ConstantOfShape", [self.op("Shape", [x])], value=helper.make_tensor("v", self.onnx_dtype, [1], [1]))
-            return self.op("RMSNormalization", [x, ones], axis=-1, epsilon=1e-6, stash_type=1)
+            return self.op(RMS_NORMALIZATION, [x, ones], axis=-1, epsilon=1e-6, stash_type=1)
         fp16 = self.onnx_dtype == TensorProto.FLOAT16
         h = self.op("Cast", [x], to=TensorProto.FLOAT) if fp16 else x
         inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [self.op("ReduceMean", [self.op("Pow", [h, "two"]), "axes_last"], keepdims=1), "eps"])])])

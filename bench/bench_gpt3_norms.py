@@ -54,7 +54,8 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from normexport.bench import interleaved, norm_share, unfused_norm_node_names  # noqa: E402
-from normexport.runners import make_onnx_runner  # noqa: E402
+from normexport.runners import DEFAULT_BACKEND, make_onnx_runner  # noqa: E402
+from normexport.fuse.ops import MS_DOMAIN, RMS_NORMALIZATION, SIMPLIFIED_LN, SKIP_SIMPLIFIED_LN  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -200,11 +201,11 @@ def micro_model(kind: str, shape: list[int]) -> bytes:
         nodes = [add, mk("Pow", ["a", "two"], ["p"]), mk("ReduceMean", ["p", "axes"], ["m"], keepdims=1), mk("Add", ["m", "eps"], ["v"]),
                  mk("Sqrt", ["v"], ["r"]), mk("Reciprocal", ["r"], ["i"]), mk("Mul", ["a", "i"], ["n"]), mk("Mul", ["g", "n"], ["y"])]
     elif kind == "sln":
-        nodes = [add, mk("SimplifiedLayerNormalization", ["a", "g"], ["y"], axis=-1, epsilon=1e-6, stash_type=1)]
+        nodes = [add, mk(SIMPLIFIED_LN, ["a", "g"], ["y"], axis=-1, epsilon=1e-6, stash_type=1)]
     elif kind == "rms23":
-        nodes = [add, mk("RMSNormalization", ["a", "g"], ["y"], axis=-1, epsilon=1e-6, stash_type=1)]
+        nodes = [add, mk(RMS_NORMALIZATION, ["a", "g"], ["y"], axis=-1, epsilon=1e-6, stash_type=1)]
     else:
-        nodes = [mk("SkipSimplifiedLayerNormalization", ["x", "s", "g"], ["y"], domain="com.microsoft", epsilon=1e-6)]
+        nodes = [mk(SKIP_SIMPLIFIED_LN, ["x", "s", "g"], ["y"], domain=MS_DOMAIN, epsilon=1e-6)]
     vi = [helper.make_tensor_value_info(n, TP.FLOAT, shape) for n in ("x", "s", "y")]
     graph = helper.make_graph(nodes, kind, vi[:2], vi[2:], initializer=inits)
     opset = 23 if kind == "rms23" else 18
@@ -218,7 +219,7 @@ def micro_bench(d: int, tokens: int, threads: int, args) -> dict:
     shape = [1, tokens, d]
     rng = np.random.default_rng(3)
     feeds = [{"x": rng.standard_normal(shape, dtype=np.float32), "s": rng.standard_normal(shape, dtype=np.float32)} for _ in range(2)]
-    runners = {k: make_onnx_runner(micro_model(k, shape), "ort-cpu", optimize=(k != "ln"), threads=threads) for k in MICRO}
+    runners = {k: make_onnx_runner(micro_model(k, shape), DEFAULT_BACKEND, optimize=(k != "ln"), threads=threads) for k in MICRO}
     for r in runners.values():
         r.__enter__()
     try:
@@ -281,7 +282,7 @@ def run_size(size: Size, args, threads: int, tmp: Path) -> dict:
 
     rng = np.random.default_rng(11)
     feeds = [{"input_ids": rng.integers(0, args.vocab, (1, args.tokens), dtype=np.int64)} for _ in range(2)]
-    runners = {v: make_onnx_runner(paths[v], "ort-cpu", optimize=True, threads=threads) for v in VARIANTS}
+    runners = {v: make_onnx_runner(paths[v], DEFAULT_BACKEND, optimize=True, threads=threads) for v in VARIANTS}
     for r in runners.values():
         r.__enter__()
     try:

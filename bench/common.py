@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from normexport.runners.base import Runner  # noqa: E402
+from normexport.fuse.registry import NORM_OPS  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,12 +153,11 @@ def ort_optimized_ops(path: str | os.PathLike, threads: int) -> Counter:
     return op_counts(ort_optimized_graph(path, threads))
 
 
-NORM_OP_NAMES = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization")
 
 
 def norm_ops(counts: Counter) -> dict[str, int]:
     """The normalization ops among ``counts`` (any domain)."""
-    return {k: v for k, v in sorted(counts.items()) if k.split("::")[-1] in NORM_OP_NAMES}
+    return {k: v for k, v in sorted(counts.items()) if k.split("::")[-1] in NORM_OPS}
 
 
 def fmt_ops(d: dict[str, int]) -> str:
@@ -191,7 +191,7 @@ def profile_norm_ops(path, feeds: list[dict], threads: int, iters: int, skip: in
         total += dur
         node = e["name"][: -len("_kernel_time")]
         op = e.get("args", {}).get("op_name", "")
-        if op in NORM_OP_NAMES or op == "RMSNorm":
+        if op in NORM_OPS:
             per[op] = per.get(op, 0.0) + dur
         elif node in chain:
             per[f"chain:{op}"] = per.get(f"chain:{op}", 0.0) + dur

@@ -23,6 +23,7 @@ from normexport import outputs, pipeline
 from normexport.errors import NormexportError
 from normexport.fuse import load_onnx
 from normexport.load import InputSpec, LoadedModel, load_model, spec_of
+from normexport.runners import DEFAULT_BACKEND
 from normexport.options import BenchOptions, ConvertOptions, ExportOptions, FuseOptions, ValidateOptions
 
 PathLike = str | os.PathLike
@@ -137,8 +138,8 @@ def convert(
     *,
     output: PathLike | None = None,
     target: str = "ort",
-    backend: str = "ort-cpu",
-    residual: bool = True,
+    backend: str = DEFAULT_BACKEND,
+    residual: str | bool = "auto",
     opset: int | None = None,
     exporter: str = "auto",
     dtype: str | None = None,
@@ -189,7 +190,7 @@ def convert(
     return ConvertResult(out if report.written else None, report)
 
 
-def fuse(onnx_model: Any, target: str = "ort", *, residual: bool = True, allow_none: bool = False):
+def fuse(onnx_model: Any, target: str = "ort", *, residual: str | bool = "auto", allow_none: bool = False):
     """Fuse every RMSNorm of an ONNX model for ``target``: returns ``(model, FuseReport)``.
 
     ``onnx_model``: a path (read and checked as the CLI does; an ``onnx_ir.Model`` comes
@@ -211,7 +212,7 @@ def fuse(onnx_model: Any, target: str = "ort", *, residual: bool = True, allow_n
         model, source, back = onnx_model, "the ONNX model", None
     else:
         raise NormexportError(f"an ONNX model must be a path, onnx.ModelProto or onnx_ir.Model, got {type(onnx_model).__name__}", "pass the .onnx file's path")
-    report = fuse_model(model, target, residual=residual)
+    report = fuse_model(model, target, residual=residual if isinstance(residual, bool) else residual != "off")
     if not allow_none and target != "decompose":
         pipeline.require_norms(report, source, "pass allow_none=True to accept a model without one")
     return (back(model) if back else model), report
@@ -227,7 +228,7 @@ def validate(
     unfused: Any = None,
     samples: int = 2,
     seed: int = 0,
-    backend: str = "ort-cpu",
+    backend: str = DEFAULT_BACKEND,
     threads: int | None = None,
     localize: bool = True,
     stress: bool | None = None,
@@ -255,7 +256,7 @@ def bench(
     inputs: Mapping[str, Any] | None = None,
     *,
     unfused: Any = None,
-    backend: str = "ort-cpu",
+    backend: str = DEFAULT_BACKEND,
     warmup: int = 5,
     iters: int = 30,
     threads: int | None = None,

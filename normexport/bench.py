@@ -17,16 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from normexport.fuse.registry import NORM_OPS
 from normexport.runners.base import Runner
 
-NORM_OPS = {
-    "SimplifiedLayerNormalization",
-    "SkipSimplifiedLayerNormalization",
-    "RMSNormalization",
-    "LayerNormalization",
-    "SkipLayerNormalization",
-    "RMSNorm",
-}
 
 
 @dataclass

@@ -11,11 +11,10 @@ import click
 
 from normexport import __version__
 from normexport.errors import NormexportError
-from normexport.fuse.targets import TARGETS
+from normexport.fuse.registry import TARGETS, targets_help
 from normexport.hf import route_folder
 from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, validate_hf
-
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
+from normexport.runners import BACKENDS, DEFAULT_BACKEND, RESIDUAL_CHOICES, backends_help
 
 
 USAGE_HINT = "see `{} --help`"
@@ -142,11 +141,30 @@ def model_options(fn):
             click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module, or .pt2 members that need more than tensors. Unpickling runs code from the file: only for files you trust."),
             click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Convert the model and its float inputs to this dtype first (norms still compute in fp32)."),
             click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the random inputs (0 .. 2**32-1)."),
-            click.option("--threads", type=click.IntRange(1, 4096), help="Threads for PyTorch and onnxruntime (default: PyTorch's count)."),
+            click.option("--threads", type=click.IntRange(1, 4096), help="Threads for PyTorch and onnxruntime (default: 1 when timing, the steadiest numbers on a busy machine; the runtimes' own count when validating)."),
         ]
     ):
         fn = deco(fn)
     return fn
+
+
+def residual_options(auto_means: str):
+    """``--residual-fusion [auto|on|off]`` (bare: on) and ``--no-residual-fusion`` (= off), as one ``residual`` argument."""
+
+    def decorate(fn):
+        @wraps(fn)
+        def merged(*args, residual, no_residual, **kw):
+            if no_residual and residual not in ("auto", "off"):
+                raise click.UsageError(f"--no-residual-fusion contradicts --residual-fusion {residual}")
+            return fn(*args, residual="off" if no_residual else residual, **kw)
+
+        merged = click.option("--no-residual-fusion", "no_residual", is_flag=True, help="Same as --residual-fusion off.")(merged)
+        return click.option(
+            "--residual-fusion", "residual", type=click.Choice(RESIDUAL_CHOICES), default="auto", show_default=True, is_flag=False, flag_value="on",
+            help=f"Fold a residual Add that feeds a norm into the fused op (bare flag: on). auto: {auto_means}",
+        )(merged)
+
+    return decorate
 
 
 force_option = click.option("--force", is_flag=True, help="Replace an existing file at --report / --plot (or -o) that normexport did not write. Never an input.")
@@ -191,14 +209,14 @@ def main(debug):
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Fused model path (default: MODEL's folder, named after it and the target).")
-@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True, help="ort: SimplifiedLayerNormalization; onnx: RMSNormalization (opset 23); trt-plugin: TensorRT plugin node; decompose: primitive ops.")
+@click.option("--target", type=click.Choice(TARGETS), default=TARGETS[0], show_default=True, help=targets_help())
 @click.option("--opset", type=click.IntRange(7, 25), help="Export opset (default 20; TorchScript models at most 20).")
-@click.option("--residual-fusion/--no-residual-fusion", "residual", default=True, show_default=True, help="Fold a residual Add that feeds a norm into the fused op (SkipSimplifiedLayerNormalization for ort). onnxruntime's CPU kernel of that op is slower than Add + SimplifiedLayerNormalization: for CPU deployment, --no-residual-fusion.")
+@residual_options("as --backend's record says (kept separate on onnxruntime's CPU, where the folded op is slower; folded on GPU backends).")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True, help="auto: dynamo, or TorchScript for ScriptModules.")
 @model_options
 @validate_options
 @bench_options
-@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True, help="Where the ONNX models run for validation and bench.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True, help="Where the ONNX models run for validation and bench: " + backends_help())
 @click.option("--no-validate", is_flag=True, help="Skip validation.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency benchmark.")
 @click.option("--keep-failed", is_flag=True, help="Write the fused model even when validation fails.")
@@ -245,8 +263,8 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Fused model path (default: MODEL's folder, named after it and the target).")
-@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True)
-@click.option("--residual-fusion/--no-residual-fusion", "residual", default=True, show_default=True, help="Fold a residual Add that feeds a norm into the fused op (SkipSimplifiedLayerNormalization for ort). onnxruntime's CPU kernel of that op is slower than Add + SimplifiedLayerNormalization: for CPU deployment, --no-residual-fusion.")
+@click.option("--target", type=click.Choice(TARGETS), default=TARGETS[0], show_default=True, help=targets_help())
+@residual_options("fold (fuse knows no backend: the GPU layout); for onnxruntime on CPU give off.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the fusion report as JSON.")
 @click.option("--allow-none", is_flag=True, help="Exit 0 even when no RMSNorm is found (the model is then written unchanged).")
 @force_option
@@ -292,7 +310,7 @@ def inspect(model, as_json, factory, trust_pickle):
 @click.option("--unfused", type=click.Path(path_type=Path), help="Also compare this unfused ONNX export.")
 @model_options
 @validate_options
-@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True, help=backends_help())
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option
 @_handle_errors
@@ -325,7 +343,7 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
 @click.option("--unfused", type=click.Path(path_type=Path), help="The unfused ONNX export to time beside it (default: exported from MODEL).")
 @model_options
 @bench_options
-@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True, help=backends_help())
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a bar chart of the latencies (PNG; needs matplotlib).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option

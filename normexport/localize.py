@@ -16,11 +16,11 @@ import numpy as np
 import onnx_ir as ir
 
 from normexport.errors import NormexportError
+from normexport.fuse.registry import FUSED_OPS
 from normexport.inputs import call_module
 from normexport.validate import NormDivergence, compare_arrays
 
 NORM_CLASS = re.compile(r"(rms|layer|simplified).?norm|norm$", re.IGNORECASE)
-FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization", "RMSNorm"}
 
 
 def norm_output_values(model: ir.Model) -> list[tuple[ir.Value, str]]:
@@ -123,7 +123,7 @@ def pair_norms(norms: list[tuple[object, str]], torch_outs: list[tuple[str, np.n
 
 
 def localize(loaded, input_names: list[str], fused_path: Path, feed: dict[str, np.ndarray], opts) -> tuple[list[NormDivergence], NormDivergence | None]:
-    from normexport.runners.ort import OrtRunner
+    from normexport.runners import OrtRunner, onnxruntime_backend
 
     model = ir.load(str(fused_path))
     norms = norm_output_values(model)
@@ -140,7 +140,7 @@ def localize(loaded, input_names: list[str], fused_path: Path, feed: dict[str, n
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
         ir.save(model, str(path))
-        with OrtRunner(path, opts.backend if opts.backend.startswith("ort") else "ort-cpu", optimize=False, threads=opts.threads) as r:
+        with OrtRunner(path, onnxruntime_backend(opts.backend), optimize=False, threads=opts.threads) as r:
             got = r.infer(feed)
     results = []
     for i, ((value, _), (ref_name, ref)) in enumerate(zip(norms, refs)):

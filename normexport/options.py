@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normexport.inputs import InputSpec
+from normexport.runners import DEFAULT_BACKEND
 
 
 @dataclass
@@ -27,12 +28,12 @@ class ExportOptions:
 @dataclass
 class FuseOptions:
     target: str = "ort"
-    residual: bool = True  # fold residual Adds into the fused op (Skip...) where one feeds a norm
+    residual: str | bool = "auto"  # fold residual Adds into the fused op where one feeds a norm: on, off, auto (the backend's record says)
 
 
 @dataclass
 class ValidateOptions:
-    backend: str = "ort-cpu"
+    backend: str = DEFAULT_BACKEND
     atol: float | dict | None = None  # one value, or by output name with the default under None
     rtol: float | dict | None = None
     samples: int = 2
@@ -45,7 +46,7 @@ class ValidateOptions:
 
 @dataclass
 class BenchOptions:
-    backend: str = "ort-cpu"
+    backend: str = DEFAULT_BACKEND
     warmup: int = 5
     iters: int = 30
     threads: int | None = None

@@ -19,7 +19,9 @@ from normexport.errors import NormexportError
 from normexport.fuse import FuseReport, fuse_model, load_onnx, save_onnx
 from normexport.load import InputSpec, LoadedModel, load_model, make_inputs, require_regular_file
 from normexport.options import BenchOptions, ConvertOptions, ExportOptions, FuseOptions, LoadOptions, ValidateOptions  # noqa: F401 (the stages' options)
+from normexport.runners import BACKENDS, DEFAULT_BACKEND, backend_record, residual_layout
 
+DEFAULT_BENCH_THREADS = 1  # PyTorch's and onnxruntime's thread count unless --threads: see docs/BENCHMARKS.md
 LARGE_INPUT_SCALE = 300.0  # fp16/bf16 draws whose squares overflow fp16 (300² > 65504)
 
 
@@ -39,6 +41,7 @@ class ConvertReport:
     steps: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     written: bool = False
+    residual: str = ""  # which residual layout the fusion used, and why
 
     def to_json(self) -> dict:
         fusion = self.fusion.to_json() if self.fusion else None
@@ -56,6 +59,7 @@ class ConvertReport:
             "latency_ms": None,
             "bench": None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
+            "residual_layout": self.residual,
             "notes": self.notes,
         }
         if self.bench is not None:
@@ -117,10 +121,20 @@ def convert(path: str | os.PathLike, opts: ConvertOptions, progress: Progress = 
 
 
 def check_target(target: str) -> None:
-    from normexport.fuse import TARGETS
+    """An unknown target is the user's error (exit 2), found before any work."""
+    from normexport.fuse import target_record
 
-    if target not in TARGETS:
-        raise NormexportError(f"unknown target '{target}'", f"one of {', '.join(TARGETS)}")
+    target_record(target)
+
+
+def _runs_on(target: str) -> str:
+    return ", ".join(b for b in BACKENDS if backend_record(b).runs(target))
+
+
+def stage_backend(opts: ConvertOptions) -> str:
+    """The backend the converted model is meant for: validation's, else the bench's, else the default."""
+    stage = opts.validate or opts.bench
+    return stage.backend if stage is not None else DEFAULT_BACKEND
 
 
 def require_norms(fusion: FuseReport, source: str | os.PathLike, hint: str) -> None:
@@ -139,19 +153,16 @@ def convert_loaded(loaded: LoadedModel, specs: list[InputSpec], out: Path, opts:
     report.inputs = [s.to_json() for s in specs]
     with outputs.work_dir() as workdir:
         unfused_path, fused_path = _export_and_fuse(loaded, specs, workdir, out.name, opts, report, progress)
-        def runs_here(backend: str) -> bool:
-            return not (opts.fuse.target == "trt-plugin" and backend != "trt")  # plugin nodes run on TensorRT only
-
         v, b = opts.validate, opts.bench
-        if v and not runs_here(v.backend):
-            report.notes.append("not validated: trt-plugin nodes run only on TensorRT (use --backend trt on a machine with TensorRT)")
+        if v and not backend_record(v.backend).runs(opts.fuse.target):
+            report.notes.append(f"not validated: {opts.fuse.target} nodes run only on --backend {_runs_on(opts.fuse.target)} (on a machine that has it)")
         elif v:
             t = time.perf_counter()
             progress(f"validating against PyTorch ({v.samples} sample(s))")
             report.validation = validate_models(loaded, specs, unfused_path, fused_path, v)
             report.steps["validate"] = time.perf_counter() - t
-        if b and not runs_here(b.backend):
-            report.notes.append("not benchmarked: trt-plugin nodes run only on TensorRT (use --backend trt)")
+        if b and not backend_record(b.backend).runs(opts.fuse.target):
+            report.notes.append(f"not benchmarked: {opts.fuse.target} nodes run only on --backend {_runs_on(opts.fuse.target)}")
         elif b:
             t = time.perf_counter()
             progress(f"benchmarking ({b.iters} runs each)")
@@ -183,7 +194,8 @@ def _export_and_fuse(loaded, specs, workdir: Path, name: str, opts: ConvertOptio
     t = time.perf_counter()
     progress(f"fusing RMSNorm for target {opts.fuse.target}")
     model = load_onnx(unfused_path)
-    report.fusion = fuse_model(model, opts.fuse.target, residual=opts.fuse.residual)
+    fold, report.residual = residual_layout(opts.fuse.residual, stage_backend(opts), opts.fuse.target)
+    report.fusion = fuse_model(model, opts.fuse.target, residual=fold)
     require_norms(report.fusion, report.model, "run `normexport inspect` to see what it sees")
     fused_path = workdir / "fused" / name  # named as the output: its external data file too
     save_onnx(model, fused_path)
@@ -191,13 +203,16 @@ def _export_and_fuse(loaded, specs, workdir: Path, name: str, opts: ConvertOptio
     return unfused_path, fused_path
 
 
-def fuse_file(model: Path, out: Path, target: str, residual: bool = True, allow_none: bool = False) -> FuseReport:
+def fuse_file(model: Path, out: Path, target: str, residual: str | bool = "auto", allow_none: bool = False) -> FuseReport:
     """Fuse the ONNX file ``model`` into ``out``; refuse a model with no RMSNorm unless
-    ``allow_none`` (or the target is ``decompose``: it only rewrites fused norms back)."""
+    ``allow_none`` (or the target emits primitive ops only: it takes any model). With no
+    backend to ask, ``residual`` auto folds."""
+    from normexport.fuse import target_record
+
     require_regular_file(model, "ONNX")
     m = load_onnx(model)
-    result = fuse_model(m, target, residual=residual)
-    if not allow_none and target != "decompose":
+    result = fuse_model(m, target, residual=residual if isinstance(residual, bool) else residual != "off")
+    if not allow_none and target_record(target).ops:
         require_norms(result, model, "run `normexport inspect` to see what normexport sees (--allow-none writes the model anyway)")
     save_onnx(m, out)
     return result
@@ -222,7 +237,7 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
     feeds = []
     with contextlib.ExitStack() as stack:
         fused_runner = stack.enter_context(make_onnx_runner(fused, opts.backend, optimize=False, threads=opts.threads, dtype=opts.dtype))
-        unfused_runner = stack.enter_context(make_onnx_runner(unfused, "ort-cpu", optimize=False, threads=opts.threads)) if unfused else None
+        unfused_runner = stack.enter_context(make_onnx_runner(unfused, DEFAULT_BACKEND, optimize=False, threads=opts.threads)) if unfused else None
         torch_runner = stack.enter_context(TorchRunner(loaded.module, [s.name for s in specs], fused_runner.output_names, threads=opts.threads))
         for i, (seed, scale) in enumerate(draws):
             feed = {k: to_numpy(v) for k, v in make_inputs(specs, seed, scale).items()}
@@ -270,14 +285,16 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
 
 def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, feeds: list[dict], opts: BenchOptions):
     """Latency of the variants side by side (interleaved rounds), and the normalization share."""
-    import torch
-
     from normexport.bench import BenchReport, feeds_numpy, interleaved, norm_share, ort_norm_ops, unfused_norm_node_names
+    from normexport.fuse.registry import RESIDUAL_OPS
     from normexport.runners import TorchRunner, make_onnx_runner
 
-    threads = opts.threads or torch.get_num_threads()
+    threads = opts.threads or DEFAULT_BENCH_THREADS
     np_feeds = feeds_numpy(feeds)
     report = BenchReport(threads=threads, warmup=opts.warmup, iters=opts.iters, input_sets=len(feeds))
+    if not opts.threads:
+        report.notes.append(f"{threads} thread(s) for PyTorch and onnxruntime by default: the steadiest timings on a shared machine (--threads N for more)")
+    backend = backend_record(opts.backend)
     runners = {}
     if loaded is not None:
         runners["torch"] = TorchRunner(loaded.module, list(feeds[0]), threads=threads)
@@ -293,11 +310,11 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
     finally:
         for r in entered:
             r.__exit__(None, None, None)
-    if opts.backend.startswith("ort"):
+    if backend.onnxruntime:  # onnxruntime's profiler measures the norm share
         prof_iters = max(5, min(opts.iters, 20))
         if unfused is not None:
             report.norm_share["onnx_unfused"] = norm_share(unfused, np_feeds, threads, prof_iters, unfused_norm_node_names(unfused))
-            if opts.backend == "ort-cpu":
+            if backend.cpu:
                 own = ort_norm_ops(unfused)
                 if own:
                     report.notes.append(
@@ -307,11 +324,9 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
                     )
         report.norm_share["onnx_fused"] = norm_share(fused, np_feeds, threads, prof_iters)
         ratio = report.ratio("onnx_fused", "onnx_unfused")
-        if opts.backend == "ort-cpu" and ratio is not None and ratio > 1.0 and "SkipSimplifiedLayerNormalization" in ort_norm_ops(fused):
-            report.notes.append(
-                "onnxruntime's CPU SkipSimplifiedLayerNormalization is slower than Add + SimplifiedLayerNormalization "
-                "(docs/BENCHMARKS.md): for CPU deployment convert with --no-residual-fusion"
-            )
+        folded = sorted(RESIDUAL_OPS & set(ort_norm_ops(fused)))
+        if not backend.fold_residual and ratio is not None and ratio > 1.0 and folded:
+            report.notes.append(f"{', '.join(folded)} on {backend.name}: {backend.residual_why}; convert with --residual-fusion auto (or off)")
     report.notes.append("onnxruntime with its default graph optimizations (as deployed); PyTorch eager in inference_mode")
     return report
 

@@ -56,7 +56,9 @@ def _fmt(v, digits=3) -> str:
 
 
 def print_fusion(c: Console, fusion, title: str = "Fusion") -> None:
-    done = "found and decomposed" if fusion.target == "decompose" else "fused"
+    from normexport.fuse.registry import target_record
+
+    done = "fused" if target_record(fusion.target).ops else "found and decomposed"  # a target of primitive ops
     t = Table(title=f"{title}: {fusion.fused} RMSNorm {done} for target '{fusion.target}'", title_justify="left")
     t.add_column("pattern")
     t.add_column("count", justify="right")
@@ -164,6 +166,8 @@ def print_convert(c: Console, r) -> None:
     c.print("inputs: " + ", ".join(f"{i['name']}:{i['dtype']}:{'x'.join(map(str, i['shape']))}" for i in r.inputs))
     if r.fusion:
         print_fusion(c, r.fusion)
+    if getattr(r, "residual", ""):
+        c.print(r.residual)
     print_validation(c, r.validation)
     print_bench(c, r.bench)
     for note in r.notes:

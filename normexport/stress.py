@@ -26,6 +26,8 @@ import onnx
 import onnx_ir as ir
 
 from normexport.errors import NormexportError
+from normexport.fuse.registry import FUSED_OPS, RESIDUAL_OPS
+from normexport.runners import DEFAULT_BACKEND
 from normexport.validate import OutputComparison, compare_arrays, default_tolerance
 
 # Row magnitudes (max |x|) per input dtype: fp16's squares overflow from 256 on, and 3e4 is
@@ -33,7 +35,6 @@ from normexport.validate import OutputComparison, compare_arrays, default_tolera
 LARGE_MAGNITUDES = {"float16": (300.0, 3e4), "bfloat16": (300.0, 1e15), "float32": (300.0, 1e15), "float64": (300.0, 1e15)}
 TINY = 1e-4
 DYNAMIC_DIMS = (2, 64)  # batch, sequence for dims the model leaves symbolic; 1 beyond
-CORE_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization", "RMSNorm"}
 IN_RANGE = ("ordinary", "tiny", "zero")  # rows every correct implementation handles
 
 
@@ -46,7 +47,7 @@ class NormSite:
     output: str  # value name of the norm's result
     inputs: list[str]  # x, or the two addends of a folded residual
     op: str  # the fused op, or "primitive ops"
-    skip_bias: str | None = None  # a SkipSimplifiedLayerNormalization's bias input (added to the sum)
+    skip_bias: str | None = None  # a residual op's bias input (added to the sum)
 
 
 @dataclass
@@ -121,12 +122,12 @@ def norm_sites(model: ir.Model) -> list[NormSite]:
     op another tool wrote, with the inputs that feed its nodes from outside them."""
     sites = []
     for node in model.graph:
-        foreign = node.op_type in CORE_OPS and not _tagged(node)
+        foreign = node.op_type in FUSED_OPS and not _tagged(node)
         if node.metadata_props.get("normexport.role") != "norm-output" and not foreign:
             continue
         inputs, core = _group_inputs(node)
         skip_bias = None
-        if core is not None and core.op_type == "SkipSimplifiedLayerNormalization" and len(core.inputs) > 3 and core.inputs[3] is not None:
+        if core is not None and core.op_type in RESIDUAL_OPS and len(core.inputs) > 3 and core.inputs[3] is not None:
             skip_bias = core.inputs[3].name
         sites.append(NormSite(len(sites), node.metadata_props.get("normexport.module", ""), node.outputs[0].name, inputs, core.op_type if core else "primitive ops", skip_bias))
     return sites
@@ -137,7 +138,7 @@ def _group_inputs(final: ir.Node) -> tuple[list[str], ir.Node | None]:
     constants, at untagged producers and at another norm (its marked result, or a second
     fused op: a folded residual's sum comes from the previous norm)."""
     inputs: list[str] = []
-    core = final if final.op_type in CORE_OPS else None
+    core = final if final.op_type in FUSED_OPS else None
     todo, seen = [final], set()
     while todo:
         node = todo.pop()
@@ -145,18 +146,18 @@ def _group_inputs(final: ir.Node) -> tuple[list[str], ir.Node | None]:
             continue
         seen.add(id(node))
         data = list(node.inputs)
-        if node.op_type in CORE_OPS:
-            data = data[:2] if node.op_type == "SkipSimplifiedLayerNormalization" else data[:1]
+        if node.op_type in FUSED_OPS:
+            data = data[:2] if node.op_type in RESIDUAL_OPS else data[:1]
         for value in data:
             if value is None or (value.const_value is not None and not value.is_graph_input()):
                 continue
             src = value.producer()
-            other_norm = src is not None and (src.metadata_props.get("normexport.role") == "norm-output" or (src.op_type in CORE_OPS and core is not None))
+            other_norm = src is not None and (src.metadata_props.get("normexport.role") == "norm-output" or (src.op_type in FUSED_OPS and core is not None))
             if src is None or not _tagged(src) or other_norm:
                 if value.name not in inputs:
                     inputs.append(value.name)
                 continue
-            if src.op_type in CORE_OPS:
+            if src.op_type in FUSED_OPS:
                 core = src
             todo.append(src)
     return inputs, core
@@ -177,14 +178,15 @@ def cut(extractor: onnx.utils.Extractor, inputs: list[str], output: str) -> onnx
 
 def norm_params(sub: onnx.ModelProto) -> NormParams:
     """eps, axis, scale and bias of the one norm in ``sub``: fused again for onnxruntime with
-    the residual kept apart, which turns any spelling (fused op, primitive ops) into one
-    SimplifiedLayerNormalization whose attributes and initializers say them."""
-    from normexport.fuse import fuse_model
+    the residual kept apart, which turns any spelling (fused op, primitive ops) into one node
+    of the default target's plain op whose attributes and initializers say them."""
+    from normexport.fuse import TARGETS, fuse_model, target_record
     from normexport.fuse.targets import fold_constant
 
     model = ir.serde.deserialize_model(sub)
-    report = fuse_model(model, "ort", residual=False)
-    nodes = [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization"]
+    plain = target_record(TARGETS[0])
+    report = fuse_model(model, plain.name, residual=False)
+    nodes = [n for n in model.graph if n.op_type == plain.ops[0]]
     if report.fused != 1 or len(nodes) != 1:
         raise ValueError(f"normexport finds {report.fused} RMSNorm(s) in it, not one")
     node = nodes[0]
@@ -361,7 +363,7 @@ def _compare_unfused(result: NormStress, site: NormSite, unfused_ext, feed, ref2
     except ValueError as e:  # names the fusion did not keep: the reference check stands alone
         result.unfused_note = f"no unfused subgraph ({e})"
         return
-    base = _run(sub, "ort-cpu", feed, site.output, opts, tmp, f"unfused_{site.index}").astype(np.float64).reshape(got2.shape)
+    base = _run(sub, DEFAULT_BACKEND, feed, site.output, opts, tmp, f"unfused_{site.index}").astype(np.float64).reshape(got2.shape)
     mask = np.isin(kind_of, IN_RANGE)
     result.vs_unfused = compare_arrays(site.output, base[mask], got2[mask], *tol)
     result.unfused_matches_reference = compare_arrays(site.output, ref2, base, *tol).passed

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from normexport.inputs import ANSI
+from normexport.runners import DEFAULT_BACKEND
 
 # Defaults by the output's dtype: float32 after a chain of fused / reordered reductions,
 # float16 and bfloat16 at a few units of their last place on O(1) values.
@@ -164,7 +165,7 @@ class ValidationReport:
     fused_vs_unfused: list[OutputComparison] = field(default_factory=list)
     first_divergence: NormDivergence | None = None
     norms: list[NormDivergence] = field(default_factory=list)
-    backend: str = "ort-cpu"
+    backend: str = DEFAULT_BACKEND
     notes: list[str] = field(default_factory=list)
     stress: object = None  # normexport.stress.StressReport
 

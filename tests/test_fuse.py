@@ -13,9 +13,9 @@ from onnx import TensorProto
 
 import ort_helper
 from normexport.fuse import fuse_model
+from normexport.fuse.registry import FUSED_OPS
 from rms_graphs import Spelling, build, reference, variant
 
-FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization", "RMSNorm"}
 
 
 run = ort_helper.run  # onnxruntime's optimizer off: no fusions of its own

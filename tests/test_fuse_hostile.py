@@ -23,10 +23,10 @@ import ort_helper
 from normexport.cli import main
 from normexport.errors import NormexportError
 from normexport.fuse import fuse_file, fuse_model, load_onnx
+from normexport.fuse.registry import FUSED_OPS
 from rms_graphs import Spelling, build, reference, variant
 
 ROOT = Path(__file__).resolve().parents[1]
-FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization", "RMSNorm"}
 
 
 run = ort_helper.run

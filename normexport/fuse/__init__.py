@@ -20,11 +20,11 @@ from normexport.fuse.files import check_acyclic, check_external_data, read_model
 from normexport.fuse.names import Names
 from normexport.fuse.report import FuseReport, Skipped
 from normexport.fuse.shapes import infer_shapes
-from normexport.fuse.targets import TARGET_OPS, TARGETS, lower
+from normexport.fuse.registry import FUSED_OPS, TARGETS, target_record
+from normexport.fuse.targets import lower
 
-__all__ = ["TARGETS", "TARGET_OPS", "FuseReport", "fuse_model", "fuse_file", "find_near_misses", "load_onnx", "save_onnx"]
+__all__ = ["TARGETS", "FUSED_OPS", "target_record", "FuseReport", "fuse_model", "fuse_file", "find_near_misses", "load_onnx", "save_onnx"]
 
-ONNX_TARGET_OPSET = 23
 MIN_IR_FOR_OPSET23 = 11
 
 
@@ -32,35 +32,34 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     """Rewrite ``model`` in place; every RMSNorm becomes one node of ``target``'s op.
 
     ``residual=False`` leaves a residual Add that feeds a norm as its own node instead of
-    folding it in (SkipSimplifiedLayerNormalization for ``ort``): onnxruntime's CPU kernel of
-    that op is slower than Add + SimplifiedLayerNormalization (docs/BENCHMARKS.md)."""
-    if target not in TARGETS:
-        raise NormexportError(f"unknown target '{target}'", f"one of {', '.join(TARGETS)}")
+    folding it into the fused op where the target has one (its record's ``folds_residual``);
+    the runners' backend records say where folding pays off."""
+    record = target_record(target)
     start = time.perf_counter()
     report = FuseReport(target=target, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
-    if target == "onnx":
-        _raise_opset(model, report)
+    if record.opset:
+        _raise_opset(model, report, record)
     shapes_failed = infer_shapes(model)  # (why strict inference failed, whether all of it did)
     names = Names(model)
     log = P.FusionLog()
-    _count_plugin_nodes(model, log)
-    _import_skip_nodes(model, log, names)
-    P.import_rules(log).apply_to_model(model)
+    for other in TARGETS:  # every target's fused form back into the internal node
+        if target_record(other).importer is not None:
+            target_record(other).importer(model, log, names)
     P.core_rules(log).apply_to_model(model)  # decompose too: every norm found is rewritten as canonical primitive ops
     tails = P.tail_rules(log)
     for _ in range(8):  # each pass absorbs at least one op per norm; a norm's tail is <= 4 ops
         if tails.apply_to_model(model) == 0:
             break
     report.skipped = find_near_misses(model)
-    lower(model, target, log, names, residual=residual)
+    lower(model, record, log, names, residual=residual)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
     names.rename_new(model)
     if shapes_failed[0]:
         _shapes_failed(report, log, *shapes_failed)
-    if target == "decompose":
+    if not record.ops:
         for f in log.fused:
-            f.op = "primitive ops"
+            f.op = record.label
     report.fused_norms = log.fused
     no_eps = sum(1 for f in log.fused if "no eps in graph" in f.pattern)
     if no_eps:
@@ -93,84 +92,32 @@ def _shapes_failed(report: FuseReport, log: P.FusionLog, why: str, total: bool) 
                             + (f" ({blocked} check(s) found a shape unknown)" if blocked else ""))
 
 
-def _count_plugin_nodes(model: ir.Model, log: P.FusionLog) -> None:
-    """TensorRT plugin nodes from an earlier fusion stay as they are (only TensorRT runs
-    them), and count as fused norms."""
-    from normexport.fuse.targets import TRT_DOMAIN, TRT_PLUGIN_NAME
-
-    for node in model.graph:
-        if node.domain == TRT_DOMAIN and node.op_type == TRT_PLUGIN_NAME:
-            eps = node.attributes.get("epsilon")
-            entry = P.FusedNorm(node.name, "RMSNorm plugin (already fused)", float(eps.value) if eps else 1e-5, -1,
-                                (node.outputs[0].dtype or ir.DataType.FLOAT).name, scale=True, op=TRT_PLUGIN_NAME,
-                                module=node.metadata_props.get("normexport.module", ""), output=node.outputs[0].name)
-            log.fused.append(entry)
-
-
-def _import_skip_nodes(model: ir.Model, log: P.FusionLog, names: Names) -> None:
-    """onnxruntime's SkipSimplifiedLayerNormalization -> Add + the internal norm, so that a
-    fused model can be fused again (same result), retargeted or decomposed. Its optional
-    mean / inv_std_var outputs must be unused; its sum output becomes the Add's."""
-    graph = model.graph
-    for node in list(graph):
-        if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
-            continue
-        outs = list(node.outputs)
-        if any(o.uses() or o.is_graph_output() for o in outs[1:3]):
-            continue
-        a, b, gamma = node.inputs[:3]
-        bias = node.inputs[3] if len(node.inputs) > 3 else None
-        eps = node.attributes.get("epsilon")
-        eps = float(eps.value) if eps is not None else 1e-12
-        total = ir.Node("", "Add", [a, b], name=names.fresh(f"{node.name}_sum"))
-        total.outputs[0].dtype, total.outputs[0].shape = a.dtype, a.shape
-        new = [total]
-        if bias is not None:
-            with_bias = ir.Node("", "Add", [total.outputs[0], bias], name=names.fresh(f"{node.name}_sum_bias"))
-            with_bias.outputs[0].dtype, with_bias.outputs[0].shape = a.dtype, a.shape
-            new.append(with_bias)
-        x = new[-1].outputs[0]
-        y = outs[0]
-        norm = ir.Node(
-            P.INTERNAL_DOMAIN, P.INTERNAL_OP, [x, gamma],
-            attributes=[ir.AttrFloat32("epsilon", eps), ir.AttrInt64("axis", -1), ir.AttrInt64("stash_type", int(ir.DataType.FLOAT)), ir.AttrInt64("out_dtype", int(y.dtype or a.dtype))],
-            name=names.fresh(f"{node.name}_norm"),
-        )
-        norm.outputs[0].dtype, norm.outputs[0].shape = y.dtype or a.dtype, y.shape
-        new.append(norm)
-        old_values, new_values = [y], [norm.outputs[0]]
-        if len(outs) > 3:
-            old_values.append(outs[3])
-            new_values.append(x)
-        ir.convenience.replace_nodes_and_values(graph, node, [node], new, old_values, new_values)
-        module = node.metadata_props.get("normexport.module", "")
-        log.record(norm.outputs[0], P.FusedNorm("", "SkipSimplifiedLayerNormalization (already fused)", eps, -1, (y.dtype or a.dtype).name, scale=True, module=module))
-
-
 def _count(model: ir.Model) -> int:
     return sum(1 for _ in model.graph)
 
 
-def _raise_opset(model: ir.Model, report: FuseReport) -> None:
-    opset = model.opset_imports.get("", 1)
-    if opset >= ONNX_TARGET_OPSET:
+def _raise_opset(model: ir.Model, report: FuseReport, record) -> None:
+    """Raise the model's default-domain opset to the one ``record``'s op needs."""
+    opset, want, op = model.opset_imports.get("", 1), record.opset, record.label
+    if opset >= want:
         return
     from onnxscript import version_converter
 
+    plain = target_record(TARGETS[0])  # the default target needs no opset change
     try:
-        version_converter.convert_version(model, ONNX_TARGET_OPSET, fallback=True)
-    except Exception as e:  # the converter's own failure: the model cannot move to opset 23
+        version_converter.convert_version(model, want, fallback=True)
+    except Exception as e:  # the converter's own failure: the model cannot move to the opset
         raise NormexportError(
-            f"cannot raise the model's opset from {opset} to {ONNX_TARGET_OPSET} for RMSNormalization ({str(e).splitlines()[0][:200]})",
-            "use --target ort (SimplifiedLayerNormalization needs no opset change), or export at --opset 23",
+            f"cannot raise the model's opset from {opset} to {want} for {op} ({str(e).splitlines()[0][:200]})",
+            f"use --target {plain.name} ({plain.label} needs no opset change), or export at --opset {want}",
         ) from None
-    if model.opset_imports.get("", 1) < ONNX_TARGET_OPSET:
+    if model.opset_imports.get("", 1) < want:
         raise NormexportError(
-            f"cannot raise the model's opset from {opset} to {ONNX_TARGET_OPSET} for RMSNormalization",
-            "use --target ort, or export at --opset 23",
+            f"cannot raise the model's opset from {opset} to {want} for {op}",
+            f"use --target {plain.name}, or export at --opset {want}",
         )
     model.ir_version = max(model.ir_version or 0, MIN_IR_FOR_OPSET23)
-    report.notes.append(f"opset raised from {opset} to {ONNX_TARGET_OPSET} for RMSNormalization")
+    report.notes.append(f"opset raised from {opset} to {want} for {op}")
 
 
 def find_near_misses(model: ir.Model) -> list[Skipped]:

@@ -9,8 +9,8 @@ Fusion runs in two steps so that one pattern serves every target:
    fp32 round trips through Cast; either operand order) and replaces it with one *internal*
    node ``normexport.internal::RMSNorm(x, scale?, bias?)``. ``TailRules`` then absorb a Cast,
    a scale Mul and a bias Add that follow it, each only where the result is the same function.
-   Norms the exporter already fused (RMSNormalization, SimplifiedLayerNormalization) are
-   imported into the same internal node, so every target sees one representation.
+   Norms already fused (the targets' own ops, read by importers.py) are imported into the
+   same internal node, so every target sees one representation.
 2. ``targets.lower`` rewrites each internal node into the target's op.
 
 Every ``check`` returns a failure with a reason instead of a bare False: the reasons are what
@@ -300,7 +300,7 @@ class CoreRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
 
 
 class ImportRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
-    """RMSNormalization / SimplifiedLayerNormalization nodes into the internal node, so that a
+    """A standard-signature norm op (importers.py names which) into the internal node, so that a
     fused model can be retargeted, repaired (mismatched X/scale dtypes) or fused again."""
 
     def __init__(self, name: str, op_type: str, log: FusionLog):
@@ -455,15 +455,6 @@ def core_rules(log: FusionLog) -> pattern.RewriteRuleSet:
             CoreRule.rule("rms-core-div-shared-cast", root="div", log=log, casts=False),
         ],
         commute=True,
-    )
-
-
-def import_rules(log: FusionLog) -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet(
-        [
-            ImportRule.rule("import-RMSNormalization", op_type="RMSNormalization", log=log),
-            ImportRule.rule("import-SimplifiedLayerNormalization", op_type="SimplifiedLayerNormalization", log=log),
-        ]
     )
 
 

@@ -17,21 +17,20 @@ import numpy as np
 import onnx_ir as ir
 
 from normexport.fuse.names import Names
+from normexport.fuse.ops import (
+    MS_DOMAIN,
+    RMS_NORMALIZATION,
+    SIMPLIFIED_LN,
+    SKIP_SIMPLIFIED_LN,
+    TRT_DOMAIN,
+    TRT_PLUGIN_NAME,
+    TRT_PLUGIN_NAMESPACE,
+    TRT_PLUGIN_VERSION,
+)
 from normexport.fuse.patterns import INTERNAL_DOMAIN, INTERNAL_OP, FusionLog, wider
 
-MS_DOMAIN = "com.microsoft"
-TRT_DOMAIN = "trt.plugins"
-TRT_PLUGIN_NAME = "RMSNorm"
-TRT_PLUGIN_VERSION = "1"
-TRT_PLUGIN_NAMESPACE = ""
-
-TARGETS = ("ort", "onnx", "trt-plugin", "decompose")
-TARGET_OPS = {
-    "ort": "SimplifiedLayerNormalization",
-    "onnx": "RMSNormalization",
-    "trt-plugin": TRT_PLUGIN_NAME,
-    "decompose": "primitive ops",
-}
+__all__ = ["MS_DOMAIN", "TRT_DOMAIN", "TRT_PLUGIN_NAME", "TRT_PLUGIN_NAMESPACE", "TRT_PLUGIN_VERSION", "Lowered", "NormNode", "lower",
+           "lower_ort", "lower_onnx", "lower_trt_plugin", "lower_decompose", "fold_constant"]
 
 
 @dataclass
@@ -198,16 +197,45 @@ def _residual_add(x: ir.Value, log: FusionLog) -> ir.Node | None:
     return add
 
 
-def lower(model: ir.Model, target: str, log: FusionLog, names: Names, residual: bool = True) -> list[Lowered]:
-    """Rewrite every internal node of ``model`` for ``target``; returns what was done.
-    ``residual``: fold a residual Add that feeds a norm into the fused op (ort: Skip...)."""
+@dataclass
+class NormNode:
+    """One internal norm node, read: what every lowering takes."""
+
+    node: ir.Node
+    x: ir.Value
+    scale: ir.Value | None
+    bias: ir.Value | None
+    eps: float
+    axis: int
+    stash: ir.DataType
+    out_dtype: ir.DataType
+    io: ir.DataType  # one dtype for X, scale and Y: the wider of the input's and the output's
+    residual: ir.Node | None  # the residual Add to fold into the fused op, where one is taken
+
+    @classmethod
+    def read(cls, node: ir.Node, log: FusionLog, fold_residual: bool) -> NormNode:
+        inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
+        x, scale, bias = inputs[:3]
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        axis, out_dtype = int(attrs["axis"]), ir.DataType(int(attrs["out_dtype"]))
+        io = wider(x.dtype, out_dtype)
+        residual = _residual_add(x, log) if fold_residual and axis == -1 and io == x.dtype else None
+        return cls(node, x, scale, bias, float(attrs["epsilon"]), axis, ir.DataType(int(attrs["stash_type"])), out_dtype, io, residual)
+
+
+def lower(model: ir.Model, record, log: FusionLog, names: Names, residual: bool = True) -> list[Lowered]:
+    """Rewrite every internal node of ``model`` with ``record``'s lowering (a target record of
+    registry.py); returns what was done. ``residual``: fold a residual Add that feeds a norm
+    into the fused op where the target has such an op."""
     graph = model.graph
     done = []
     for node in list(graph):
         if node.domain != INTERNAL_DOMAIN or node.op_type != INTERNAL_OP:
             continue
         entry = log.by_output.get(id(node.outputs[0]))
-        lowered = _lower_one(graph, node, target, names, log, residual)
+        norm = NormNode.read(node, log, residual and record.folds_residual)
+        b = _Builder(graph, (node.name or "rmsnorm").replace("/", "_") + "_fused", names, log)
+        lowered = record.lower(b, norm)
         for n in lowered.nodes:
             n.metadata_props["normexport.pattern"] = entry.pattern if entry else "rms"
         final = lowered.new_values[0].producer()
@@ -215,8 +243,7 @@ def lower(model: ir.Model, target: str, log: FusionLog, names: Names, residual: 
             final.metadata_props["normexport.role"] = "norm-output"
             if entry is not None and entry.module:
                 final.metadata_props["normexport.module"] = entry.module
-        insertion = node
-        ir.convenience.replace_nodes_and_values(graph, insertion, lowered.old_nodes, lowered.nodes, lowered.old_values, lowered.new_values)
+        ir.convenience.replace_nodes_and_values(graph, node, lowered.old_nodes, lowered.nodes, lowered.old_values, lowered.new_values)
         if entry is not None:
             entry.name = lowered.nodes[0].name if lowered.nodes else node.name
             entry.op = lowered.op
@@ -225,90 +252,71 @@ def lower(model: ir.Model, target: str, log: FusionLog, names: Names, residual: 
         done.append(lowered)
     if any(d.residual for d in done):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
-    if target == "trt-plugin" and done:
-        model.opset_imports.setdefault(TRT_DOMAIN, 1)
+    if done and record.domain:
+        model.opset_imports.setdefault(record.domain, 1)
     graph.sort()
     return done
 
 
-def _lower_one(graph: ir.Graph, node: ir.Node, target: str, names: Names, log: FusionLog, fold_residual: bool = True) -> Lowered:
-    inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
-    x, scale, bias = inputs[:3]
-    attrs = {k: a.value for k, a in node.attributes.items()}
-    eps, axis, stash = float(attrs["epsilon"]), int(attrs["axis"]), int(attrs["stash_type"])
-    out_dtype = ir.DataType(int(attrs["out_dtype"]))
-    y_old = node.outputs[0]
-    b = _Builder(graph, (node.name or "rmsnorm").replace("/", "_") + "_fused", names, log)
+def lower_decompose(b: _Builder, n: NormNode) -> Lowered:
+    y = _decompose(b, n.x, n.scale, n.bias, n.eps, n.axis, n.stash, n.out_dtype, b.graph)
+    return Lowered(b.nodes, [n.node], [n.node.outputs[0]], [y], "primitive ops")
 
-    if target == "decompose":
-        y = _decompose(b, x, scale, bias, eps, axis, ir.DataType(stash), out_dtype, graph)
-        return Lowered(b.nodes, [node], [y_old], [y], "primitive ops")
 
-    io = wider(x.dtype, out_dtype)  # one dtype for X, scale and Y
-    residual = None
-    if fold_residual and target in ("ort", "trt-plugin") and axis == -1 and io == x.dtype:
-        residual = _residual_add(x, log)
-    flat = target == "trt-plugin"  # the plugin normalizes the last dim only
-    gamma = _scale_in(b, x, scale, axis, io, flat=flat)
-    old_nodes, old_values, new_values = [node], [y_old], []
+def lower_onnx(b: _Builder, n: NormNode) -> Lowered:
+    return _lower_plain(b, n, RMS_NORMALIZATION)
 
-    if target == "trt-plugin":
-        bias_in = b.cast(bias, io) if bias is not None else None
-        if bias_in is not None and bias_in.shape is not None and bias_in.shape.rank() != 1:
-            dims = _normalized_shape(x, axis)
-            bias_in = b.op("Reshape", bias_in, b.const(np.array([int(np.prod(dims))] if dims else [-1], np.int64), "bias_shape"), dtype=io)
-        x_in = b.cast(x, io)
-        x_in, unflatten = _flatten_trailing(b, x_in, axis, io)
-        # Inputs in the plugin's order: x, gamma, then the residual and the bias where present
-        # (has_residual / has_bias say which); TensorRT has no empty optional inputs.
-        plugin_inputs = [x_in, gamma]
-        if residual is not None:
-            plugin_inputs = [residual.inputs[0], gamma, residual.inputs[1]]
-        if bias_in is not None:
-            plugin_inputs.append(bias_in)
-        plug = b.node(
-            TRT_PLUGIN_NAME,
-            plugin_inputs,
-            domain=TRT_DOMAIN,
-            num_outputs=2 if residual is not None else 1,
-            plugin_version=TRT_PLUGIN_VERSION,
-            plugin_namespace=TRT_PLUGIN_NAMESPACE,
-            epsilon=eps,
-            has_residual=int(residual is not None),
-            has_bias=int(bias_in is not None),
-        )
-        y = plug.outputs[0]
-        y.dtype, y.shape = io, x_in.shape
-        y = unflatten(y)
-        if residual is not None:
-            plug.outputs[1].dtype, plug.outputs[1].shape = x.dtype, x.shape
-            old_nodes.append(residual)
-            old_values.append(residual.outputs[0])
-        y = b.cast(y, out_dtype)
-        new_values = [y] + ([plug.outputs[1]] if residual is not None else [])
-        return Lowered(b.nodes, old_nodes, old_values, new_values, TRT_PLUGIN_NAME, residual is not None)
 
-    if residual is not None and target == "ort":
-        skip = b.node(
-            "SkipSimplifiedLayerNormalization",
-            [residual.inputs[0], residual.inputs[1], gamma],
-            domain=MS_DOMAIN,
-            num_outputs=4,
-            epsilon=eps,
-        )
-        y = skip.outputs[0]
-        y.dtype, y.shape = io, x.shape
-        total = skip.outputs[3]
-        total.dtype, total.shape = x.dtype, x.shape
-        skip.outputs[1].name = skip.outputs[2].name = ""  # unused optional outputs
+def lower_ort(b: _Builder, n: NormNode) -> Lowered:
+    if n.residual is None:
+        return _lower_plain(b, n, SIMPLIFIED_LN)
+    gamma = _scale_in(b, n.x, n.scale, n.axis, n.io, flat=False)
+    skip = b.node(SKIP_SIMPLIFIED_LN, [n.residual.inputs[0], n.residual.inputs[1], gamma], domain=MS_DOMAIN, num_outputs=4, epsilon=n.eps)
+    y = skip.outputs[0]
+    y.dtype, y.shape = n.io, n.x.shape
+    total = skip.outputs[3]
+    total.dtype, total.shape = n.x.dtype, n.x.shape
+    skip.outputs[1].name = skip.outputs[2].name = ""  # unused optional outputs
+    y = _finish(b, y, n.out_dtype, n.bias)
+    return Lowered(b.nodes, [n.node, n.residual], [n.node.outputs[0], n.residual.outputs[0]], [y, total], SKIP_SIMPLIFIED_LN, True)
+
+
+def _lower_plain(b: _Builder, n: NormNode, op_type: str) -> Lowered:
+    """One standard-signature norm op (X, scale; axis, epsilon, stash_type), then cast and bias."""
+    gamma = _scale_in(b, n.x, n.scale, n.axis, n.io, flat=False)
+    y = b.op(op_type, b.cast(n.x, n.io), gamma, axis=n.axis, epsilon=n.eps, stash_type=int(n.stash), dtype=n.io, shape=n.x.shape)
+    y = _finish(b, y, n.out_dtype, n.bias)
+    return Lowered(b.nodes, [n.node], [n.node.outputs[0]], [y], op_type)
+
+
+def lower_trt_plugin(b: _Builder, n: NormNode) -> Lowered:
+    x, io, residual = n.x, n.io, n.residual
+    gamma = _scale_in(b, x, n.scale, n.axis, io, flat=True)  # the plugin normalizes the last dim only
+    bias_in = b.cast(n.bias, io) if n.bias is not None else None
+    if bias_in is not None and bias_in.shape is not None and bias_in.shape.rank() != 1:
+        dims = _normalized_shape(x, n.axis)
+        bias_in = b.op("Reshape", bias_in, b.const(np.array([int(np.prod(dims))] if dims else [-1], np.int64), "bias_shape"), dtype=io)
+    x_in, unflatten = _flatten_trailing(b, b.cast(x, io), n.axis, io)
+    # Inputs in the plugin's order: x, gamma, then the residual and the bias where present
+    # (has_residual / has_bias say which); TensorRT has no empty optional inputs.
+    plugin_inputs = [x_in, gamma] if residual is None else [residual.inputs[0], gamma, residual.inputs[1]]
+    if bias_in is not None:
+        plugin_inputs.append(bias_in)
+    plug = b.node(
+        TRT_PLUGIN_NAME, plugin_inputs, domain=TRT_DOMAIN, num_outputs=2 if residual is not None else 1,
+        plugin_version=TRT_PLUGIN_VERSION, plugin_namespace=TRT_PLUGIN_NAMESPACE, epsilon=n.eps,
+        has_residual=int(residual is not None), has_bias=int(bias_in is not None),
+    )
+    y = plug.outputs[0]
+    y.dtype, y.shape = io, x_in.shape
+    y = b.cast(unflatten(y), n.out_dtype)
+    old_nodes, old_values, new_values = [n.node], [n.node.outputs[0]], [y]
+    if residual is not None:
+        plug.outputs[1].dtype, plug.outputs[1].shape = x.dtype, x.shape
         old_nodes.append(residual)
-        y = _finish(b, y, out_dtype, bias)
-        return Lowered(b.nodes, old_nodes, [y_old, residual.outputs[0]], [y, total], "SkipSimplifiedLayerNormalization", True)
-
-    op_type = "SimplifiedLayerNormalization" if target == "ort" else "RMSNormalization"
-    y = b.op(op_type, b.cast(x, io), gamma, axis=axis, epsilon=eps, stash_type=stash, dtype=io, shape=x.shape)
-    y = _finish(b, y, out_dtype, bias)
-    return Lowered(b.nodes, old_nodes, old_values, [y], op_type)
+        old_values.append(residual.outputs[0])
+        new_values.append(plug.outputs[1])
+    return Lowered(b.nodes, old_nodes, old_values, new_values, TRT_PLUGIN_NAME, residual is not None)
 
 
 def _finish(b: _Builder, y: ir.Value, out_dtype: ir.DataType, bias: ir.Value | None) -> ir.Value:

@@ -14,6 +14,7 @@ from pathlib import Path
 from normexport.errors import NormexportError
 from normexport.hf.folder import HFModel, load_folder
 from normexport.options import ValidateOptions
+from normexport.runners import DEFAULT_BACKEND, residual_layout
 
 REPORT_NAME = "normexport_report.json"
 MODEL_NAME = "model.onnx"
@@ -93,7 +94,7 @@ def check_output(out: Path, src: Path) -> None:
 
 def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda s: None) -> HFConvertReport:
     """opts: normexport.options.ConvertOptions (fuse, load's dtype, validate, keep_failed, output)."""
-    from normexport.fuse import TARGETS
+    from normexport.fuse import target_record
 
     path = Path(path)
     hf_opts = hf_opts or HFOptions()
@@ -105,8 +106,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
             f"{', '.join(unused) or '--exporter torchscript'} does not apply to a Hugging Face folder",
             "the folder's config.json defines the model and its inputs; drop the option",
         )
-    if opts.fuse.target not in TARGETS:
-        raise NormexportError(f"unknown target '{opts.fuse.target}'", f"one of {', '.join(TARGETS)}")
+    target_record(opts.fuse.target)  # an unknown target: the user's error, before any work
     if hf_opts.attention_fusion and opts.fuse.target != "ort":
         raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {opts.fuse.target}", "use --target ort, or drop --attention-fusion")
     t = time.perf_counter()
@@ -157,19 +157,21 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
     report.steps["export"] = time.perf_counter() - t
     t = time.perf_counter()
     progress(f"fusing RMSNorm for target {opts.fuse.target}")
-    fusion = fuse_model(exp.model, opts.fuse.target, residual=opts.fuse.residual)
+    fold, layout = residual_layout(opts.fuse.residual, DEFAULT_BACKEND, opts.fuse.target)  # checked on the default backend
+    report.notes.append(layout)
+    fusion = fuse_model(exp.model, opts.fuse.target, residual=fold)
     report.fusion = fusion
     report.rmsnorm_modules = count_rmsnorm_modules(hf.module)
     require_norms(fusion, f"{hf.path} ({hf.architecture})", "this model has none it recognises")
     if fusion.fused < report.rmsnorm_modules:
         report.notes.append(f"{report.rmsnorm_modules} RMSNorm modules in PyTorch, {fusion.fused} fused norms in the graph")
     if attention:
-        _fuse_attention(exp.model, report, progress, opts)
+        _fuse_attention(exp.model, report, progress, opts.fuse.target, fold)
     save_onnx(exp.model, dst)
     report.steps["fuse"] = time.perf_counter() - t
 
 
-def _fuse_attention(model, report: HFConvertReport, progress, opts) -> None:
+def _fuse_attention(model, report: HFConvertReport, progress, target: str, fold: bool) -> None:
     """onnxruntime's attention/rotary fusions after the norms; every fused norm must survive.
     They fold residual Adds into skip norms: with --no-residual-fusion the norms are lowered
     again without them."""
@@ -179,9 +181,9 @@ def _fuse_attention(model, report: HFConvertReport, progress, opts) -> None:
     progress("fusing attention and rotary embeddings for onnxruntime")
     norms = fused_norms(op_counts(model))
     report.attention = fuse_attention(model)
-    if not opts.fuse.residual:
+    if not fold:
         with quiet_passes():  # ONNX's shape inference cannot see into the contrib ops
-            fuse_model(model, opts.fuse.target, residual=False)
+            fuse_model(model, target, residual=False)
         report.attention.recount(model)
     if fused_norms(report.attention.after) < norms:
         raise AssertionError(f"the attention fusions unfused norms: {norms} fused before, {fused_norms(report.attention.after)} after")
@@ -220,7 +222,7 @@ def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
     name = "logits" if hf.task == "text-generation" else "last_hidden_state"
     wrapper = DecoderNoCache(hf.module, name).eval()
     results = []
-    with make_onnx_runner(model_path, "ort-cpu", optimize=False, threads=opts.threads) as runner:
+    with make_onnx_runner(model_path, DEFAULT_BACKEND, optimize=False, threads=opts.threads) as runner:
         for i in range(max(1, opts.samples)):
             feed = example_inputs(kv_layout(hf.text_config), torch.float32, seq=9, with_past=False, seed=opts.seed + i)
             with torch.inference_mode():

@@ -9,20 +9,23 @@ import numpy as np
 from normexport.errors import NormexportError
 from normexport.runners.base import Runner
 
-PROVIDERS = {
-    "ort-cpu": ["CPUExecutionProvider"],
-    "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-
 
 class OrtRunner(Runner):
     """``optimize=False`` disables onnxruntime's graph optimizations, so that its own fusions
     can neither hide nor fake ours (validation); ``True`` is what a user deploys (bench)."""
 
-    def __init__(self, model: str | Path | bytes, backend: str = "ort-cpu", optimize: bool = True, threads: int | None = None, profile_prefix: str | None = None):
+    def __init__(self, model: str | Path | bytes, backend: str | None = None, optimize: bool = True, threads: int | None = None,
+                 profile_prefix: str | None = None, providers: tuple[str, ...] | None = None):
+        """``backend``: a backend record's name (default: the default backend); ``providers``
+        its execution providers (default: the record's)."""
+        if backend is None or providers is None:
+            from normexport.runners import DEFAULT_BACKEND, backend_record
+
+            backend = backend or DEFAULT_BACKEND
+            providers = providers or backend_record(backend).providers
         self.model = model
         self.backend = backend
+        self.providers = list(providers)
         self.optimize = optimize
         self.threads = threads
         self.profile_prefix = profile_prefix
@@ -32,7 +35,7 @@ class OrtRunner(Runner):
     def activate(self) -> None:
         import onnxruntime as ort
 
-        wanted = PROVIDERS[self.backend]
+        wanted = self.providers
         available = ort.get_available_providers()
         if wanted[0] not in available:
             raise NormexportError(
@@ -54,8 +57,8 @@ class OrtRunner(Runner):
         except Exception as e:
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             hint = "check the target matches your runtime (--target decompose for runtimes without the fused op)"
-            if "NOT_IMPLEMENTED" in msg and self.backend == "ort-cpu":
-                hint = "onnxruntime's CPU provider lacks kernels for this dtype (bfloat16 has almost none): validate on --backend ort-cuda or trt, or pass --no-validate --no-bench"
+            if "NOT_IMPLEMENTED" in msg and wanted == ["CPUExecutionProvider"]:
+                hint = "onnxruntime's CPU provider lacks kernels for this dtype (bfloat16 has almost none): validate on a GPU --backend, or pass --no-validate --no-bench"
             raise NormexportError(f"onnxruntime ({self.backend}) cannot load the model: {msg}", hint) from None
 
     def deactivate(self) -> None:

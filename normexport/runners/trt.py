@@ -142,7 +142,7 @@ class TrtEngineLoader:
 class TrtRunner(Runner):
     """Runs the engine a TrtEngineLoader gives for the feed's shapes (rebuilt only when the shapes change)."""
 
-    name = "trt"
+    name = "tensorrt"  # the backend record sets its own name
 
     def __init__(self, model: str | Path, precision: str = "fp32", plugin_library: str | Path | None = None, workspace_gb: float = 4.0, cache: bool = True):
         self.loader = TrtEngineLoader(model, precision, plugin_library, workspace_gb, cache)

@@ -1,0 +1,58 @@
+"""The targets, one record each: what a fused norm becomes and what it needs.
+
+A new target is one record here, its lowering (targets.py) and its tests; every other module
+asks this registry (``target_record(name)``, ``TARGETS``, ``FUSED_OPS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from normexport.errors import NormexportError
+from normexport.fuse import importers, targets
+from normexport.fuse.ops import LAYER_NORM_OPS, RMS_NORMALIZATION, SIMPLIFIED_LN, SKIP_SIMPLIFIED_LN, TRT_DOMAIN, TRT_PLUGIN_NAME
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    ops: tuple[str, ...]  # the ops its lowering emits (empty: primitive ops only)
+    label: str  # what the report calls the result
+    lower: Callable  # (builder, NormNode) -> Lowered
+    help: str
+    opset: int | None = None  # the default-domain opset the op needs (the model is raised to it)
+    domain: str = ""  # the op's custom domain, imported into the model when a norm is lowered
+    folds_residual: bool = False  # has an op that takes the residual Add in (Skip..., the plugin's residual input)
+    portable: bool = True  # False: only a backend that names it runs it (runners' records)
+    importer: Callable | None = None  # (model, log, names): its fused form back into the internal node
+
+
+RECORDS = (
+    Target("ort", (SIMPLIFIED_LN, SKIP_SIMPLIFIED_LN), SIMPLIFIED_LN, targets.lower_ort,
+           f"onnxruntime's {SIMPLIFIED_LN} ({SKIP_SIMPLIFIED_LN} with a residual Add folded in)",
+           domain="", folds_residual=True, importer=importers.import_ort),
+    Target("onnx", (RMS_NORMALIZATION,), RMS_NORMALIZATION, targets.lower_onnx, f"ONNX {RMS_NORMALIZATION} (opset 23)",
+           opset=23, importer=importers.import_rms_normalization),
+    Target("trt-plugin", (TRT_PLUGIN_NAME,), TRT_PLUGIN_NAME, targets.lower_trt_plugin, f"normexport's TensorRT {TRT_PLUGIN_NAME} plugin node",
+           domain=TRT_DOMAIN, folds_residual=True, portable=False, importer=importers.count_plugin_nodes),
+    Target("decompose", (), "primitive ops", targets.lower_decompose, "primitive ops (any runtime)"),
+)
+_BY_NAME = {t.name: t for t in RECORDS}
+
+TARGETS = tuple(_BY_NAME)
+FUSED_OPS = frozenset(op for t in RECORDS for op in t.ops)  # every op a fused norm can be
+NORM_OPS = FUSED_OPS | frozenset(LAYER_NORM_OPS)  # every norm op a runtime may run (profiles count these)
+RESIDUAL_OPS = frozenset({SKIP_SIMPLIFIED_LN})  # fused ops that take the residual Add in onnxruntime's layout
+
+
+def target_record(name: str) -> Target:
+    """The record of target ``name``; an unknown name is the user's error."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise NormexportError(f"unknown target '{name}'", f"one of {', '.join(TARGETS)}") from None
+
+
+def targets_help() -> str:
+    return "; ".join(f"{t.name}: {t.help}" for t in RECORDS) + "."
