@@ -26,7 +26,7 @@ def inspect_path(path: Path, factory: str | None = None, trust_pickle: bool = Fa
         refuse_model_file_options({"--factory": factory})
         return inspect_folder(path, trust_pickle)
     if path.is_dir():
-        raise NormexportError(f"{path} is a folder with no config.json or safetensors: not a Hugging Face model folder", "pass an .onnx or PyTorch model file, or a folder save_pretrained wrote")
+        raise NormexportError(f"{path} is a directory with no config.json or safetensors, so not a Hugging Face model folder either", "pass an .onnx or PyTorch model file, or a folder save_pretrained wrote")
     path = require_regular_file(path)
     if _is_onnx(path):
         return inspect_onnx(path)

@@ -29,6 +29,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from normexport.logs import quiet_loggers
+
 TRUST_HINT = "loading it could run code from the file; only if you trust the file, pass --trust-pickle"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MAX_EXPR = 10_000
@@ -326,19 +328,10 @@ def _unpickling_reason(e: Exception) -> str:
     return "it holds objects other than tensors"
 
 
-@contextlib.contextmanager
 def _quiet_torch_export_log():
     """torch.export.load logs tracebacks on its fallbacks (and one of those log calls has a
     broken format string); the refusal or the error says it all."""
-    logs = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
-    levels = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for log, level in zip(logs, levels):
-            log.setLevel(level)
+    return quiet_loggers(("torch.export", "torch._export"), logging.CRITICAL)
 
 
 # ---------------------------------------------------------------------------------------------

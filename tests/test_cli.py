@@ -13,27 +13,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
 
 import ort_helper
 import own_model
-from normexport.cli import main
+from cli_helper import invoke
 from normexport.load import save_exported, save_torchscript
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "tinyllama.pt"
 SHIPPED_NORMS = 9  # 4 blocks x 2 + final
 
-
-def invoke(*args, cwd: Path | None = None):
-    runner = CliRunner()
-    old = os.getcwd()
-    try:
-        if cwd:
-            os.chdir(cwd)
-        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        os.chdir(old)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
 from hf_folders import FAMILIES, save_tiny  # noqa: E402
-from normexport.cli import main  # noqa: E402
+from cli_helper import invoke
 from normexport.hf.generation import OnnxDecoder, flip_tolerated, random_prompts, torch_generate  # noqa: E402
 from normexport.hf.kv_export import cache_kwarg, output_cache  # noqa: E402
 
@@ -26,9 +25,6 @@ FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
 NEW_TOKENS = 32
 FAST = {"llama"}  # the others run in CI's slow set (each export takes 10-40 s)
 
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def load_torch(folder: Path):

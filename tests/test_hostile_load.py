@@ -22,12 +22,11 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from onnx import TensorProto, helper
 from torch import nn
 from torch.export import Dim
 
-from normexport.cli import main
+from cli_helper import invoke
 from normexport.load import call_factory, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,15 +249,6 @@ HOSTILE_PT2 = {
 # ---------------------------------------------------------------------------------------------
 # Running the CLI
 
-
-def invoke(*args, cwd: Path | None = None):
-    old = os.getcwd()
-    try:
-        if cwd:
-            os.chdir(cwd)
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        os.chdir(old)
 
 
 def tiny_onnx(path: Path) -> Path:

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import ort_helper
 import own_model
 import rms_graphs
+from cli_helper import invoke
 from normexport import outputs, pipeline
-from normexport.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,15 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-
-def invoke(*args, cwd: Path | None = None):
-    old = os.getcwd()
-    try:
-        if cwd:
-            os.chdir(cwd)
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        os.chdir(old)
 
 
 def snapshot(folder: Path) -> dict[str, str]:

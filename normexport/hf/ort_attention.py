@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
+
+from normexport.logs import quiet_loggers
 
 ORT_DOMAIN = "com.microsoft"
 NORM_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
@@ -94,18 +95,9 @@ def fuse_attention(model: ir.Model) -> AttentionFusion:
     return fusion
 
 
-@contextlib.contextmanager
 def quiet_passes():
     """A shape inference the passes try and skip ("Model is left unchanged") logs a traceback."""
-    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return quiet_loggers(("onnx_ir", "onnxscript"))
 
 
 def fused_norms(counts: dict[str, int]) -> int:
