@@ -8,7 +8,7 @@ from normexport.hf.folder import HFModel
 from normexport.hf.kv_export import kv_layout
 
 # model_type -> onnxruntime-genai's "type" where the two differ; otherwise model_type itself.
-GENAI_TYPES = {"qwen3_moe": "qwen3", "gemma3_text": "gemma3", "olmo2": "olmo", "phi3": "phi3"}
+GENAI_TYPES = {"qwen3_moe": "qwen3", "olmo2": "olmo"}  # gemma3_text is its own type there ("gemma3" is the vision-language model)
 
 
 def _token_id(value, default):
