@@ -356,6 +356,14 @@ def test_corrupt_config(tmp_path):
     _assert_clean_failure(invoke("convert", folder, "-o", out), out, "config")
 
 
+def test_truncated_weights(tmp_path):
+    folder = save_tiny("llama", tmp_path / "m")
+    for p in folder.glob("*.safetensors"):
+        os.truncate(p, 1000)
+    out = tmp_path / "o"
+    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "cannot build")
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker

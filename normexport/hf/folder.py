@@ -93,6 +93,8 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
         raise NormexportError("Hugging Face folders need transformers", "pip install 'normexport[hf]'") from None
     import torch
 
+    from safetensors import SafetensorError  # a corrupt or truncated weights file
+
     auto = transformers.AutoModel if task == "feature-extraction" else transformers.AutoModelForCausalLM
     kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors")
     if dtype:
@@ -102,7 +104,7 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     with offline(), quiet_transformers():
         try:
             module = auto.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
     module.eval()
     notes = []
