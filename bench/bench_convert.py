@@ -1,4 +1,4 @@
-"""What fusing RMSNorm buys on onnxruntime CPU (issue 2). Two tables, one run, markdown out.
+"""What fusing RMSNorm buys on onnxruntime CPU. Two tables, one run, markdown out.
 
 (a) The shipped model ``models/tinyllama.pt`` through normexport's own chain
     (``pipeline.convert(..., ConvertOptions(validate=None))``: load, export, fuse for ``ort``, bench):

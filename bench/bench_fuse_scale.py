@@ -1,4 +1,4 @@
-"""Fusing a 1B-parameter-scale graph takes seconds (issue 3): load, fuse, save timed apart.
+"""Fusing a 1B-parameter-scale graph takes seconds: load, fuse, save timed apart.
 
 The graph is built directly with onnx.helper, no PyTorch export: a Llama-style decoder of
 ``--layers`` (24) blocks at hidden ``--hidden`` (2048), MLP ``--inter`` (5632), vocab

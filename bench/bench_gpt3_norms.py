@@ -1,5 +1,5 @@
 """How much of a transformer's inference time is normalization, and what does RMSNorm save?
-(issue 4) GPT-3-style decoders on onnxruntime CPU, Pre-LN vs Pre-RMSNorm, unfused and fused.
+GPT-3-style decoders on onnxruntime CPU, Pre-LN vs Pre-RMSNorm, unfused and fused.
 
 Decoders at GPT-3's widths (Brown et al. 2020, table 2.1: Small d=768 12 heads of 64, Medium
 1024 16x64, Large 1536 16x96, XL 2048 24x128), but with FEWER layers than GPT-3 (``--layers``,
@@ -65,10 +65,10 @@ class Size:
     heads: int
     d_head: int
     gpt3_layers: int
-    paper_rms_over_ln: str  # Jiang et al. 2023, as quoted in issue 4
+    paper_rms_over_ln: str  # Jiang et al. 2023 (NeurIPS), as quoted in the benchmark brief
 
 
-# GPT-3 table 2.1 widths; the paper's Pre-RMSNorm / Pre-LN inference-time ratios as issue 4 quotes them
+# GPT-3 table 2.1 widths; the paper's Pre-RMSNorm / Pre-LN inference-time ratios as quoted
 SIZES = {
     "small": Size("Small", 768, 12, 64, 12, "~0.90"),
     "medium": Size("Medium", 1024, 16, 64, 24, "~0.97"),

@@ -1,4 +1,4 @@
-"""Pre-LN vs converted Pre-RMSNorm on onnxruntime CPU (issue 6 benchmark; not a test).
+"""Pre-LN vs converted Pre-RMSNorm on onnxruntime CPU (a benchmark; not a test).
 
 A GPT-3-Small-width decoder (d=768, 12 heads, ``--layers`` blocks, default 4; GELU MLP of
 4d; learned positions; tied head) with random seeded weights is exported to ONNX

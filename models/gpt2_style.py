@@ -1,4 +1,4 @@
-"""Small GPT-2-style decoders for ``normexport ln2rms`` (issue 6) and its tests.
+"""Small GPT-2-style decoders for ``normexport ln2rms`` and its tests.
 
 Factories (``--factory models.gpt2_style:<name>``), each returning
 ``(module_in_eval_mode, {"input_ids": int64 [1, 16]})``:

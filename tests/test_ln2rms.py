@@ -1,4 +1,4 @@
-"""normexport ln2rms (issue 6): Pre-LN -> Pre-RMSNorm conversion, archive, refusals, CLI."""
+"""normexport ln2rms: Pre-LN -> Pre-RMSNorm conversion, archive, refusals, CLI."""
 
 from __future__ import annotations
 
