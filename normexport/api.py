@@ -242,12 +242,20 @@ def validate(
     (``passed``, ``outputs``, ``first_divergence``): a mismatch is a result, not an exception.
     Tolerances default by dtype (normexport.validate.DEFAULT_TOLERANCES)."""
     opts = ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, localize=localize, stress=stress, dtype=dtype)
+    with _model_and_onnx(model, inputs, onnx_model, unfused, factory, trust_pickle, dtype) as (loaded, specs, fused, base):
+        return pipeline.validate_models(loaded, specs, base, fused, opts)
+
+
+@contextlib.contextmanager
+def _model_and_onnx(model, inputs, onnx_model, unfused, factory, trust_pickle, dtype):
+    """The PyTorch side loaded with its input specs, and the fused (and unfused) ONNX as files
+    whose inputs those specs cover: what validate and bench both start from."""
     loaded, specs = load(model, inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
     with onnx_file(onnx_model) as fused, contextlib.ExitStack() as stack:
         base = stack.enter_context(onnx_file(unfused)) if unfused is not None else None
         load_onnx(fused)
         pipeline.check_inputs_cover(fused, specs)
-        return pipeline.validate_models(loaded, specs, base, fused, opts)
+        yield loaded, specs, fused, base
 
 
 def bench(
@@ -268,11 +276,7 @@ def bench(
     """Time PyTorch eager, the unfused and the fused ONNX model side by side (the unfused one
     exported from ``model`` unless given) and the normalization share: a ``BenchReport``."""
     opts = BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype)
-    loaded, specs = load(model, inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
-    with onnx_file(onnx_model) as fused, contextlib.ExitStack() as stack:
-        base = stack.enter_context(onnx_file(unfused)) if unfused is not None else None
-        load_onnx(fused)
-        pipeline.check_inputs_cover(fused, specs)
+    with _model_and_onnx(model, inputs, onnx_model, unfused, factory, trust_pickle, dtype) as (loaded, specs, fused, base):
         return pipeline.bench_onnx(loaded, specs, fused, base, opts)
 
 

@@ -176,14 +176,22 @@ def _plain_text(text: str) -> bool:
     return len(text) <= _MAX_EXPR and not any(ch in text for ch in "#\\\n\r;")
 
 
+def _expression(text: str) -> ast.AST | None:
+    """``text`` parsed as one Python expression, or None where it is not plain, short text
+    that parses (what torch would evaluate is only ever checked as this tree, never run)."""
+    if not _plain_text(text):
+        return None
+    try:
+        return ast.parse(text, mode="eval")
+    except SyntaxError:
+        return None
+
+
 def _is_safe_sym_expr(text: str) -> bool:
     """sympy's ``srepr`` form (``Mul(Integer(8), Symbol('s27', positive=True))``) or infix:
     calls only to sympy expression classes, strings only as identifiers."""
-    if not _plain_text(text):
-        return False
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError:
+    tree = _expression(text)
+    if tree is None:
         return False
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
@@ -229,11 +237,8 @@ _GUARD_NAMES = {"L", "inf", "math", "torch"}
 
 def _is_safe_guard(text: str) -> bool:
     """Guards as torch writes them: ``L['x'].size()[0] == 3``, ``2 <= L['x'].size()[1]``."""
-    if not _plain_text(text):
-        return False
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError:
+    tree = _expression(text)
+    if tree is None:
         return False
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
