@@ -236,8 +236,13 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     from normexport.outputs import Output, check
 
     folder = route_folder(model)  # a Hugging Face folder: normexport.hf converts it into an output folder
-    out = None if folder else output or pipeline.default_output(model, target)
-    check([model, _factory_file(factory)], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
+    if folder:
+        from normexport.hf.convert import default_output as folder_output, output_folder
+
+        out = output_folder(output or folder_output(model, target))
+    else:
+        out = Output("-o", output or pipeline.default_output(model, target), "onnx")
+    check([model, _factory_file(factory)], [out, Output("--report", report_path, "report")], force)
 
     opts = pipeline.ConvertOptions(
         load=pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype),
