@@ -170,9 +170,11 @@ def residual_options(auto_means: str):
 force_option = click.option("--force", is_flag=True, help="Replace an existing file at --report / --plot (or -o) that normexport did not write. Never an input.")
 
 
-def _factory_file(factory: str | None) -> str | None:
-    path = (factory or "").rpartition(":")[0]
-    return path if path.endswith(".py") else None
+def _factory_file(factory: str | None):
+    """The factory's source file: an input no output may overwrite, however it is spelled."""
+    from normexport.factory import factory_source
+
+    return factory_source(factory)
 
 
 def validate_options(fn):

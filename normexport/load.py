@@ -181,6 +181,9 @@ def load_model(path: str | os.PathLike, factory: str | None = None, trust_pickle
     """Load MODEL by its content. ``factory`` ("MODULE:FUNCTION") builds the module for a state_dict."""
     path = Path(path)
     kind = detect_kind(path)
+    if factory is not None and kind in ("torchscript", "export"):
+        what = "a TorchScript archive" if kind == "torchscript" else "a torch.export archive"
+        raise NormexportError(f"{path} is {what}, which holds its own module; --factory is only for state_dicts", "drop --factory")
     if kind == "torchscript":
         return _load_torchscript(path)
     if kind == "export":
