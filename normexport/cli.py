@@ -12,6 +12,7 @@ import click
 from normexport import __version__
 from normexport.errors import NormexportError
 from normexport.fuse.registry import TARGETS, targets_help
+from normexport.options import DTYPES, EXPORTERS, ITERS, OPSET, SAMPLES, SEED, THREADS, WARMUP
 from normexport.hf import route_folder
 from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, validate_hf
 from normexport.runners import BACKENDS, DEFAULT_BACKEND, RESIDUAL_CHOICES, backends_help
@@ -110,7 +111,7 @@ def _parse_inputs(ctx, param, values):
 
 def _parse_tolerances(ctx, param, values):
     """``--atol VALUE`` and ``--atol OUTPUT=VALUE`` (repeatable): None, or {None: default, name: value}."""
-    import math
+    from normexport.options import check_tolerance_value
 
     if not values:
         return None
@@ -123,8 +124,7 @@ def _parse_tolerances(ctx, param, values):
             v = float(value)
         except ValueError:
             raise NormexportError(f"--{param.name} '{text}' is not a number", f"use --{param.name} VALUE or --{param.name} OUTPUT=VALUE, e.g. 1e-4") from None
-        if not math.isfinite(v) or v < 0:
-            raise NormexportError(f"--{param.name} {text}: a tolerance must be finite and >= 0", f"e.g. --{param.name} 1e-4")
+        check_tolerance_value(f"--{param.name}", v, shown=text)
         key = name or None
         if key in out:
             raise NormexportError(f"--{param.name} for {'the default' if key is None else repr(key)} is given twice", "give each once")
@@ -139,9 +139,9 @@ def model_options(fn):
             click.option("--input", "inputs", multiple=True, callback=_parse_inputs, metavar="NAME:DTYPE:SHAPE[:LOW,HIGH]", help="A model input, e.g. input_ids:int64:1x16 (repeatable). Defaults come from the model file or the factory."),
             click.option("--factory", metavar="MODULE:FUNCTION", help="For a state_dict: a function that builds the nn.Module (optionally returning (module, example_inputs))."),
             click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module, or .pt2 members that need more than tensors. Unpickling runs code from the file: only for files you trust."),
-            click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Convert the model and its float inputs to this dtype first (norms still compute in fp32)."),
-            click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the random inputs (0 .. 2**32-1)."),
-            click.option("--threads", type=click.IntRange(1, 4096), help="Threads for PyTorch and onnxruntime (default: 1 when timing, the steadiest numbers on a busy machine; the runtimes' own count when validating)."),
+            click.option("--dtype", type=click.Choice(DTYPES), help="Convert the model and its float inputs to this dtype first (norms still compute in fp32)."),
+            click.option("--seed", type=click.IntRange(*SEED), default=0, show_default=True, help="Seed of the random inputs (0 .. 2**32-1)."),
+            click.option("--threads", type=click.IntRange(*THREADS), help="Threads for PyTorch and onnxruntime (default: 1 when timing, the steadiest numbers on a busy machine; the runtimes' own count when validating)."),
         ]
     ):
         fn = deco(fn)
@@ -182,7 +182,7 @@ def validate_options(fn):
         [
             click.option("--atol", multiple=True, callback=_parse_tolerances, metavar="[OUTPUT=]VALUE", help="Absolute tolerance, for all outputs or (OUTPUT=VALUE, repeatable) one ONNX output (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2)."),
             click.option("--rtol", multiple=True, callback=_parse_tolerances, metavar="[OUTPUT=]VALUE", help="Relative tolerance, likewise (default by dtype: fp32 1e-3, fp16 1e-2, bf16 2e-2)."),
-            click.option("--samples", type=click.IntRange(1, 100), default=2, show_default=True, help="Seeded input draws (fp16/bf16 models get one large-magnitude draw more)."),
+            click.option("--samples", type=click.IntRange(*SAMPLES), default=2, show_default=True, help="Seeded input draws (fp16/bf16 models get one large-magnitude draw more)."),
             click.option("--stress/--no-stress", default=None, help="Run each fused norm alone on large-magnitude, tiny and zero rows against a float64 RMSNorm (default: on for fp16/bf16 norms)."),
         ]
     ):
@@ -193,8 +193,8 @@ def validate_options(fn):
 def bench_options(fn):
     for deco in reversed(
         [
-            click.option("--warmup", type=click.IntRange(0, 10000), default=5, show_default=True),
-            click.option("--iters", type=click.IntRange(1, 100000), default=30, show_default=True),
+            click.option("--warmup", type=click.IntRange(*WARMUP), default=5, show_default=True),
+            click.option("--iters", type=click.IntRange(*ITERS), default=30, show_default=True),
         ]
     ):
         fn = deco(fn)
@@ -212,9 +212,9 @@ def main(debug):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Fused model path (default: MODEL's folder, named after it and the target).")
 @click.option("--target", type=click.Choice(TARGETS), default=TARGETS[0], show_default=True, help=targets_help())
-@click.option("--opset", type=click.IntRange(7, 25), help="Export opset (default 20; TorchScript models at most 20).")
+@click.option("--opset", type=click.IntRange(*OPSET), help="Export opset (default 20; TorchScript models at most 20).")
 @residual_options("as --backend's record says (kept separate on onnxruntime's CPU, where the folded op is slower; folded on GPU backends).")
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True, help="auto: dynamo, or TorchScript for ScriptModules.")
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True, help="auto: dynamo, or TorchScript for ScriptModules.")
 @model_options
 @validate_options
 @bench_options
