@@ -8,6 +8,7 @@ from functools import wraps
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from normexport import __version__
 from normexport.errors import NormexportError
@@ -256,7 +257,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     )
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
-    progress = (lambda s: err.print(f"[dim]... {s}[/dim]")) if err.is_terminal else (lambda s: None)
+    progress = (lambda s: err.print(f"[dim]... {escape(s)}[/dim]")) if err.is_terminal else (lambda s: None)
     if folder:
         return convert_hf(model, opts, hf, report_path, progress)
     refuse_folder_options(hf)
@@ -286,7 +287,7 @@ def fuse(model, output, target, residual, report_path, allow_none, force):
     result = pipeline.fuse_file(model, out, target, residual=residual, allow_none=allow_none)
     c = report.console()
     report.print_fusion(c, result)
-    c.print(f"wrote [bold]{out}[/bold]")
+    c.print(f"wrote [bold]{escape(str(out))}[/bold]")
     if report_path:
         report.write_json({"model": str(model), "target": target, "output": str(out), "fusion": result.to_json()}, report_path)
 
@@ -378,7 +379,7 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
         from normexport.plot import plot_bench
 
         plot_bench(result, plot, title=f"{model.name}: latency ({backend}, {result.threads} threads)")
-        c.print(f"wrote [bold]{plot}[/bold]")
+        c.print(f"wrote [bold]{escape(str(plot))}[/bold]")
     if report_path:
         report.write_json({"model": str(model), "fused": str(fused), "bench": result.to_json()}, report_path)
 

@@ -44,6 +44,7 @@ def _load_for_cli(model_path: str, factory: str | None, trust_pickle: bool) -> t
 
 
 def _print_table(report: Ln2RmsReport, facts: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="ln2rms: Pre-LN -> Pre-RMSNorm", show_header=False)
@@ -58,11 +59,11 @@ def _print_table(report: Ln2RmsReport, facts: dict) -> None:
     t.add_row("max abs / max rel", f"{report.max_abs:.3g} / {report.max_rel:.3g} ({report.samples} draws)")
     t.add_row("equivalent", "[green]yes[/green]" if report.passed else "[red]NO[/red]")
     if facts.get("output"):
-        t.add_row("written", f"{facts['output']} (dynamic: {', '.join(facts['dynamic_dims']) or 'none'})")
+        t.add_row("written", escape(f"{facts['output']} (dynamic: {', '.join(facts['dynamic_dims']) or 'none'})"))
     c = console()
     c.print(t)
     for note in report.notes:
-        c.print(f"note: {note}")
+        c.print(f"note: {escape(note)}")
 
 
 @click.command("ln2rms")
