@@ -244,6 +244,8 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
 
         out = output_folder(output or folder_output(model, target))
     else:
+        if model.is_dir():
+            raise NormexportError(f"{model} is a directory with no config.json or safetensors, so not a Hugging Face model folder either", "pass a PyTorch model file, or a folder save_pretrained wrote")
         out = Output("-o", output or pipeline.default_output(model, target), "onnx")
     check([model, _factory_file(factory)], [out, Output("--report", report_path, "report")], force)
 
