@@ -206,7 +206,7 @@ def _targets(out: Output) -> list[tuple[str, Path, str]]:
         names = dict.fromkeys(out.contents)
         if path.is_dir() and not path.is_symlink():
             names.update(dict.fromkeys(f.name for f in folder_files(path)))
-        targets += [(f"{path / n}, which {out.option} {path} holds", path / n, "folder-file") for n in names]
+        targets += [(f"{path / n} (in {out.option} {path})", path / n, "folder-file") for n in names]
     return targets
 
 

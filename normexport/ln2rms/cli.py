@@ -77,8 +77,9 @@ def _print_table(report: Ln2RmsReport, facts: dict) -> None:
 def ln2rms_command(model, output, factory, fold_affine, report_path, trust_pickle, force):
     """Convert a Pre-LN transformer into an equivalent Pre-RMSNorm one (Jiang et al. 2023)."""
     try:
-        factory_file = (factory or "").rpartition(":")[0]
-        reads = [model, factory_file if factory_file.endswith(".py") else None]
+        from normexport.factory import factory_source
+
+        reads = [model, factory_source(factory)]  # the factory's file, however --factory names it
         check(reads, [Output("-o", Path(output), "pt2"), Output("--report", report_path and Path(report_path), "report")], force)
         module, example = _load_for_cli(model, factory, trust_pickle)
         _convert_and_write(module, example, {"model": model, "output": output, "fold_affine": fold_affine}, report_path)
