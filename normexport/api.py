@@ -24,7 +24,7 @@ from normexport.errors import NormexportError
 from normexport.fuse import load_onnx
 from normexport.load import InputSpec, LoadedModel, load_model, spec_of
 from normexport.runners import DEFAULT_BACKEND
-from normexport.options import BenchOptions, ConvertOptions, ExportOptions, FuseOptions, ValidateOptions
+from normexport.options import BenchOptions, ConvertOptions, ExportOptions, FuseOptions, LoadOptions, ValidateOptions, check_flag
 
 PathLike = str | os.PathLike
 
@@ -91,13 +91,19 @@ def _widen_to_vocab(loaded: LoadedModel, specs: list[InputSpec]) -> list[InputSp
 
 def load(model: Any, inputs: Mapping[str, Any] | None = None, *, factory: str | None = None, trust_pickle: bool = False, dtype: str | None = None) -> tuple[LoadedModel, list[InputSpec]]:
     """A module in memory or a model file, with the specs of the inputs to draw (bound by name)."""
+    LoadOptions(factory=factory, trust_pickle=trust_pickle, dtype=dtype)  # the options' own checks
     if _is_module(model):
         from normexport.load import _forward_arg_names
 
+        if factory is not None:
+            raise NormexportError("factory= builds the module for a state_dict file; a module in memory needs none", "drop factory=, or pass the state_dict file's path")
         if inputs is None:
             raise NormexportError("a module in memory needs example inputs", "pass a dict of tensors by input name, e.g. {'input_ids': ids}")
         loaded = LoadedModel(model.eval(), "module", None, _forward_arg_names(model))
         loaded = loaded.with_inputs(_specs_from_tensors(loaded, inputs))
+        missing = [n for n in loaded.required_names() if n not in inputs]
+        if missing:
+            raise NormexportError(f"the example inputs have no {', '.join(map(repr, missing))} for {loaded.signature_text()}", "give a tensor for every input forward() requires")
         loaded.input_specs = _widen_to_vocab(loaded, loaded.input_specs)
     elif isinstance(model, (str, os.PathLike)):
         loaded = load_model(Path(model), factory=factory, trust_pickle=trust_pickle)
@@ -166,6 +172,8 @@ def convert(
     ``<name>.<target>.onnx`` beside it). ``atol``/``rtol``: one value, or a dict by ONNX output
     name with the default under None. A Hugging Face folder is converted by the CLI only.
     """
+    for name, flag in (("validate", validate), ("bench", bench), ("force", force)):
+        check_flag(name, flag)
     opts = ConvertOptions(
         export=ExportOptions(opset=opset, exporter=exporter, seed=seed),
         fuse=FuseOptions(target=target, residual=residual),
@@ -183,7 +191,9 @@ def convert(
             raise NormexportError(f"model must be an nn.Module or a path, got {type(model).__name__}", "pass the module itself or the path of a model file")
         out = Path(output) if output is not None else pipeline.default_output(Path(model), target)
         source, reads = str(model), [model]
-    outputs.check(reads, [outputs.Output("output", out, "onnx")], force)
+    from normexport.factory import factory_source
+
+    outputs.check([*reads, factory_source(factory)], [outputs.Output("output", out, "onnx")], force)
     loaded, specs = load(model, example_inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
     report = pipeline.ConvertReport(model=source, target=target, output=str(out), kind=loaded.kind)
     report = pipeline.convert_loaded(loaded, specs, out, opts, report, progress or (lambda _: None))

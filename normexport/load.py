@@ -108,6 +108,21 @@ class LoadedModel:
 # Detection
 
 
+def require_usable_path(path: str | os.PathLike) -> Path:
+    """A path the file system can look up: a name or a depth past its limits, a loop of
+    symlinks or a file used as a folder is the user's error (a missing path is left to the
+    caller, which says what it expected there)."""
+    path = Path(path)
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        shown = str(path) if len(str(path)) <= 60 else f"{str(path)[:30]}...{str(path)[-30:]}"
+        raise NormexportError(f"{shown}: {e.strerror}", "check the path") from None
+    return path
+
+
 def require_regular_file(path: str | os.PathLike, what: str = "MODEL") -> Path:
     """The one gate every input file passes before it is opened: it must exist and be a
     regular file (after symlinks). A FIFO, device, socket or directory is refused from its
@@ -181,6 +196,9 @@ def load_model(path: str | os.PathLike, factory: str | None = None, trust_pickle
     """Load MODEL by its content. ``factory`` ("MODULE:FUNCTION") builds the module for a state_dict."""
     path = Path(path)
     kind = detect_kind(path)
+    if factory is not None and kind in ("torchscript", "export"):
+        what = "a TorchScript archive" if kind == "torchscript" else "a torch.export archive"
+        raise NormexportError(f"{path} is {what}, which holds its own module; --factory is only for state_dicts", "drop --factory")
     if kind == "torchscript":
         return _load_torchscript(path)
     if kind == "export":
@@ -208,7 +226,9 @@ def _load_torchscript(path: Path) -> LoadedModel:
     specs = None
     if extra[METADATA_NAME]:
         meta = _metadata_json(extra[METADATA_NAME], path)
-        specs = [InputSpec.from_json(d) for d in meta.get("inputs", [])] or None
+        if not isinstance(meta, dict):
+            raise NormexportError(f"{path}: its normexport input metadata is a JSON {type(meta).__name__}, not an object with an inputs list", f"re-save the model, or give every input with {INPUT_SYNTAX}")
+        specs = _metadata_specs(meta, path) or None
     return LoadedModel(module, "torchscript", path, names, specs)
 
 
@@ -360,11 +380,33 @@ def _checkpoint_metadata(obj, path=None) -> dict | None:
         if isinstance(meta, str):
             meta = _metadata_json(meta, path)
         if isinstance(meta, dict) and "inputs" in meta:
+            _metadata_specs(meta, path)
             return meta
         ex = obj.get("example_inputs")
         if isinstance(ex, dict) and ex:
-            return {"inputs": [spec_of(k, v).to_json() for k, v in ex.items()]}
+            return {"inputs": [s.to_json() for s in _example_specs(ex, path)]}
     return None
+
+
+def _metadata_specs(meta: dict, path) -> list[InputSpec]:
+    """The input specs of normexport's metadata: a list of objects, each checked."""
+    inputs = meta.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(d, dict) for d in inputs):
+        raise NormexportError(f"{path}: its normexport input metadata has inputs that are not a list of objects", f"re-save the model, or give every input with {INPUT_SYNTAX}")
+    return [InputSpec.from_json(d) for d in inputs]
+
+
+def _example_specs(example: dict, path) -> list[InputSpec]:
+    """Specs of a checkpoint's ``example_inputs``: tensors by input name, nothing else."""
+    import torch
+
+    for k, v in example.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise NormexportError(
+                f"{path}: its example_inputs entry {str(k)[:60]!r} is a {type(v).__name__}{'' if isinstance(k, str) else ' under a ' + type(k).__name__ + ' key'}, not a tensor by input name",
+                f"save example_inputs as {{name: tensor}}, or give every input with {INPUT_SYNTAX}",
+            )
+    return [spec_of(k, v).checked(f"{path}: example input '{k}'") for k, v in example.items()]
 
 
 def _find_state_dict(obj):

@@ -28,7 +28,9 @@ class OnnxDecoder:
     def __init__(self, model: str | Path, threads: int | None = None, optimize: bool = True):
         import onnxruntime as ort
 
-        path = Path(model)
+        from normexport.load import require_usable_path
+
+        path = require_usable_path(model)
         if path.is_dir():
             path = path / "model.onnx"
         if not path.is_file():
