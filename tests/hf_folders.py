@@ -45,3 +45,16 @@ def save_tiny(family: str, folder: Path, seed: int = 0, attn: str | None = None,
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     return folder
+
+
+def hf_generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy ``generate()``: argmax, stopping after the model's EOS; the
+    model's generation_config.json adds nothing (a neutral config is passed)."""
+    import transformers
+
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else model.config.eos_token_id
+    config = transformers.GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else 0)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[0, len(prompt):].tolist()

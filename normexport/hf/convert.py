@@ -206,7 +206,7 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
                 f"onnxruntime (CPU) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
                 "convert in float32 or float16, or pass --no-validate to write it unchecked",
             ) from None
-        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed)
+        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed, atol=opts.atol, rtol=opts.rtol)
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
 
@@ -234,6 +234,7 @@ def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
 
 def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path) -> None:
     from normexport.hf.genai_config import genai_config
+    from normexport.report import json_text
 
     for name in TOKENIZER_FILES:
         src = hf.path / name
@@ -242,5 +243,5 @@ def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path)
     if hf.task == "text-generation-with-past":
         (staged / "genai_config.json").write_text(json.dumps(genai_config(hf), indent=4))
     report.written = True
-    (staged / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2, default=str))
+    (staged / REPORT_NAME).write_text(json_text(report.to_json()) + "\n")
     os.replace(staged, out)  # one rename: the folder appears whole or not at all

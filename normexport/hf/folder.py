@@ -96,16 +96,17 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     from safetensors import SafetensorError  # a corrupt or truncated weights file
 
     auto = transformers.AutoModel if task == "feature-extraction" else transformers.AutoModelForCausalLM
-    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors")
+    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors", output_loading_info=True, ignore_mismatched_sizes=True)
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
     else:
         kwargs["dtype"] = torch.float32
     with offline(), quiet_transformers():
         try:
-            module = auto.from_pretrained(str(path), **kwargs)
+            module, info = auto.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
+    require_checkpoint_weights(path, type(module).__name__, info)
     module.eval()
     notes = []
     if weights == "pickle":
@@ -115,6 +116,23 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
         notes.append(f"experts run with experts_implementation='{EXPERTS_IMPLEMENTATION}' (the default grouped_mm has no ONNX translation)")
     arch = type(module).__name__
     return HFModel(module, module.config, path, task, arch, weights, notes)
+
+
+def require_checkpoint_weights(path: Path, arch: str, info: dict) -> None:
+    """Every tensor of the model comes from the folder's weights: transformers' loading info
+    lists none missing (which it would initialise at random), none unexpected (weights of
+    another architecture) and none of another shape. Tied weights are not listed as missing."""
+    problems = []
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or ())
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if problems:
+        raise NormexportError(
+            f"{path}: the weights do not fit {arch}: tensors {'; '.join(problems)} (transformers would initialise missing or reshaped tensors at random)",
+            "save the folder again with save_pretrained (config.json and the weights of the same model)",
+        )
 
 
 @contextlib.contextmanager
