@@ -23,6 +23,7 @@ from normexport.hf import CONFIG_NAME
 TASKS = ("text-generation-with-past", "text-generation", "feature-extraction")
 EXPERTS_IMPLEMENTATION = "batched_mm"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
@@ -49,6 +50,21 @@ def read_config(path: Path) -> dict:
         raise NormexportError(f"{cfg_path}: not a readable JSON config ({str(e).splitlines()[0][:200]})", "save the model again with save_pretrained") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise NormexportError(f"{cfg_path} has no model_type: not a transformers config", "save the model with save_pretrained (it writes model_type)")
+    return data
+
+
+def read_generation_config(path: Path) -> dict | None:
+    """generation_config.json, when the folder has one: a JSON object, else exit 2 (its
+    settings never fail the check; a file transformers cannot read is still a broken folder)."""
+    gen_path = path / GENERATION_CONFIG
+    if not gen_path.exists():
+        return None
+    try:
+        data = json.loads(gen_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NormexportError(f"{gen_path}: not a readable JSON file ({str(e).splitlines()[0][:200]})", "fix it, or remove it (the model's config.json then gives the EOS id)") from None
+    if not isinstance(data, dict):
+        raise NormexportError(f"{gen_path} holds a JSON {type(data).__name__}, not an object of generation settings", "fix it, or remove it (the model's config.json then gives the EOS id)")
     return data
 
 
@@ -84,6 +100,7 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
             "only if you trust it, pass --trust-remote-code",
         )
     weights = weight_format(path, trust_pickle)
+    read_generation_config(path)
     task = task or default_task(raw)
     if task not in TASKS:
         raise NormexportError(f"unknown --task '{task}'", f"one of {', '.join(TASKS)}")
