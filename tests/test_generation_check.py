@@ -156,6 +156,17 @@ def test_generation_config_processors_are_ignored_with_a_note(trained, tmp_path)
     assert "repetition_penalty" in result.output and "not applied by the check" in result.output
 
 
+@pytest.mark.parametrize("text, words", [("[1, 2]", "holds a JSON list"), ("{bad", "not a readable JSON file")], ids=["list", "corrupt"])
+def test_unreadable_generation_config_is_exit_2(trained, tmp_path, text, words):
+    out, _, _ = trained
+    folder = copy_trained(tmp_path / "m")
+    (folder / "generation_config.json").write_text(text)
+    result = invoke("validate", folder, out)
+    assert result.exit_code == 2, result.output + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and "generation_config.json" in lines[0] and words in lines[0] and lines[1].startswith("hint:")
+
+
 def test_nan_weights_fail_and_write_nothing(tmp_path):
     """Every logit NaN on both sides: the check fails at the prefill (exit 1), nothing written,
     the report strict JSON."""
