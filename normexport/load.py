@@ -73,9 +73,11 @@ class LoadedModel:
             return list(self.input_names)
         return _forward_arg_names(self.module, required_only=True)
 
-    def require_specs(self) -> list[InputSpec]:
+    def require_specs(self, ranges: bool = True) -> list[InputSpec]:
         """The inputs to draw, in the order of the model's signature, every name checked
-        against it, every required input present, integer ranges resolved (normexport.inputs)."""
+        against it, every required input present, integer ranges resolved (normexport.inputs).
+        ``ranges`` False (nothing is compared or timed): an integer input whose range cannot be
+        found is left without one (the export feeds it id 0), not refused."""
         if not self.input_specs:
             names = ", ".join(self.input_names) or "NAME"
             raise NormexportError(
@@ -100,7 +102,7 @@ class LoadedModel:
         specs = [by_name[n] for n in order if n in by_name]
         from normexport.inputs import resolve_ranges
 
-        self.input_specs = resolve_ranges(self, specs)
+        self.input_specs = resolve_ranges(self, specs, required=ranges)
         return self.input_specs
 
 

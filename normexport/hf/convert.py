@@ -208,7 +208,7 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
                 f"onnxruntime (CPU) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
                 "convert in float32 or float16, or pass --no-validate to write it unchecked",
             ) from None
-        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed)
+        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed, atol=opts.atol, rtol=opts.rtol)
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
 

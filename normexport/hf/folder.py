@@ -23,6 +23,7 @@ from normexport.hf import CONFIG_NAME
 TASKS = ("text-generation-with-past", "text-generation", "feature-extraction")
 EXPERTS_IMPLEMENTATION = "batched_mm"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
@@ -49,6 +50,21 @@ def read_config(path: Path) -> dict:
         raise NormexportError(f"{cfg_path}: not a readable JSON config ({str(e).splitlines()[0][:200]})", "save the model again with save_pretrained") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise NormexportError(f"{cfg_path} has no model_type: not a transformers config", "save the model with save_pretrained (it writes model_type)")
+    return data
+
+
+def read_generation_config(path: Path) -> dict | None:
+    """generation_config.json, when the folder has one: a JSON object, else exit 2 (its
+    settings never fail the check; a file transformers cannot read is still a broken folder)."""
+    gen_path = path / GENERATION_CONFIG
+    if not gen_path.exists():
+        return None
+    try:
+        data = json.loads(gen_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NormexportError(f"{gen_path}: not a readable JSON file ({str(e).splitlines()[0][:200]})", "fix it, or remove it (the model's config.json then gives the EOS id)") from None
+    if not isinstance(data, dict):
+        raise NormexportError(f"{gen_path} holds a JSON {type(data).__name__}, not an object of generation settings", "fix it, or remove it (the model's config.json then gives the EOS id)")
     return data
 
 
@@ -84,6 +100,7 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
             "only if you trust it, pass --trust-remote-code",
         )
     weights = weight_format(path, trust_pickle)
+    read_generation_config(path)
     task = task or default_task(raw)
     if task not in TASKS:
         raise NormexportError(f"unknown --task '{task}'", f"one of {', '.join(TASKS)}")
@@ -96,16 +113,17 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     from safetensors import SafetensorError  # a corrupt or truncated weights file
 
     auto = transformers.AutoModel if task == "feature-extraction" else transformers.AutoModelForCausalLM
-    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors")
+    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors", output_loading_info=True, ignore_mismatched_sizes=True)
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
     else:
         kwargs["dtype"] = torch.float32
     with offline(), quiet_transformers():
         try:
-            module = auto.from_pretrained(str(path), **kwargs)
+            module, info = auto.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
+    require_checkpoint_weights(path, type(module).__name__, info)
     module.eval()
     notes = []
     if weights == "pickle":
@@ -115,6 +133,23 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
         notes.append(f"experts run with experts_implementation='{EXPERTS_IMPLEMENTATION}' (the default grouped_mm has no ONNX translation)")
     arch = type(module).__name__
     return HFModel(module, module.config, path, task, arch, weights, notes)
+
+
+def require_checkpoint_weights(path: Path, arch: str, info: dict) -> None:
+    """Every tensor of the model comes from the folder's weights: transformers' loading info
+    lists none missing (which it would initialise at random), none unexpected (weights of
+    another architecture) and none of another shape. Tied weights are not listed as missing."""
+    problems = []
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or ())
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if problems:
+        raise NormexportError(
+            f"{path}: the weights do not fit {arch}: tensors {'; '.join(problems)} (transformers would initialise missing or reshaped tensors at random)",
+            "save the folder again with save_pretrained (config.json and the weights of the same model)",
+        )
 
 
 @contextlib.contextmanager

@@ -86,7 +86,7 @@ def validate_folder(path: Path, out: Path, load, opts, gen_tokens: int):
         raise NormexportError(f"{path} is not a causal LM ({hf.architecture}): there is no generation to check", "validate checks KV-cache decoders that `convert DIR` wrote")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    return check_generation(hf.module, decoder, dtype, gen_tokens, opts.seed)
+    return check_generation(hf.module, decoder, dtype, gen_tokens, opts.seed, atol=opts.atol, rtol=opts.rtol)
 
 
 def _decoder_dtype(decoder) -> str:
