@@ -19,6 +19,7 @@ from typing import Any
 
 from normexport.errors import NormexportError
 from normexport.hf import CONFIG_NAME
+from normexport.hf import config_checks as checks
 
 TASKS = ("text-generation-with-past", "text-generation", "feature-extraction")
 EXPERTS_IMPLEMENTATION = "batched_mm"
@@ -96,16 +97,17 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     from safetensors import SafetensorError  # a corrupt or truncated weights file
 
     auto = transformers.AutoModel if task == "feature-extraction" else transformers.AutoModelForCausalLM
-    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors")
-    if dtype:
-        kwargs["dtype"] = getattr(torch, dtype)
-    else:
-        kwargs["dtype"] = torch.float32
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     with offline(), quiet_transformers():
+        config = build_config(path, raw, trust_remote_code)
+        checks.check_fits(path, checks.text_config(config, str(path / CONFIG_NAME)), torch_dtype.itemsize, str(path / CONFIG_NAME))
+        kwargs = dict(config=config, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors", dtype=torch_dtype)
         try:
             module = auto.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        except (OSError, SafetensorError) as e:
             raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
+        except (Exception, RecursionError) as e:  # its validation of the config or the weights, in whatever form
+            raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "check config.json against the weights (save the model again with save_pretrained)") from None
     module.eval()
     notes = []
     if weights == "pickle":
@@ -115,6 +117,21 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
         notes.append(f"experts run with experts_implementation='{EXPERTS_IMPLEMENTATION}' (the default grouped_mm has no ONNX translation)")
     arch = type(module).__name__
     return HFModel(module, module.config, path, task, arch, weights, notes)
+
+
+def build_config(path: Path, raw: dict, trust_remote_code: bool = False):
+    """transformers' config for the folder, after normexport's own checks of its fields
+    (config_checks): any failure of transformers' validation is the config's fault (exit 2)."""
+    import transformers
+
+    source = str(path / CONFIG_NAME)
+    checks.check_raw(raw, source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    except (Exception, RecursionError) as e:
+        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {_first_line(e)})", checks.HINT) from None
+    checks.check_built(config, raw, source)
+    return config
 
 
 @contextlib.contextmanager
@@ -153,8 +170,5 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _first_line(e: Exception) -> str:
-    for line in str(e).strip().splitlines():
-        if line.strip():
-            return line.strip()[:240]
-    return type(e).__name__
+def _first_line(e: BaseException) -> str:
+    return checks.first_line(e)
