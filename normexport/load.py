@@ -161,6 +161,8 @@ def detect_kind(path: Path) -> str:
     if is_hf_folder(path):  # before the file gate: a folder with config.json is a Hugging Face model
         raise NormexportError(f"{path} is a Hugging Face folder; this command takes a model file", "`normexport convert` takes the folder itself")
     path = require_regular_file(path)
+    if path.stat().st_size == 0:
+        raise NormexportError(f"{path} is empty (0 bytes), not a model", "pass the model file itself (was it copied or downloaded in full?)")
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == b"PK\x03\x04":
