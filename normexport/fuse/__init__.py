@@ -40,9 +40,9 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True, chec
     record = target_record(target)
     start = time.perf_counter()
     report = FuseReport(target=target, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
+    before = runtime_copy(model) if check_runtime and record.portable else None
     if record.opset:
         _raise_opset(model, report, record)
-    before = runtime_copy(model) if check_runtime and record.portable else None
     shapes_failed = infer_shapes(model)  # (why strict inference failed, whether all of it did)
     names = Names(model)
     log = P.FusionLog()

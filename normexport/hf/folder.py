@@ -106,7 +106,7 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
             module = auto.from_pretrained(str(path), **kwargs)
         except (OSError, SafetensorError) as e:
             raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
-        except (Exception, RecursionError) as e:  # its validation of the config or the weights, in whatever form
+        except Exception as e:  # its validation of the config or the weights, in whatever form
             raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "check config.json against the weights (save the model again with save_pretrained)") from None
     module.eval()
     notes = []
@@ -128,7 +128,7 @@ def build_config(path: Path, raw: dict, trust_remote_code: bool = False):
     checks.check_raw(raw, source)
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
-    except (Exception, RecursionError) as e:
+    except Exception as e:  # its own validation, in whatever form it raises
         raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {_first_line(e)})", checks.HINT) from None
     checks.check_built(config, raw, source)
     return config
