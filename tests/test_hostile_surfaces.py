@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 from hf_folders import DECODER, FAMILIES, save_tiny  # noqa: E402
 from normexport.hf import config_checks  # noqa: E402
-from normexport.hf.folder import build_config  # noqa: E402
+from normexport.hf.folder import build_config, meta_shapes  # noqa: E402
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -68,6 +68,8 @@ BAD_CONFIGS = {
     "more layers than the weights hold": ({"num_hidden_layers": 100000}, "num_hidden_layers is 100000, but the weights hold layers 0..1 only"),
     "sizes past the machine's memory": ({"vocab_size": 10**12}, "memory is available"),
     "experts as a string": ({"num_experts": "8"}, 'num_experts is "8", not a non-negative integer'),
+    "hidden size the weights do not have": ({"hidden_size": 100000}, "of shape [1000, 100000], the weights hold [1000, 64]"),
+    "MLP size the weights do not have": ({"intermediate_size": 10**7}, "of shape [64, 10000000], the weights hold [64, 128]"),
 }
 
 
@@ -124,6 +126,13 @@ def test_valid_tiny_configs_pass_and_the_estimate_is_a_lower_bound(tmp_path, nam
     actual = sum(p.numel() for p in model.parameters())
     assert 0 < config_checks.estimate_parameters(text) <= actual
     assert config_checks.check_fits(tmp_path, text, 4, name) >= 4 * config_checks.estimate_parameters(text)
+    if model_cls.endswith("EncoderModel"):
+        return  # the auto class builds the whole encoder-decoder, not this class
+    shapes = meta_shapes(transformers.AutoModelForCausalLM, config, False, tmp_path)
+    exact = config_checks.check_against_weights(shapes, config_checks.safetensors_tensors(tmp_path), 4, name)
+    assert exact == 4 * sum(t.numel() for t in model.state_dict().values())
+    with pytest.raises(NormexportError, match="memory is available"):
+        config_checks.check_against_weights(shapes, None, 4, name, memory=exact - 1)
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "deepseek_v3", "gemma3n_text", "t5", "gemma3", "qwen2_vl", "gpt_oss", "mamba2", "gpt2"])

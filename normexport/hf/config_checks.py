@@ -11,6 +11,9 @@
   layer count is matched against the layers the weights hold, and the model's parameter bytes,
   estimated from the config (a lower bound) and from the safetensors headers (exact for what is
   stored), must fit in the memory available now.
+- ``check_against_weights(shapes, ...)``: the model the config builds on the meta device
+  against the weights stored under the same names (shape for shape), and its exact size
+  against the memory available.
 
 Every refusal is a NormexportError (exit 2) naming the field, before any tensor is allocated.
 """
@@ -219,10 +222,11 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
-def check_fits(path: Path, text, dtype_bytes: int, source: str, memory: int | None = None) -> int:
+def check_fits(path: Path, text, dtype_bytes: int, source: str, memory: int | None = None, tensors: dict | None = None) -> int:
     """Refuse a config whose layers the weights do not hold, or whose parameters cannot fit in
     memory now; returns the estimated parameter bytes."""
-    tensors = safetensors_tensors(path) if any(p.name.endswith(".safetensors") for p in Path(path).iterdir()) else None
+    if tensors is None:
+        tensors = safetensors_tensors(path) if any(p.name.endswith(".safetensors") for p in Path(path).iterdir()) else None
     layers = _int(text, "num_hidden_layers")
     if tensors and layers:
         indices = [int(m.group(1)) for name in tensors for m in [_LAYER_INDEX.search(name)] if m]
@@ -248,3 +252,31 @@ def check_fits(path: Path, text, dtype_bytes: int, source: str, memory: int | No
         )
     return need
 
+
+
+def check_against_weights(shapes: dict[str, tuple], tensors: dict[str, list[int]] | None, dtype_bytes: int, source: str, memory: int | None = None) -> int:
+    """The model as the config builds it (``shapes``: name -> shape of its parameters and
+    buffers, built on the meta device) against the weights stored under the same names, and
+    its exact size against the memory available. Returns its bytes."""
+    for name, shape in (tensors or {}).items():
+        want = shapes.get(name)
+        if want is not None and tuple(want) != tuple(shape):
+            raise NormexportError(
+                f"{source}: the config makes {name} of shape {list(want)}, the weights hold {list(shape)}",
+                "config.json and the weights belong to different models: " + HINT,
+            )
+    count = 0
+    for shape in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        count += n
+    need = count * dtype_bytes
+    memory = available_memory() if memory is None else memory
+    if memory is not None and need > memory:
+        raise NormexportError(
+            f"{source}: the model needs {_gib(need)} for its parameters ({count:.3g} at {dtype_bytes} bytes each), "
+            f"{_gib(memory)} of memory is available",
+            "convert on a machine with more memory, or in a smaller --dtype",
+        )
+    return need

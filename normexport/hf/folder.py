@@ -100,7 +100,10 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     with offline(), quiet_transformers():
         config = build_config(path, raw, trust_remote_code)
-        checks.check_fits(path, checks.text_config(config, str(path / CONFIG_NAME)), torch_dtype.itemsize, str(path / CONFIG_NAME))
+        source = str(path / CONFIG_NAME)
+        tensors = checks.safetensors_tensors(path) if weights == "safetensors" else None
+        checks.check_fits(path, checks.text_config(config, source), torch_dtype.itemsize, source, tensors=tensors)
+        checks.check_against_weights(meta_shapes(auto, config, trust_remote_code, path), tensors, torch_dtype.itemsize, source)
         kwargs = dict(config=config, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors", dtype=torch_dtype)
         try:
             module = auto.from_pretrained(str(path), **kwargs)
@@ -132,6 +135,19 @@ def build_config(path: Path, raw: dict, trust_remote_code: bool = False):
         raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {_first_line(e)})", checks.HINT) from None
     checks.check_built(config, raw, source)
     return config
+
+
+def meta_shapes(auto, config, trust_remote_code: bool, path: Path) -> dict[str, tuple]:
+    """Name -> shape of every parameter and buffer of the model ``config`` builds, on the meta
+    device (no memory, no initialisation)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            module = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers' validation of the config, in whatever form it raises
+        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {_first_line(e)})", checks.HINT) from None
+    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
 
 
 @contextlib.contextmanager
