@@ -90,6 +90,21 @@ def test_bad_config_is_exit_2_before_any_build(tmp_path, llama_folder, case):
     assert r.exit_code == 2 and words in r.stderr, r.stderr
 
 
+def test_pickled_weights_are_checked_against_the_config_too(tmp_path, llama_folder):
+    """.bin weights (with --trust-pickle): their shapes are read on the meta device, so a
+    config with more layers than they hold is refused as for safetensors."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    torch.save(load_file(llama_folder / "model.safetensors"), folder / "pytorch_model.bin")
+    cfg = json.loads((llama_folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 100000}))
+    out = tmp_path / "o"
+    assert_refused(invoke("convert", folder, "-o", out, "--trust-pickle", "--no-validate"), out, "weights hold layers 0..1 only")
+    assert config_checks.pickle_tensors(folder) == {k: list(v) for k, v in config_checks.safetensors_tensors(llama_folder).items()}
+
+
 def test_memory_refusal_names_the_estimate_and_the_memory(llama_folder):
     config = build_config(llama_folder, json.loads((llama_folder / "config.json").read_text()))
     text = config_checks.text_config(config, "cfg")

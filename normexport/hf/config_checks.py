@@ -191,6 +191,26 @@ def safetensors_tensors(path: Path) -> dict[str, list[int]] | None:
     return shapes
 
 
+def pickle_tensors(path: Path) -> dict[str, list[int]] | None:
+    """Name -> shape of every tensor in the folder's ``.bin`` files, read with
+    ``weights_only=True`` onto the meta device (no data is read); None where one does not load
+    that way (transformers then reports it)."""
+    import torch
+
+    shapes: dict[str, list[int]] = {}
+    for p in sorted(p for p in Path(path).iterdir() if p.name.endswith(".bin") and p.is_file()):
+        try:
+            state = torch.load(p, map_location="meta", weights_only=True, mmap=True)
+        except Exception:
+            return None
+        if not isinstance(state, dict):
+            return None
+        for name, t in state.items():
+            if isinstance(t, torch.Tensor):
+                shapes[str(name)] = list(t.shape)
+    return shapes
+
+
 def available_memory() -> int | None:
     """Bytes this process can still allocate: MemAvailable, within the cgroup's limit."""
     found = []

@@ -101,7 +101,7 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     with offline(), quiet_transformers():
         config = build_config(path, raw, trust_remote_code)
         source = str(path / CONFIG_NAME)
-        tensors = checks.safetensors_tensors(path) if weights == "safetensors" else None
+        tensors = checks.safetensors_tensors(path) if weights == "safetensors" else checks.pickle_tensors(path)
         checks.check_fits(path, checks.text_config(config, source), torch_dtype.itemsize, source, tensors=tensors)
         checks.check_against_weights(meta_shapes(auto, config, trust_remote_code, path), tensors, torch_dtype.itemsize, source)
         kwargs = dict(config=config, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors", dtype=torch_dtype)
