@@ -215,6 +215,7 @@ SUBGRAPH_SPELLINGS = {
     "fp32": variant(),
     "fp16 computed in fp32": variant(compute_fp32=True, dtype=TensorProto.FLOAT16),
     "opset 17 axes attribute": variant(axes_input=False),
+    "weight over 1 KB (an input in the load check's copy)": variant(shape=(2, 3, 512)),
 }
 FUSED = {"ort": "SimplifiedLayerNormalization", "onnx": "RMSNormalization", "decompose": None}
 
@@ -303,14 +304,15 @@ def test_norm_inside_a_function_is_left_alone_with_a_reason(tmp_path):
     assert invoke("fuse", src, "-o", tmp_path / "g.onnx").exit_code == 2  # without --allow-none: no norm where it looks
 
 
-def test_fused_model_onnxruntime_cannot_load_is_not_written(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hidden", [16, 512])
+def test_fused_model_onnxruntime_cannot_load_is_not_written(tmp_path, monkeypatch, hidden):
     """A lowering that skipped a subgraph leaves the internal op behind: onnxruntime cannot
     load the result while it loads the input, so nothing is written."""
     from normexport.fuse import targets
 
     lower_graph = targets._lower_graph
     monkeypatch.setattr(targets, "_lower_graph", lambda model, graph, *a, **k: lower_graph(model, graph, *a, **k) if graph is model.graph else [])
-    model, _, _ = if_model(variant())
+    model, _, _ = if_model(variant(shape=(2, 3, hidden)))
     src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
     onnx.save(model, src)
     assert_refused(invoke("fuse", src, "-o", out), out, "does not load in onnxruntime though the input does")
