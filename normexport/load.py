@@ -144,6 +144,33 @@ def require_regular_file(path: str | os.PathLike, what: str = "MODEL") -> Path:
     raise NormexportError(f"{path} is {kind}, not a regular file", f"pass the {what} as a regular file (copy it into one)")
 
 
+MAX_INFLATION = 100  # deflate's best is ~1000:1; weights and pickles compress far less
+SMALL_MEMBER = 64 << 20
+
+
+def check_member_sizes(path: Path, infos: list, memory: int | None = None) -> None:
+    """Before any member is inflated: a compressed member must not inflate past MAX_INFLATION
+    times its stored size (unless small), and all members together must fit in the memory
+    available (what torch's readers allocate, by the sizes the archive declares)."""
+    from normexport.hf.config_checks import available_memory
+
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > SMALL_MEMBER and info.file_size > MAX_INFLATION * max(info.compress_size, 1):
+            raise NormexportError(
+                f"{path}: archive member {info.filename} declares {info.file_size} bytes from {info.compress_size} stored "
+                f"(x{info.file_size // max(info.compress_size, 1)}); not inflated",
+                "PyTorch writes its archives uncompressed: save the model again with torch.save / torch.export.save",
+            )
+    memory = available_memory() if memory is None else memory
+    if memory is not None and total > memory:
+        raise NormexportError(
+            f"{path}: the archive's members declare {total} bytes in all, more than the {memory} bytes of memory available; not read",
+            "load it on a machine with more memory, or check the file (a truncated or hostile archive)",
+        )
+
+
 def detect_kind(path: Path) -> str:
     """Tell the model kind from the file's bytes. Raises NormexportError for anything else."""
     from normexport.hf import is_hf_folder
@@ -151,12 +178,15 @@ def detect_kind(path: Path) -> str:
     if is_hf_folder(path):  # before the file gate: a folder with config.json is a Hugging Face model
         raise NormexportError(f"{path} is a Hugging Face folder; this command takes a model file", "`normexport convert` takes the folder itself")
     path = require_regular_file(path)
+    if path.stat().st_size == 0:
+        raise NormexportError(f"{path} is empty (0 bytes), not a model", "pass the model file itself (was it copied or downloaded in full?)")
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
+                check_member_sizes(path, z.infolist())
                 bad = z.testzip() if path.stat().st_size < (64 << 20) else None
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise NormexportError(f"{path}: corrupt or truncated archive ({e})", "re-save or re-download the model file") from None

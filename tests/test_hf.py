@@ -239,6 +239,22 @@ def test_generate_command_bad_ids(llama):
     assert invoke("generate", out, "--prompt-ids", "a,b").exit_code == 2
 
 
+def test_generate_refuses_prompts_past_the_context(llama):
+    """The folder's context (genai_config.json, from max_position_embeddings 256) bounds the
+    prompt and the tokens generated after it; up to the bound, tokens equal transformers'."""
+    folder, out = llama
+    context = json.loads((out / "genai_config.json").read_text())["model"]["context_length"]
+    assert context == 256
+    r = invoke("generate", out, "--prompt-ids", ",".join(["5"] * (context + 1)))
+    assert r.exit_code == 2 and f"more than the model's context of {context}" in r.stderr, r.output + r.stderr
+    r = invoke("generate", out, "--prompt-ids", ",".join(["5"] * 250), "--max-new-tokens", 7)
+    assert r.exit_code == 2 and "--max-new-tokens 6 or fewer" in r.stderr, r.output + r.stderr
+    prompt = np.random.default_rng(5).integers(3, 1000, size=250).tolist()
+    r = invoke("generate", out, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", 6)
+    assert r.exit_code == 0, r.output + r.stderr
+    assert [int(t) for t in r.output.strip().split(",")] == torch_generate(load_torch(folder), prompt, 6)
+
+
 def test_onnxruntime_genai_generates_the_same_tokens(converted):
     """onnxruntime-genai reads the folder (genai_config.json) and decodes greedily: the same
     tokens as transformers' generate() (up to 32, or to EOS), on fresh prompts drawn across

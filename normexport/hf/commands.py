@@ -63,10 +63,13 @@ def generate_command(folder, prompt_ids, max_new_tokens, threads, ignore_eos, as
 
     from normexport.hf.generation import OnnxDecoder, folder_eos_ids
 
+    from normexport.hf.generation import check_length
+
     decoder = OnnxDecoder(folder, threads=threads)
     vocab = decoder.session.get_outputs()[0].shape[-1]
     if isinstance(vocab, int) and max(prompt_ids) >= vocab:
         raise NormexportError(f"token id {max(prompt_ids)} is outside the vocabulary (size {vocab})", f"give ids below {vocab}")
+    check_length(decoder, folder, len(prompt_ids), max_new_tokens)
     start = time.perf_counter()
     tokens, _ = decoder.generate(prompt_ids, max_new_tokens, eos=frozenset() if ignore_eos else folder_eos_ids(folder))
     seconds = time.perf_counter() - start

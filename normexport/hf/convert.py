@@ -169,8 +169,23 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
         report.notes.append(f"{report.rmsnorm_modules} RMSNorm modules in PyTorch, {fusion.fused} fused norms in the graph")
     if attention:
         _fuse_attention(exp.model, report, progress, opts.fuse.target, fold)
+        _check_loads(exp.model, fusion)
     save_onnx(exp.model, dst)
     report.steps["fuse"] = time.perf_counter() - t
+
+
+def _check_loads(model, fusion) -> None:
+    """After onnxruntime's own fusions: the model still loads in onnxruntime (fuse_model checked
+    the norm fusion the same way, where the export loaded)."""
+    from normexport.fuse.files import runtime_copy, runtime_load_error
+
+    if any("loads neither" in n for n in fusion.notes):
+        return
+    data = runtime_copy(model)
+    why = runtime_load_error(data) if data is not None else None
+    if why:
+        raise NormexportError(f"after the attention fusions onnxruntime cannot load the model ({why}); nothing written",
+                              "convert with --no-attention-fusion")
 
 
 def _fuse_attention(model, report: HFConvertReport, progress, target: str, fold: bool) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from normexport.errors import NormexportError
 from normexport.hf import CONFIG_NAME
+from normexport.hf import config_checks as checks
 
 TASKS = ("text-generation-with-past", "text-generation", "feature-extraction")
 EXPERTS_IMPLEMENTATION = "batched_mm"
@@ -113,16 +114,20 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     from safetensors import SafetensorError  # a corrupt or truncated weights file
 
     auto = transformers.AutoModel if task == "feature-extraction" else transformers.AutoModelForCausalLM
-    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors", output_loading_info=True, ignore_mismatched_sizes=True)
-    if dtype:
-        kwargs["dtype"] = getattr(torch, dtype)
-    else:
-        kwargs["dtype"] = torch.float32
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     with offline(), quiet_transformers():
+        config = build_config(path, raw, trust_remote_code)
+        source = str(path / CONFIG_NAME)
+        tensors = checks.safetensors_tensors(path) if weights == "safetensors" else checks.pickle_tensors(path)
+        checks.check_fits(path, checks.text_config(config, source), torch_dtype.itemsize, source, tensors=tensors)
+        checks.check_against_weights(meta_shapes(auto, config, trust_remote_code, path), tensors, torch_dtype.itemsize, source)
+        kwargs = dict(config=config, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors", dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True)
         try:
             module, info = auto.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        except (OSError, SafetensorError) as e:
             raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
+        except Exception as e:  # its validation of the config or the weights, in whatever form
+            raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "check config.json against the weights (save the model again with save_pretrained)") from None
     require_checkpoint_weights(path, type(module).__name__, info)
     module.eval()
     notes = []
@@ -150,6 +155,34 @@ def require_checkpoint_weights(path: Path, arch: str, info: dict) -> None:
             f"{path}: the weights do not fit {arch}: tensors {'; '.join(problems)} (transformers would initialise missing or reshaped tensors at random)",
             "save the folder again with save_pretrained (config.json and the weights of the same model)",
         )
+
+
+def build_config(path: Path, raw: dict, trust_remote_code: bool = False):
+    """transformers' config for the folder, after normexport's own checks of its fields
+    (config_checks): any failure of transformers' validation is the config's fault (exit 2)."""
+    import transformers
+
+    source = str(path / CONFIG_NAME)
+    checks.check_raw(raw, source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # its own validation, in whatever form it raises
+        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {_first_line(e)})", checks.HINT) from None
+    checks.check_built(config, raw, source)
+    return config
+
+
+def meta_shapes(auto, config, trust_remote_code: bool, path: Path) -> dict[str, tuple]:
+    """Name -> shape of every parameter and buffer of the model ``config`` builds, on the meta
+    device (no memory, no initialisation)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            module = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers' validation of the config, in whatever form it raises
+        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {_first_line(e)})", checks.HINT) from None
+    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
 
 
 @contextlib.contextmanager
@@ -188,8 +221,5 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _first_line(e: Exception) -> str:
-    for line in str(e).strip().splitlines():
-        if line.strip():
-            return line.strip()[:240]
-    return type(e).__name__
+def _first_line(e: BaseException) -> str:
+    return checks.first_line(e)

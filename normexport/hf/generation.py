@@ -103,6 +103,56 @@ class OnnxDecoder:
         return tokens, logits
 
 
+GENAI_CONFIG = "genai_config.json"
+
+
+def context_length(folder: str | Path) -> int | None:
+    """The decoder's context length from genai_config.json beside its model.onnx (None where
+    there is no readable one)."""
+    import json
+
+    base = Path(folder)
+    base = base if base.is_dir() else base.parent
+    try:
+        n = json.loads((base / GENAI_CONFIG).read_text())["model"]["context_length"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def generation_bytes(decoder: OnnxDecoder, tokens: int) -> int:
+    """A lower bound on the memory a greedy run over ``tokens`` positions takes: the KV cache
+    at its longest, and one layer's prefill attention (scores, mask and probabilities, one
+    row per key/value head)."""
+    cache = 0
+    heads = 1
+    for n in decoder.past_names:
+        shape = decoder.inputs[n].shape
+        kv, head = (shape[1], shape[3]) if len(shape) == 4 else (1, 1)
+        kv, head = (kv if isinstance(kv, int) else 1), (head if isinstance(head, int) else 1)
+        heads = max(heads, kv)
+        itemsize = np.dtype(NP_DTYPES.get(decoder.inputs[n].type) or np.float32).itemsize
+        cache += kv * head * tokens * itemsize
+    return cache + 3 * heads * tokens * tokens * 4
+
+
+def check_length(decoder: OnnxDecoder, folder: str | Path, prompt: int, new_tokens: int) -> None:
+    """Refuse (exit 2) a prompt and generation longer than the model's context, or one whose
+    cache and attention cannot fit in the memory available."""
+    from normexport.hf.config_checks import available_memory
+
+    context = context_length(folder)
+    if context is not None and prompt > context:
+        raise NormexportError(f"the prompt has {prompt} token ids, more than the model's context of {context}", f"give at most {context} ids")
+    if context is not None and prompt + new_tokens > context:
+        raise NormexportError(f"{prompt} prompt ids and --max-new-tokens {new_tokens} run past the model's context of {context}",
+                              f"give --max-new-tokens {context - prompt} or fewer")
+    need, memory = generation_bytes(decoder, prompt + new_tokens), available_memory()
+    if memory is not None and need > memory:
+        raise NormexportError(f"{prompt + new_tokens} positions need at least {need >> 20} MiB for the cache and attention, {memory >> 20} MiB is available",
+                              "give a shorter prompt or fewer new tokens")
+
+
 def folder_eos_ids(model: str | Path) -> frozenset[int]:
     """The EOS ids in the genai_config.json `normexport convert` writes next to model.onnx
     (none when the file is absent or unreadable)."""
