@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normexport.inputs import InputSpec
+from normexport.quant_check import Thresholds
+from normexport.quantize import QuantizeOptions
 from normexport.runners import DEFAULT_BACKEND
 
 
@@ -42,6 +44,7 @@ class ValidateOptions:
     dtype: str | None = None  # the model's dtype (TensorRT's precision; stress default)
     localize: bool = True
     stress: bool | None = None  # each fused norm alone on large rows; None: on for fp16/bf16 norms
+    quant_thresholds: Thresholds = field(default_factory=Thresholds)  # a quantized model's pass/fail (None fields: the kind's defaults)
 
 
 @dataclass
@@ -63,5 +66,6 @@ class ConvertOptions:
     fuse: FuseOptions = field(default_factory=FuseOptions)
     validate: ValidateOptions | None = field(default_factory=ValidateOptions)
     bench: BenchOptions | None = field(default_factory=BenchOptions)
+    quantize: QuantizeOptions | None = None  # weight-only quantization after the fusion
     output: Path | None = None
     keep_failed: bool = False
