@@ -168,33 +168,48 @@ def residual_options(auto_means: str):
 
 
 def quantize_options(fn):
-    """--quantize and its settings as one ``quantize`` argument (QuantizeOptions or None), the
-    quantized check's thresholds as one ``thresholds`` argument (quant_check.Thresholds)."""
-    from normexport.quant_check import DEFAULT_THRESHOLDS, Thresholds
+    """--quantize and its settings as one ``quantize`` argument (QuantizeOptions or None)."""
     from normexport.quantize import ACCURACY_LEVELS, BLOCK_SIZES, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, KINDS, QuantizeOptions
 
-    def by_kind(name: str) -> str:
-        return ", ".join(f"{kind} {getattr(t, name)}" for kind, t in DEFAULT_THRESHOLDS.items())
-
     @wraps(fn)
-    def merged(*args, quantize, quant_block_size, quant_accuracy_level, quantize_lm_head, quantize_embeddings, min_top1, min_top5, max_kl, min_cosine, **kw):
+    def merged(*args, quantize, quant_block_size, quant_accuracy_level, quantize_lm_head, quantize_embeddings, **kw):
         given = [flag for flag, value, default in (
             ("--quant-block-size", quant_block_size, DEFAULT_BLOCK_SIZE), ("--quant-accuracy-level", quant_accuracy_level, DEFAULT_ACCURACY_LEVEL),
             ("--quantize-lm-head/--no-quantize-lm-head", quantize_lm_head, True), ("--quantize-embeddings", quantize_embeddings, False),
         ) if value != default]
-        given += [f"--{name.replace('_', '-')}" for name, value in (("min_top1", min_top1), ("min_top5", min_top5), ("max_kl", max_kl), ("min_cosine", min_cosine)) if value is not None]
+        thresholds = kw.get("thresholds")
+        if thresholds is not None:
+            given += thresholds.given()
         if given and not quantize:
             raise click.UsageError(f"{', '.join(given)} needs --quantize int4 or int8")
         opts = QuantizeOptions(quantize, quant_block_size, quant_accuracy_level, quantize_lm_head, quantize_embeddings) if quantize else None
-        return fn(*args, quantize=opts, thresholds=Thresholds(min_top1, min_top5, max_kl, min_cosine), **kw)
+        return fn(*args, quantize=opts, **kw)
 
-    unit = click.FloatRange(0.0, 1.0)
     for deco in reversed([
         click.option("--quantize", type=click.Choice(tuple(KINDS)), help="After the fusion, quantize the weight MatMuls (weight-only, blockwise, symmetric) into onnxruntime's MatMulNBits with onnxruntime's own quantizer; norms stay fused in fp32. The check then measures it against PyTorch fp32 (--min-top1, --min-top5, --max-kl, --min-cosine)."),
         click.option("--quant-block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), callback=lambda c, p, v: int(v), default=str(DEFAULT_BLOCK_SIZE), show_default=True, help="Weights per quantization block (along K), each with its own scale."),
         click.option("--quant-accuracy-level", type=click.IntRange(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS)), default=DEFAULT_ACCURACY_LEVEL, show_default=True, help="MatMulNBits' compute type for the activations: 4 int8 (fastest on CPU), 3 bf16, 2 fp16, 1 fp32, 0 the op's default."),
         click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True, help="Quantize the MatMul that makes the logits."),
         click.option("--quantize-embeddings", is_flag=True, help="Quantize the embedding table too (onnxruntime's GatherBlockQuantized, int4 only)."),
+    ]):
+        merged = deco(merged)
+    return merged
+
+
+def threshold_options(fn):
+    """The quantized check's bounds as one ``thresholds`` argument (quant_check.Thresholds;
+    a bound not given is None: the quantization kind's default)."""
+    from normexport.quant_check import DEFAULT_THRESHOLDS, Thresholds
+
+    def by_kind(name: str) -> str:
+        return ", ".join(f"{kind} {getattr(t, name)}" for kind, t in DEFAULT_THRESHOLDS.items())
+
+    @wraps(fn)
+    def merged(*args, min_top1, min_top5, max_kl, min_cosine, **kw):
+        return fn(*args, thresholds=Thresholds(min_top1, min_top5, max_kl, min_cosine), **kw)
+
+    unit = click.FloatRange(0.0, 1.0)
+    for deco in reversed([
         click.option("--min-top1", type=unit, help=f"Quantized check: least fraction of positions whose top-1 token equals PyTorch's [default: {by_kind('min_top1')}]."),
         click.option("--min-top5", type=unit, help=f"Quantized check: least mean overlap of the top-5 tokens with PyTorch's [default: {by_kind('min_top5')}]."),
         click.option("--max-kl", type=click.FloatRange(0.0), help=f"Quantized check: largest mean KL divergence (nats) from PyTorch's next-token distribution [default: {by_kind('max_kl')}]."),
@@ -259,6 +274,7 @@ def main(debug):
 @click.option("--keep-failed", is_flag=True, help="Write the fused model even when validation fails.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option
+@threshold_options
 @quantize_options
 @hf_convert_options
 @_handle_errors
@@ -351,8 +367,9 @@ def inspect(model, as_json, factory, trust_pickle):
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True, help=backends_help())
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option
+@threshold_options
 @_handle_errors
-def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, backend, report_path, force):
+def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, backend, report_path, force, thresholds):
     """Compare FUSED (ONNX) with the PyTorch MODEL, output by output; name the first diverging norm.
 
     Exit 0: match; 1: mismatch; 2: bad input or usage."""
@@ -362,7 +379,7 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
     check([model, fused, unfused, _factory_file(factory)], [Output("--report", report_path, "report")], force)
 
     load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
-    opts = pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress)
+    opts = pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress, quant_thresholds=thresholds)
     if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
         return validate_hf(model, fused, load, opts, unfused, report_path)
     if unfused is not None:

@@ -38,6 +38,10 @@ class Thresholds:
         base = DEFAULT_THRESHOLDS[kind]
         return Thresholds(*(base_v if v is None else v for v, base_v in zip(astuple(self), astuple(base))))
 
+    def given(self) -> list[str]:
+        """The options set (not None), as flags."""
+        return [f"--{k.replace('_', '-')}" for k, v in asdict(self).items() if v is not None]
+
     def to_json(self) -> dict:
         return asdict(self)
 

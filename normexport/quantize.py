@@ -30,6 +30,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0: unset (the op's own default), 1 fp32, 2 
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
+QUANTIZE_TARGETS = ("ort", "onnx")  # fused norms onnxruntime runs beside its MatMulNBits
 
 
 @dataclass
@@ -54,6 +55,21 @@ class QuantizeOptions:
             raise NormexportError(f"--quant-accuracy-level {self.accuracy_level} is not a MatMulNBits accuracy level", "0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
         if self.embeddings and self.kind != "int4":
             raise NormexportError("onnxruntime's GatherBlockQuantized takes int4 embeddings only", "drop --quantize-embeddings, or use --quantize int4")
+
+
+def check_quantize(opts) -> None:
+    """``opts``: a ConvertOptions. --quantize makes onnxruntime's MatMulNBits from fp32 weights:
+    a target and a dtype that go with it, checked before any work."""
+    if not opts.quantize:
+        return
+    opts.quantize.check()
+    if opts.fuse.target not in QUANTIZE_TARGETS:
+        raise NormexportError(f"--quantize makes onnxruntime's MatMulNBits; it does not apply to --target {opts.fuse.target}", f"use --target {' or '.join(QUANTIZE_TARGETS)}, or drop --quantize")
+    if opts.load.dtype not in (None, "float32"):
+        raise NormexportError(f"--quantize quantizes float32 weights; --dtype {opts.load.dtype} does not combine with it", "drop --dtype (the activations stay fp32)")
+    backends = {stage.backend for stage in (opts.validate, opts.bench) if stage is not None}
+    if backends & {"trt", "ort-trt"}:
+        raise NormexportError("TensorRT does not run onnxruntime's MatMulNBits: --quantize does not combine with --backend trt or ort-trt", "drop --backend, or give ort-cpu or ort-cuda")
 
 
 @dataclass
@@ -99,17 +115,26 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def quantized_kind(path) -> str | None:
+    """"int4" / "int8" for an ONNX file with MatMulNBits (the widest bits it uses), else None."""
+    import onnx
+
+    bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+    return None if not bits else f"int{max(bits)}"
+
+
 def lm_head_node(model: ir.Model) -> ir.Node | None:
-    """The MatMul that produces the ``logits`` output (through shape-only ops), if any."""
-    outputs = {v.name: v for v in model.graph.outputs}
-    value = outputs.get("logits")
-    while value is not None and value.producer() is not None:
-        node = value.producer()
-        if node.op_type == "MatMul":
-            return node
-        if node.op_type not in ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze") or not node.inputs:
-            return None
-        value = node.inputs[0]
+    """The MatMul that makes the ``logits`` output (a model file's outputs, where none is
+    named so), found through shape-only ops; None where no output comes from a MatMul."""
+    outputs = sorted(model.graph.outputs, key=lambda v: v.name != "logits")
+    for value in outputs:
+        while value is not None and value.producer() is not None:
+            node = value.producer()
+            if node.op_type == "MatMul" and not node.domain:
+                return node
+            if node.op_type not in ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze") or not node.inputs:
+                break
+            value = node.inputs[0]
     return None
 
 

@@ -69,3 +69,25 @@ def trained_llama(tmp: Path) -> Path:
     if (SHIPPED / "config.json").is_file():
         return SHIPPED
     return train(tmp / "trained-llama")
+
+
+class LogitsOnly(torch.nn.Module):
+    """input_ids -> logits of a transformers causal LM, no cache: a model file for `convert MODEL.pt`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        mask = torch.ones_like(input_ids)
+        positions = torch.arange(input_ids.shape[1]).expand(input_ids.shape[0], -1)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+
+
+def trained_model_file(folder: Path, path: Path) -> Path:
+    """The trained folder's model as a pickled whole module (load it with --trust-pickle)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval()
+    torch.save(LogitsOnly(model).eval(), path)
+    return path

@@ -94,6 +94,13 @@ def validate_hf(model: Path, fused: Path, load, opts, unfused, report_path: Path
 
     refuse_model_file_options({"--input": load.inputs, "--factory": load.factory, "--unfused": unfused})
     result = validate_folder(model, fused, load, opts, gen_tokens=32)
+    if hasattr(result, "thresholds"):  # the quantized check
+        from normexport.quant_check import print_quantized
+
+        print_quantized(report.console(), None, result)
+        if report_path:
+            report.write_json({"model": str(model), "fused": str(fused), "quantized_accuracy": result.to_json()}, report_path)
+        return result
     print_generation(report.console(), result)
     if report_path:
         report.write_json({"model": str(model), "fused": str(fused), "generation": result.to_json()}, report_path)

@@ -14,10 +14,10 @@ from pathlib import Path
 from normexport.errors import NormexportError
 from normexport.hf.folder import HFModel, load_folder
 from normexport.options import ValidateOptions
+from normexport.quantize import check_quantize
 from normexport.runners import DEFAULT_BACKEND, residual_layout
 
 REPORT_NAME = "normexport_report.json"
-QUANTIZE_TARGETS = ("ort", "onnx")  # fused norms onnxruntime runs beside its MatMulNBits
 MODEL_NAME = "model.onnx"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -160,17 +160,6 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     finally:
         remove(work)
     return report
-
-
-def check_quantize(opts) -> None:
-    """--quantize makes onnxruntime's MatMulNBits: a target and a dtype it runs with."""
-    if not opts.quantize:
-        return
-    opts.quantize.check()
-    if opts.fuse.target not in QUANTIZE_TARGETS:
-        raise NormexportError(f"--quantize makes onnxruntime's MatMulNBits; it does not apply to --target {opts.fuse.target}", f"use --target {' or '.join(QUANTIZE_TARGETS)}, or drop --quantize")
-    if opts.load.dtype not in (None, "float32"):
-        raise NormexportError(f"--quantize quantizes float32 weights; --dtype {opts.load.dtype} does not combine with it", "drop --dtype (the activations stay fp32)")
 
 
 def _quantize(model, opts, report: HFConvertReport, dst: Path, progress) -> None:

@@ -73,19 +73,31 @@ def _module_json(name: str, m) -> dict:
 
 
 def validate_folder(path: Path, out: Path, load, opts, gen_tokens: int):
-    """The generation check of OUTDIR's decoder against transformers (returns GenerationReport)."""
+    """The generation check of OUTDIR's decoder against transformers (returns GenerationReport),
+    or, for a quantized OUTDIR, the quantized check (quant_check.QuantizedAccuracy)."""
     import torch
 
     from normexport.hf.folder import load_folder
     from normexport.hf.generation import OnnxDecoder, check_generation
+    from normexport.quantize import quantized_kind
 
     decoder = OnnxDecoder(written_folder(out), threads=opts.threads)
-    dtype = load.dtype or _decoder_dtype(decoder)
+    kind = quantized_kind(Path(out) / "model.onnx")
+    if kind is None and opts.quant_thresholds.given():
+        raise NormexportError(f"{', '.join(opts.quant_thresholds.given())} bound the quantized check, but {out} is not quantized", "drop the option (an fp32 decoder is checked token for token)")
+    dtype = "float32" if kind else load.dtype or _decoder_dtype(decoder)
     hf = load_folder(path, dtype=dtype, trust_pickle=load.trust_pickle)
     if hf.task != "text-generation-with-past":
         raise NormexportError(f"{path} is not a causal LM ({hf.architecture}): there is no generation to check", "validate checks KV-cache decoders that `convert DIR` wrote")
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if kind:
+        from normexport.quant_check import check_quantized_decoder
+        from normexport.stress import stress_check
+
+        result = check_quantized_decoder(hf.module, decoder, gen_tokens, opts.seed, opts.quant_thresholds.resolved(kind))
+        result.stress = stress_check(Path(out) / "model.onnx", None, opts, opts.seed)
+        return result
     return check_generation(hf.module, decoder, dtype, gen_tokens, opts.seed)
 
 
