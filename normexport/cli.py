@@ -372,6 +372,9 @@ def inspect(model, as_json, factory, trust_pickle):
 def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, backend, report_path, force, thresholds):
     """Compare FUSED (ONNX) with the PyTorch MODEL, output by output; name the first diverging norm.
 
+    A Hugging Face folder DIR and the OUTDIR `convert DIR` wrote: the generation check, or, for a
+    quantized OUTDIR (MatMulNBits), the quantized check on --min-top1/--min-top5/--max-kl/--min-cosine.
+
     Exit 0: match; 1: mismatch; 2: bad input or usage."""
     from normexport import pipeline, report
     from normexport.outputs import Output, check
@@ -385,6 +388,19 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
     loaded, specs = pipeline.prepare_model_for(model, fused, load)
+    from normexport.quantize import quantized_kind
+
+    kind = quantized_kind(fused)
+    if kind:  # a quantized model: measured on the thresholds, not compared exactly
+        from normexport.quant_check import print_quantized
+
+        result = pipeline.check_quantized_file(loaded, specs, fused, opts, kind)
+        print_quantized(report.console(), None, result)
+        if report_path:
+            report.write_json({"model": str(model), "fused": str(fused), "quantized_accuracy": result.to_json()}, report_path)
+        return result
+    if thresholds.given():
+        raise NormexportError(f"{', '.join(thresholds.given())} bound the quantized check, but {fused} is not quantized", "drop the option (a float model is compared output by output)")
     result = pipeline.validate_models(loaded, specs, unfused, fused, opts)
     report.print_validation(report.console(), result)
     if report_path:

@@ -191,6 +191,9 @@ def quantize_model(model: ir.Model, opts: QuantizeOptions) -> tuple[ir.Model, Qu
     op_types = ("MatMul", "Gather") if opts.embeddings else ("MatMul",)
     if opts.embeddings:  # only the embedding Gathers, not every Gather of the graph
         exclude += [n.name for n in model.graph if n.op_type == "Gather" and n not in embedding_nodes(model)]
+    for value in model.graph.initializers.values():  # the quantizer reads tensors from the proto alone
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     quantizer = MatMulNBitsQuantizer(
         ir.to_proto(model), bits=opts.bits, block_size=opts.block_size, is_symmetric=True,
         accuracy_level=opts.accuracy_level or None, nodes_to_exclude=exclude, quant_format=QuantFormat.QOperator,

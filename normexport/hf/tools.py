@@ -122,7 +122,7 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     from normexport.quantize import quantized_kind
 
     folders = [written_folder(out), *(written_folder(o) for o in others)]
-    names = [f"onnx {Path(f).name}" for f in folders]
+    names = [f"onnx fused ({Path(f).name})" for f in folders]
     if len(set(names)) < len(names):
         raise NormexportError("two folders to time have the same name", "give folders with distinct names (the table names rows by folder)")
     threads = opts.threads or 1
@@ -191,6 +191,6 @@ def _add_builder(variants, kinds, sizes, notes, path: Path, ours: Path, precisio
     for name, folder in ((ours_name, ours), (builder_name, built)):
         model = og.Model(str(genai_view(folder, threads, work)))
         variants[name] = (lambda m: lambda: run_genai(og, m, prompt, new_tokens))(model)
-    kinds[ours_name], kinds[builder_name] = kinds[f"onnx {ours.name}"], None if precision == "fp32" else precision
+    kinds[ours_name], kinds[builder_name] = kinds[f"onnx fused ({ours.name})"], None if precision == "fp32" else precision
     sizes[ours_name], sizes[builder_name] = folder_bytes(ours), folder_bytes(built)
     notes.append(f"builder: python -m onnxruntime_genai.models.builder -i {path} -p {precision} -e cpu (its defaults: block 32, accuracy level 4 for int4/int8 on CPU)")
