@@ -188,6 +188,7 @@ def test_validate_passes_the_folder_as_written(int4, trained, tmp_path):
     assert "quantized check: PASSED" in result.output
 
 
+@pytest.mark.slow
 def test_a_failed_quantized_check_writes_nothing(trained, tmp_path, monkeypatch):
     """convert with a quantizer that breaks one block's scales: exit 1, no folder."""
     import normexport.quantize as quantize
@@ -233,6 +234,7 @@ def test_onnxruntime_genai_runs_the_quantized_folder(int4, trained):
         assert tokens == ours[: len(tokens)] and (len(tokens) == GEN_TOKENS or tokens[-1] == eos), (tokens, ours)
 
 
+@pytest.mark.slow
 def test_int8_and_options(trained, tmp_path):
     """int8, block 64, accuracy level 1, LM head kept in fp32, passes int8's tighter bounds."""
     out, rep = tmp_path / "out", tmp_path / "r.json"
@@ -263,6 +265,7 @@ def test_model_file_quantized(trained, tmp_path):
     assert again.exit_code == 0 and "quantized check: PASSED" in again.output, again.output + again.stderr
 
 
+@pytest.mark.slow
 def test_bench_times_int4_beside_the_builders_int4(int4, trained, tmp_path):
     """bench DIR OUTDIR --builder auto: PyTorch, the unfused export, OUTDIR, and
     onnxruntime-genai running OUTDIR and the builder's int4 folder built from DIR, with sizes."""
@@ -318,3 +321,38 @@ def test_compare_rows_against_float64():
         assert r.top1 == (ref[i].argmax() == got[i].argmax())
         assert r.top5 == len(set(np.argsort(ref[i])[-5:]) & set(np.argsort(got[i])[-5:])) / 5
     assert rows[2].cosine == pytest.approx(-1.0) and not rows[2].top1
+
+
+def test_quantize_model_with_external_data(tmp_path):
+    """A model whose weights live in a .data file beside it (every model over ~1.8 GB): the
+    quantizer gets the weights, the norm stays, and the output matches numpy's fp64 product
+    within int4's error."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxruntime as ort
+
+    from normexport.fuse import load_onnx, save_onnx
+    from normexport.quantize import QuantizeOptions, quantize_model
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(128, 96)).astype(np.float32)
+    g = (1 + 0.2 * rng.normal(size=128)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["n"], axis=-1, epsilon=1e-5), helper.make_node("MatMul", ["n", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 128])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 96])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(g, "g")],
+    )
+    src = tmp_path / "src" / "model.onnx"
+    save_onnx(ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])), src, external=True)
+    assert (tmp_path / "src" / "model.onnx.data").is_file()
+    quantized, report = quantize_model(load_onnx(src), QuantizeOptions("int4"))
+    assert report.quantized == {"MatMulNBits": 1} and report.norms_before == report.norms_after == 1
+    dst = tmp_path / "q" / "model.onnx"
+    save_onnx(quantized, dst)
+    x = rng.normal(size=(4, 128)).astype(np.float32)
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].astype(np.float64)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-5) * g @ w.astype(np.float64)
+    cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+    assert cos.min() > 0.99 and np.abs(got - ref).max() < 0.2 * np.abs(ref).max()
