@@ -24,7 +24,6 @@ With ``--all`` the older variants (unfused, norms without attention fusion) are 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

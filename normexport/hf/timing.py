@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 Run = tuple[float, float, list[int]]
@@ -74,12 +75,11 @@ def run_genai(og, model, prompt: list[int], new: int) -> Run:
     return prefill, (time.perf_counter() - t) / max(1, len(tokens) - 1), tokens
 
 
-def genai_view(folder, threads: int, work) -> "Path":
+def genai_view(folder, threads: int, work) -> Path:
     """A folder onnxruntime-genai loads as ``folder`` with ``threads`` intra-op threads: its
     files linked, genai_config.json copied with the session options set (``folder`` untouched)."""
     import json
     import os
-    from pathlib import Path
 
     view = Path(work) / f"genai-{Path(folder).name}"
     view.mkdir(parents=True)
@@ -95,8 +95,6 @@ def genai_view(folder, threads: int, work) -> "Path":
 
 def folder_bytes(folder) -> int:
     """Bytes of a decoder folder's model files (.onnx and external data)."""
-    from pathlib import Path
-
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and (f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data")))
 
 
