@@ -194,6 +194,10 @@ def print_convert(c: Console, r) -> None:
     if getattr(r, "residual", ""):
         c.print(escape(r.residual))
     print_validation(c, r.validation)
+    if getattr(r, "quantization", None) is not None:
+        from normexport.quant_check import print_quantized
+
+        print_quantized(c, r.quantization, r.quantized_accuracy)
     print_bench(c, r.bench)
     for note in r.notes:
         c.print(f"[dim]note: {escape(note)}[/dim]")

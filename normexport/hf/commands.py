@@ -85,6 +85,8 @@ def hf_bench_options(fn):
             click.option("--prompt-len", type=click.IntRange(1, 100000), default=64, show_default=True, help="Hugging Face folders: prompt tokens of the timed prefill."),
             click.option("--new-tokens", type=click.IntRange(2, 100000), default=16, show_default=True, help="Hugging Face folders: tokens generated after it (decode ms/token is their mean, past from the prompt length on)."),
             click.option("--rounds", type=click.IntRange(1, 10000), default=5, show_default=True, help="Hugging Face folders: interleaved rounds (medians reported)."),
+            click.option("--with", "others", multiple=True, type=click.Path(path_type=Path), help="Hugging Face folders: another folder `convert DIR` wrote to time beside OUTDIR (e.g. the fp32 one beside --quantize int4's; repeatable)."),
+            click.option("--builder", type=click.Choice(("none", "auto", "fp32", "int4", "int8")), default="none", show_default=True, help="Hugging Face folders: also build DIR with onnxruntime-genai's model builder at this precision (auto: OUTDIR's) and time it and OUTDIR on onnxruntime-genai (needs onnxruntime-genai)."),
         ]
     ):
         fn = deco(fn)
@@ -99,6 +101,13 @@ def validate_hf(model: Path, fused: Path, load, opts, unfused, report_path: Path
 
     refuse_model_file_options({"--input": load.inputs, "--factory": load.factory, "--unfused": unfused})
     result = validate_folder(model, fused, load, opts, gen_tokens=32)
+    if hasattr(result, "thresholds"):  # the quantized check
+        from normexport.quant_check import print_quantized
+
+        print_quantized(report.console(), None, result)
+        if report_path:
+            report.write_json({"model": str(model), "fused": str(fused), "quantized_accuracy": result.to_json()}, report_path)
+        return result
     print_generation(report.console(), result)
     if report_path:
         report.write_json({"model": str(model), "fused": str(fused), "generation": result.to_json()}, report_path)
@@ -114,21 +123,29 @@ def bench_hf(model: Path, fused: Path, load, opts, unfused, report_path: Path | 
     from normexport.hf.tools import bench_folder, refuse_model_file_options
 
     refuse_model_file_options({"--input": load.inputs, "--factory": load.factory, "--unfused": unfused, "--plot": plot})
-    result = bench_folder(model, fused, load, opts, hf["prompt_len"], hf["new_tokens"], hf["rounds"])
+    result = bench_folder(model, fused, load, opts, hf["prompt_len"], hf["new_tokens"], hf["rounds"], tuple(hf.get("others") or ()), hf.get("builder") or "none")
     t = Table(title=f"{escape(str(model))}: prefill of {result['prompt_tokens']} tokens, decode with past {result['decode_past']}, {result['threads']} thread(s), median of {result['rounds']} rounds")
-    for col in ("variant", "prefill ms", "decode ms/token", "greedy tokens = transformers"):
+    for col in ("variant", "prefill ms", "decode ms/token", "model MB", "greedy tokens = transformers"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for v in result["variants"]:
-        t.add_row(escape(v["variant"]), f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", "yes" if v["tokens_equal_reference"] else "[red]no[/red]")
-    report.console().print(t)
+        if v["tokens_equal_reference"]:
+            same = "yes"
+        else:
+            same = f"no ({v['quantized']}: see the quantized check)" if v.get("quantized") else "[red]no[/red]"
+        size = f"{v['size_mb']:.1f}" if "size_mb" in v else "-"
+        t.add_row(escape(v["variant"]), f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", size, same)
+    c = report.console()
+    c.print(t)
+    for note in result["notes"]:
+        c.print(f"[dim]note: {note}[/dim]")
     if report_path:
         report.write_json(result, report_path)
 
 
-_DEFAULTS = {"task": None, "gen_tokens": 32, "attention_fusion": None, "trust_remote_code": False, "prompt_len": 64, "new_tokens": 16, "rounds": 5}
+_DEFAULTS = {"task": None, "gen_tokens": 32, "attention_fusion": None, "trust_remote_code": False, "prompt_len": 64, "new_tokens": 16, "rounds": 5, "others": (), "builder": "none"}
 
 
-_FLAGS = {"attention_fusion": "--attention-fusion/--no-attention-fusion"}
+_FLAGS = {"attention_fusion": "--attention-fusion/--no-attention-fusion", "others": "--with"}
 
 
 def refuse_folder_options(hf: dict) -> None:
