@@ -191,19 +191,19 @@ def check_quantized_decoder(module, decoder, new_tokens: int, seed: int, thresho
     transformers in fp32 on seeded prompts across the vocabulary, and its free-running greedy
     tokens against transformers' own."""
     from normexport.hf.folder import quiet_transformers
-    from normexport.hf.generation import random_prompts, torch_generate, torch_step_logits
+    from normexport.hf.generation import model_eos_ids, random_prompts, torch_greedy, until_eos
 
     vocab = decoder.session.get_outputs()[0].shape[-1]
     vocab = vocab if isinstance(vocab, int) else module.config.get_text_config(decoder=True).vocab_size
     report = QuantizedAccuracy(thresholds)
+    eos = model_eos_ids(module)
     with quiet_transformers():
         for prompt in random_prompts(vocab, prompts, prompt_len, seed):
-            ref_tokens = torch_generate(module, prompt, new_tokens)
-            ref_logits = torch_step_logits(module, prompt, ref_tokens)
+            ref_tokens, ref_logits = torch_greedy(module, prompt, new_tokens)  # past EOS: every step is measured
             _, forced_logits = decoder.generate(prompt, new_tokens, forced=ref_tokens)
-            onnx_tokens, _ = decoder.generate(prompt, new_tokens)
+            onnx_tokens, _ = decoder.generate(prompt, new_tokens, eos=eos)
             rows = compare_rows(np.stack(ref_logits), np.stack(forced_logits))
-            report.prompts.append(PromptAccuracy(prompt, ref_tokens, onnx_tokens, rows))
+            report.prompts.append(PromptAccuracy(prompt, until_eos(ref_tokens, eos), onnx_tokens, rows))
     report.notes.append(f"{prompts} prompts of {prompt_len} token ids drawn across the vocabulary (seed {seed}), {new_tokens} teacher-forced steps each")
     return report
 

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from cli_helper import invoke  # noqa: E402
 from trained_tiny import trained_llama, trained_model_file  # noqa: E402
 
-from normexport.hf.generation import OnnxDecoder, random_prompts, torch_generate, torch_step_logits  # noqa: E402
+from normexport.hf.generation import OnnxDecoder, random_prompts, torch_greedy  # noqa: E402
 from normexport.quant_check import DEFAULT_THRESHOLDS, compare_rows  # noqa: E402
 
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
@@ -130,8 +130,8 @@ def test_quantized_check_passes_on_the_trained_model(int4, torch_model):
     decoder = OnnxDecoder(out)
     top1, kl = [], []
     for prompt in random_prompts(torch_model.config.vocab_size, 3, 6, seed=777):
-        tokens = torch_generate(torch_model, prompt, GEN_TOKENS)
-        ref = np.stack(torch_step_logits(torch_model, prompt, tokens)).astype(np.float64)
+        tokens, ref = torch_greedy(torch_model, prompt, GEN_TOKENS)
+        ref = np.stack(ref).astype(np.float64)
         _, got = decoder.generate(prompt, GEN_TOKENS, forced=tokens)
         got = np.stack(got).astype(np.float64)
         top1 += list(ref.argmax(-1) == got.argmax(-1))
