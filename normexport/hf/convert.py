@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normexport.errors import NormexportError
+from normexport.hf import ATTENTION_CHOICES
 from normexport.hf.folder import HFModel, load_folder
 from normexport.options import ValidateOptions
 from normexport.runners import DEFAULT_BACKEND, residual_layout
@@ -32,6 +33,7 @@ class HFOptions:
     gen_tokens: int = 32
     trust_remote_code: bool = False
     attention_fusion: bool | None = None  # None: on for --target ort
+    attention: str = "auto"  # one of normexport.hf.ATTENTION_CHOICES
 
 
 @dataclass
@@ -44,6 +46,7 @@ class HFConvertReport:
     rmsnorm_modules: int = 0
     fusion: object = None  # FuseReport
     attention: object = None  # ort_attention.AttentionFusion
+    attention_op: str = ""  # "GroupQueryAttention" or "generic"
     generation: object = None  # GenerationReport
     outputs: list = field(default_factory=list)  # OutputComparison (tasks without a cache)
     inputs: list[str] = field(default_factory=list)
@@ -72,6 +75,7 @@ class HFConvertReport:
             "inputs": self.inputs, "outputs": self.output_names,
             "rmsnorm_modules": self.rmsnorm_modules,
             "fusion": self.fusion.to_json() if self.fusion else None,
+            "attention_op": self.attention_op or None,
             "attention_fusion": self.attention.to_json() if self.attention else None,
             "generation": self.generation.to_json() if self.generation else None,
             "validation": {"passed": self.passed, "outputs": [c.to_json() for c in self.outputs]} if self.checked else None,
@@ -109,11 +113,16 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     target_record(opts.fuse.target)  # an unknown target: the user's error, before any work
     if hf_opts.attention_fusion and opts.fuse.target != "ort":
         raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {opts.fuse.target}", "use --target ort, or drop --attention-fusion")
+    if hf_opts.attention not in ATTENTION_CHOICES:
+        raise NormexportError(f"unknown --attention '{hf_opts.attention}'", f"one of {', '.join(ATTENTION_CHOICES)}")
+    if hf_opts.attention == "gqa" and opts.fuse.target != "ort":
+        raise NormexportError(f"--attention gqa makes onnxruntime's GroupQueryAttention; it does not apply to --target {opts.fuse.target}", "use --target ort, or --attention generic")
     t = time.perf_counter()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.load.dtype, opts.load.trust_pickle, hf_opts.trust_remote_code)
     report = HFConvertReport(str(path), opts.fuse.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
     report.steps["load"] = time.perf_counter() - t
+    gqa = choose_attention(hf, opts, hf_opts, report)
     from normexport.hf.kv_export import fresh_workdir, remove
 
     try:
@@ -124,7 +133,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     try:
         staged = work / "out"
         staged.mkdir()
-        _export_and_fuse(hf, opts, report, staged / MODEL_NAME, progress, attention_wanted(opts, hf_opts))
+        _export_and_fuse(hf, opts, report, staged / MODEL_NAME, progress, attention_wanted(opts, hf_opts), gqa)
         if opts.validate:
             t = time.perf_counter()
             progress("checking generation against transformers")
@@ -133,7 +142,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
         else:
             report.notes.append("not validated (--no-validate): nothing was compared with transformers")
         if report.passed or opts.keep_failed:
-            _write_folder(hf, staged, report, out)
+            _write_folder(hf, staged, report, out, gqa is not None)
         else:
             report.notes.append(f"validation failed: {out} not written (--keep-failed writes it anyway)")
     finally:
@@ -145,14 +154,32 @@ def attention_wanted(opts, hf_opts: HFOptions) -> bool:
     return opts.fuse.target == "ort" if hf_opts.attention_fusion is None else hf_opts.attention_fusion
 
 
-def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False) -> None:
+def choose_attention(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertReport):
+    """A normexport.hf.gqa.GQAPlan when the decoder is exported with GroupQueryAttention, else
+    None (the generic attention graph; with auto, the reason is noted)."""
+    from normexport.hf.gqa import gqa_plan
+
+    report.attention_op = "generic"
+    if hf_opts.attention == "generic" or opts.fuse.target != "ort" or hf.task != "text-generation-with-past":
+        return None
+    plan, reason = gqa_plan(hf)
+    if plan is None and hf_opts.attention == "gqa":
+        raise NormexportError(f"--attention gqa: {hf.architecture} does not fit GroupQueryAttention ({reason})", "use --attention generic (or auto) for this model")
+    if plan is None:
+        report.notes.append(f"generic attention graph, not GroupQueryAttention: {reason}")
+        return None
+    report.attention_op = "GroupQueryAttention"
+    return plan
+
+
+def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False, gqa=None) -> None:
     from normexport.fuse import fuse_model, save_onnx
     from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
     from normexport.pipeline import require_norms
 
     t = time.perf_counter()
-    progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx")
-    exp = export_decoder(hf, dst.parent.parent, attention_form=attention)
+    progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx" + (", attention as GroupQueryAttention" if gqa else ""))
+    exp = export_decoder(hf, dst.parent.parent, attention_form=attention and gqa is None, gqa=gqa)
     report.inputs, report.output_names = exp.input_names, exp.output_names
     report.steps["export"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -232,7 +259,7 @@ def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
     return results
 
 
-def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path) -> None:
+def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path, gqa: bool = False) -> None:
     from normexport.hf.genai_config import genai_config
 
     for name in TOKENIZER_FILES:
@@ -240,7 +267,7 @@ def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path)
         if src.is_file():
             shutil.copyfile(src, staged / name)
     if hf.task == "text-generation-with-past":
-        (staged / "genai_config.json").write_text(json.dumps(genai_config(hf), indent=4))
+        (staged / "genai_config.json").write_text(json.dumps(genai_config(hf, gqa), indent=4))
     report.written = True
     (staged / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2, default=str))
     os.replace(staged, out)  # one rename: the folder appears whole or not at all

@@ -46,7 +46,7 @@ class OnnxDecoder:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in self.inputs]
+        missing = [n for n in ("input_ids", "attention_mask") if n not in self.inputs]
         if missing or not self.past_names or "logits" not in self.output_names:
             raise NormexportError(f"{path} is not a decoder with a KV cache (no {', '.join(missing) or 'past_key_values.*'} input)", "convert with --task text-generation-with-past")
         self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
@@ -62,12 +62,9 @@ class OnnxDecoder:
     def step(self, ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One forward of ``ids`` [batch, seq] after ``past_len`` cached positions."""
         batch, seq = ids.shape
-        feed = {
-            "input_ids": ids.astype(np.int64),
-            "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
-            **past,
-        }
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64), **past}
+        if "position_ids" in self.inputs:  # a GroupQueryAttention graph takes the positions from the mask
+            feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
         outs = dict(zip(self.output_names, self.session.run(None, feed)))
         return outs["logits"], {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
 

@@ -121,15 +121,23 @@ def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: in
     return feed
 
 
-def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False) -> DecoderExport:
+def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False, gqa=None) -> DecoderExport:
     """torch.onnx (dynamo) export of the task's wrapper; batch, sequence and past dynamic.
-    ``attention_form``: SDPA exported the way onnxruntime's attention fusions match it."""
+    ``attention_form``: SDPA exported the way onnxruntime's attention fusions match it.
+    ``gqa`` (a normexport.hf.gqa.GQAPlan): every attention layer one GroupQueryAttention, no
+    position_ids input (normexport.hf.gqa)."""
     from torch.export import Dim
 
     start = time.perf_counter()
     layout = kv_layout(hf.text_config)
     with_past = hf.task == "text-generation-with-past"
-    if with_past:
+    patch = contextlib.nullcontext()
+    if gqa is not None:
+        from normexport.hf.gqa import GQADecoder
+
+        wrapper, outputs = GQADecoder(hf.module, gqa), ["logits", *layout.present_names]
+        patch = wrapper.patched()
+    elif with_past:
         wrapper, outputs = DecoderWithPast(hf.module), ["logits", *layout.present_names]
     elif hf.task == "text-generation":
         wrapper, outputs = DecoderNoCache(hf.module, "logits"), ["logits"]
@@ -139,13 +147,16 @@ def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False) -> 
     feed = example_inputs(layout, dtype, with_past=with_past)
     d = Dim.DYNAMIC
     shapes = ({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d})
+    if gqa is not None:
+        del feed["position_ids"]
+        shapes = shapes[:2]
     if with_past:
         shapes = (*shapes, tuple({0: d, 2: d} for _ in layout.past_names))
     workdir = fresh_workdir(workdir)
     from normexport.hf.ort_attention import export_patches
 
     try:
-        with export_patches() if attention_form else contextlib.nullcontext():
+        with export_patches() if attention_form else contextlib.nullcontext(), patch:
             model = _run_export(wrapper, feed, outputs, shapes, workdir / "export.onnx", hf)
     finally:
         remove(workdir)
