@@ -133,7 +133,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     try:
         staged = work / "out"
         staged.mkdir()
-        _export_and_fuse(hf, opts, report, staged / MODEL_NAME, progress, attention_wanted(opts, hf_opts), gqa)
+        _export_and_fuse(hf, opts, report, staged / MODEL_NAME, progress, attention_wanted(opts, hf_opts, gqa is not None), gqa)
         if opts.validate:
             t = time.perf_counter()
             progress("checking generation against transformers")
@@ -150,8 +150,13 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     return report
 
 
-def attention_wanted(opts, hf_opts: HFOptions) -> bool:
-    return opts.fuse.target == "ort" if hf_opts.attention_fusion is None else hf_opts.attention_fusion
+def attention_wanted(opts, hf_opts: HFOptions, gqa: bool = False) -> bool:
+    """onnxruntime's fusion pass: by default for --target ort on the generic attention graph (a
+    GroupQueryAttention graph has no attention or rotary left for it; --attention-fusion still
+    runs it there, packing the gate/up MatMuls)."""
+    if hf_opts.attention_fusion is not None:
+        return hf_opts.attention_fusion
+    return opts.fuse.target == "ort" and not gqa
 
 
 def choose_attention(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertReport):
@@ -179,7 +184,7 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
 
     t = time.perf_counter()
     progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx" + (", attention as GroupQueryAttention" if gqa else ""))
-    exp = export_decoder(hf, dst.parent.parent, attention_form=attention and gqa is None, gqa=gqa)
+    exp = export_decoder(hf, dst.parent.parent, attention_form=attention and gqa is None, gqa=gqa, in_place=True)  # the staging folder goes at the end
     report.inputs, report.output_names = exp.input_names, exp.output_names
     report.steps["export"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -223,8 +228,13 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
         torch.set_num_threads(opts.threads)
     dtype = opts.dtype or "float32"
     if hf.task == "text-generation-with-past":
-        from normexport.hf.generation import OnnxDecoder, check_generation
+        import gc
 
+        from normexport.hf.generation import OnnxDecoder, compare_generation, reference_generation
+
+        references = reference_generation(hf.module, hf_opts.gen_tokens, opts.seed)
+        hf.module = None  # transformers' side is done: its weights go before onnxruntime loads the export's
+        gc.collect()
         try:
             decoder = OnnxDecoder(model_path, threads=opts.threads)
         except NormexportError as e:
@@ -233,7 +243,7 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
                 f"onnxruntime (CPU) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
                 "convert in float32 or float16, or pass --no-validate to write it unchecked",
             ) from None
-        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed)
+        report.generation = compare_generation(references, decoder, dtype, hf_opts.gen_tokens)
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
 

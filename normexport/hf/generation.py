@@ -97,6 +97,31 @@ def torch_generate(module, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+@dataclass
+class Reference:
+    """transformers' greedy tokens for one prompt and the raw logits of the prefill and of
+    every decode step that produced them."""
+
+    prompt: list[int]
+    tokens: list[int]
+    logits: list[np.ndarray]
+
+
+def torch_reference(module, prompt: list[int], max_new_tokens: int) -> Reference:
+    """One ``model.generate(do_sample=False)`` run: its tokens and its per-step raw logits
+    (``output_logits``), i.e. the teacher-forced logits of its own tokens."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = module.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens, pad_token_id=0, num_beams=1, top_k=None, top_p=None, temperature=None,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    return Reference(prompt, out.sequences[0, len(prompt):].tolist(), [step[0].float().numpy() for step in out.logits])
+
+
 def torch_step_logits(module, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
     """Last-position logits of the prefill and of each decode step fed ``tokens[:-1]``, with
     transformers' own DynamicCache."""
@@ -196,23 +221,31 @@ def compare_step(step: int, ref: np.ndarray, got: np.ndarray) -> StepComparison:
 
 def check_generation(module, decoder: OnnxDecoder, dtype: str, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7) -> GenerationReport:
     """Teacher-forced logits per step and free-running greedy tokens, ONNX vs transformers."""
+    return compare_generation(reference_generation(module, new_tokens, seed, prompts, prompt_len), decoder, dtype, new_tokens)
+
+
+def reference_generation(module, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7) -> list[Reference]:
+    """transformers' side of the check, on seeded prompts across the vocabulary: after it the
+    model is no longer needed (a caller may free it before onnxruntime loads the export)."""
     from normexport.hf.folder import quiet_transformers
+
+    vocab = module.config.get_text_config(decoder=True).vocab_size
+    with quiet_transformers():
+        return [torch_reference(module, prompt, new_tokens) for prompt in random_prompts(vocab, prompts, prompt_len, seed)]
+
+
+def compare_generation(references: list[Reference], decoder: OnnxDecoder, dtype: str, new_tokens: int) -> GenerationReport:
+    """The ONNX loop free-running, then teacher-forced on transformers' tokens where its own
+    differ (where they are equal the forced run would feed the very same inputs)."""
     from normexport.validate import DEFAULT_TOLERANCES
 
-    with quiet_transformers():
-        return _check_generation(module, decoder, dtype, new_tokens, seed, prompts, prompt_len, DEFAULT_TOLERANCES)
-
-
-def _check_generation(module, decoder, dtype, new_tokens, seed, prompts, prompt_len, tolerances) -> GenerationReport:
-    vocab = decoder.session.get_outputs()[0].shape[-1]
-    vocab = vocab if isinstance(vocab, int) else module.config.get_text_config(decoder=True).vocab_size
-    tolerance = tolerances[dtype][0] * 10 if dtype != "float32" else 0.0
+    tolerance = DEFAULT_TOLERANCES[dtype][0] * 10 if dtype != "float32" else 0.0
     report = GenerationReport(dtype, new_tokens, tolerance)
-    for prompt in random_prompts(vocab, prompts, prompt_len, seed):
-        ref_tokens = torch_generate(module, prompt, new_tokens)
-        ref_logits = torch_step_logits(module, prompt, ref_tokens)
-        _, forced_logits = decoder.generate(prompt, new_tokens, forced=ref_tokens)
-        onnx_tokens, _ = decoder.generate(prompt, new_tokens)
+    for ref in references:
+        prompt, ref_tokens, ref_logits = ref.prompt, ref.tokens, ref.logits
+        onnx_tokens, forced_logits = decoder.generate(prompt, new_tokens)
+        if onnx_tokens != ref_tokens:
+            _, forced_logits = decoder.generate(prompt, new_tokens, forced=ref_tokens)
         steps = [compare_step(i, r, g) for i, (r, g) in enumerate(zip(ref_logits, forced_logits))]
         result = PromptResult(prompt, ref_tokens, onnx_tokens, steps)
         diff = next((i for i, (a, b) in enumerate(zip(ref_tokens, onnx_tokens)) if a != b), None)

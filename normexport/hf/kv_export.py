@@ -121,11 +121,13 @@ def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: in
     return feed
 
 
-def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False, gqa=None) -> DecoderExport:
+def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False, gqa=None, in_place: bool = False) -> DecoderExport:
     """torch.onnx (dynamo) export of the task's wrapper; batch, sequence and past dynamic.
     ``attention_form``: SDPA exported the way onnxruntime's attention fusions match it.
     ``gqa`` (a normexport.hf.gqa.GQAPlan): every attention layer one GroupQueryAttention, no
-    position_ids input (normexport.hf.gqa)."""
+    position_ids input (normexport.hf.gqa).
+    ``in_place``: the export's files stay in a new folder under ``workdir`` (the caller removes
+    ``workdir``) and the weights stay memory-mapped from them instead of being read into memory."""
     from torch.export import Dim
 
     start = time.perf_counter()
@@ -157,14 +159,15 @@ def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False, gqa
 
     try:
         with export_patches() if attention_form else contextlib.nullcontext(), patch:
-            model = _run_export(wrapper, feed, outputs, shapes, workdir / "export.onnx", hf)
+            model = _run_export(wrapper, feed, outputs, shapes, workdir / "export.onnx", hf, in_memory=not in_place)
     finally:
-        remove(workdir)
+        if not in_place:
+            remove(workdir)
     name_dims(model, with_past)
     return DecoderExport(model, list(feed), outputs, layout, time.perf_counter() - start)
 
 
-def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path: Path, hf: HFModel) -> ir.Model:
+def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path: Path, hf: HFModel, in_memory: bool = True) -> ir.Model:
     from normexport.export import _quiet, _raise_export_error
 
     with _quiet() as err:
@@ -179,6 +182,8 @@ def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path
                 "this architecture does not export with torch.onnx today; try --task text-generation (no cache) or another transformers version",
             )
     model = ir.load(str(path))
+    if not in_memory:
+        return model
     for v in model.graph.initializers.values():  # the temp folder goes away
         if isinstance(v.const_value, ir.ExternalTensor):
             v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)

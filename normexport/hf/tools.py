@@ -105,16 +105,18 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     from normexport.hf.kv_export import export_decoder
     from normexport.hf.timing import interleave, run_ort, run_torch
 
-    fused = OnnxDecoder(written_folder(out), threads=opts.threads)
+    from normexport.pipeline import DEFAULT_BENCH_THREADS
+
+    threads = opts.threads or DEFAULT_BENCH_THREADS
+    fused = OnnxDecoder(written_folder(out), threads=threads)
     hf = load_folder(path, dtype=load.dtype, trust_pickle=load.trust_pickle)
     if hf.task != "text-generation-with-past":
         raise NormexportError(f"{path} is not a causal LM ({hf.architecture}): no prefill/decode to time", "bench DIR OUTDIR times KV-cache decoders that `convert DIR` wrote")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="normexport-bench-"))
     try:
         save_onnx(export_decoder(hf, work).model, work / "unfused" / "model.onnx")
-        unfused = OnnxDecoder(work / "unfused", threads=opts.threads)
+        unfused = OnnxDecoder(work / "unfused", threads=threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     vocab = hf.text_config.vocab_size
@@ -128,6 +130,6 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     reference = torch_generate(hf.module, prompt, new_tokens)
     return {
         "model": str(path), "fused": str(out), "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-        "decode_past": f"{prompt_len}..{prompt_len + new_tokens - 2}", "rounds": rounds, "threads": opts.threads or torch.get_num_threads(),
+        "decode_past": f"{prompt_len}..{prompt_len + new_tokens - 2}", "rounds": rounds, "threads": threads,
         "variants": [t.to_json(reference) for t in timings],
     }
