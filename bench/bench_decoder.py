@@ -1,10 +1,11 @@
-"""Prefill and per-token decode latency of one Hugging Face decoder, five ways, same threads:
+"""Prefill and per-token decode latency of one Hugging Face decoder, several ways, same threads:
 
   torch eager       transformers with its DynamicCache (inference_mode)
   onnx unfused      normexport's KV-cache export before fusion, on onnxruntime
-  onnx fused        the same after the RMSNorm fusion (`convert DIR --no-attention-fusion`)
-  onnx fused + attn the norms, then onnxruntime's rotary/attention fusions (what `convert DIR` writes)
-  genai (ours)      onnxruntime-genai running normexport's folder
+  onnx fused        the same after the RMSNorm fusion (`convert DIR --attention generic --no-attention-fusion`)
+  onnx fused + attn the norms, then onnxruntime's rotary/attention fusions (`convert DIR --attention generic`)
+  onnx GQA          one GroupQueryAttention per layer, the norms fused (what `convert DIR` writes)
+  genai (ours)      onnxruntime-genai running normexport's generic and GroupQueryAttention folders
   genai builder     onnxruntime-genai's own model builder on the same folder (fp32, cpu)
 
 A randomly initialised Llama folder (with a word-level tokenizer, which the builder needs) is
@@ -51,8 +52,9 @@ def save_folder(folder: Path, a) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2").save_pretrained(folder)
 
 
-def build_onnx(folder: Path, work: Path) -> tuple[Path, Path, Path]:
-    """(unfused model.onnx, norm-fused folder, norm+attention-fused folder) from normexport."""
+def build_onnx(folder: Path, work: Path) -> tuple[Path, Path, Path, Path]:
+    """(unfused model.onnx, norm-fused folder, norm+attention-fused folder, GroupQueryAttention
+    folder) from normexport."""
     from normexport.fuse import save_onnx
     from normexport.hf.convert import HFOptions, convert_folder
     from normexport.hf.folder import load_folder
@@ -63,8 +65,8 @@ def build_onnx(folder: Path, work: Path) -> tuple[Path, Path, Path]:
     unfused = work / "unfused" / "model.onnx"
     save_onnx(exp.model, unfused)
     folders = []
-    for name, attention in (("fused", False), ("fused-attention", True)):
-        report = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=False), output=work / name), HFOptions(gen_tokens=8, attention_fusion=attention))
+    for name, attention, op in (("fused", False, "generic"), ("fused-attention", True, "generic"), ("gqa", None, "gqa")):
+        report = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=False), output=work / name), HFOptions(gen_tokens=8, attention_fusion=attention, attention=op))
         assert report.passed and report.written, report.to_json()
         folders.append(work / name)
     return unfused, *folders
@@ -146,7 +148,7 @@ def main() -> None:
     try:
         folder = work / "llama"
         save_folder(folder, a)
-        unfused, fused, fused_attn = build_onnx(folder, work)
+        unfused, fused, fused_attn, gqa = build_onnx(folder, work)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval()
         prompt = np.random.default_rng(0).integers(3, a.vocab, size=a.prompt).tolist()
         reference = torch_generate(model, prompt, a.new)
@@ -155,8 +157,9 @@ def main() -> None:
             "onnx unfused (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(unfused, threads=a.threads)),
             "onnx fused norms (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(fused, threads=a.threads)),
             "onnx fused norms + rotary/attention (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(fused_attn, threads=a.threads)),
+            "onnx GroupQueryAttention + fused norms (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(gqa, threads=a.threads)),
         }
-        graphs = {"onnx unfused": unfused, "onnx fused norms": fused / "model.onnx", "onnx fused norms + rotary/attention": fused_attn / "model.onnx"}
+        graphs = {"onnx unfused": unfused, "onnx fused norms": fused / "model.onnx", "onnx fused norms + rotary/attention": fused_attn / "model.onnx", "onnx GroupQueryAttention": gqa / "model.onnx"}
         try:
             import onnxruntime_genai as og
         except ImportError:
@@ -164,7 +167,9 @@ def main() -> None:
             print("onnxruntime-genai is not installed: its rows are left out (pip install onnxruntime-genai)")
         if og is not None:
             set_genai_threads(fused_attn, a.threads)
-            variants["onnxruntime-genai, normexport's folder"] = (lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(fused_attn)))
+            set_genai_threads(gqa, a.threads)
+            variants["onnxruntime-genai, normexport's generic folder"] = (lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(fused_attn)))
+            variants["onnxruntime-genai, normexport's GroupQueryAttention folder"] = (lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(gqa)))
             built = build_genai(folder, work / "genai-builder")
             if built is not None:
                 set_genai_threads(built, a.threads)
@@ -173,10 +178,10 @@ def main() -> None:
         timings = interleave(variants, a.rounds)
         print(f"\n{machine_line(a.threads)}")
         print(f"Llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, fp32; prompt {a.prompt} tokens, {a.new} new tokens, batch 1; median of {a.rounds} rounds\n")
-        print("| variant | prefill ms | decode ms/token | greedy tokens = transformers |")
-        print("|---|---:|---:|---|")
+        print("| variant | prefill ms | decode ms/token (median) | decode ms/token (min) | greedy tokens = transformers |")
+        print("|---|---:|---:|---:|---|")
         for t in timings:
-            print(f"| {t.name} | {t.prefill_ms:.2f} | {t.decode_ms:.3f} | {'yes' if t.tokens_equal(reference) else 'no'} |")
+            print(f"| {t.name} | {t.prefill_ms:.2f} | {t.decode_ms:.3f} | {min(r[1] for r in t.runs) * 1e3:.3f} | {'yes' if t.tokens_equal(reference) else 'no'} |")
         print_ops(graphs)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -69,6 +69,8 @@ def test_convert_writes_a_kv_decoder_folder(converted):
     assert genai["search"]["past_present_share_buffer"] == (family in GQA_FAMILIES)
     report = json.loads(rep.read_text())
     assert report["generation"]["passed"] and all(p["tokens_equal"] for p in report["generation"]["prompts"])
+    steps = {"load", "export", "fuse", "validate: transformers", "validate"}
+    assert set(report["steps_cpu_s"]) == set(report["peak_rss_mib_after"]) == steps and all(v > 0 for v in report["peak_rss_mib_after"].values())
     if family in GQA_FAMILIES:
         assert report["attention_op"] == "GroupQueryAttention"
     else:  # left on the generic graph, with the reason
@@ -218,6 +220,7 @@ def test_packed_qkv_drops_only_zero_biases():
 @pytest.mark.parametrize("family,args,words", [
     ("qwen3", ("--attention", "gqa"), ("--attention gqa", "Qwen3Attention")),
     ("llama", ("--attention", "gqa", "--target", "onnx"), ("--attention gqa", "--target onnx")),
+    ("llama", ("--attention", "gqa", "--task", "text-generation"), ("--attention gqa", "KV cache")),
 ])
 def test_attention_gqa_refused_where_it_does_not_fit(tmp_path, family, args, words):
     folder = save_tiny(family, tmp_path / family)

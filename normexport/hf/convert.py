@@ -51,7 +51,9 @@ class HFConvertReport:
     outputs: list = field(default_factory=list)  # OutputComparison (tasks without a cache)
     inputs: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
-    steps: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)  # wall seconds per step
+    steps_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (all threads) per step
+    peak_rss: dict[str, float] = field(default_factory=dict)  # the process's peak RSS (MiB) at the end of each step
     notes: list[str] = field(default_factory=list)
     written: bool = False
 
@@ -68,6 +70,15 @@ class HFConvertReport:
         gen_ok = self.generation is None or self.generation.passed
         return gen_ok and all(c.passed for c in self.outputs)
 
+    def step(self, name: str, since: tuple[float, float]) -> None:
+        """Record the step that began at ``since`` (a ``clock()``)."""
+        import resource
+
+        wall, cpu = clock()
+        self.steps[name] = wall - since[0]
+        self.steps_cpu[name] = cpu - since[1]
+        self.peak_rss[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
     def to_json(self) -> dict:
         return {
             "model": self.model, "target": self.target, "output": self.output if self.written else None,
@@ -80,8 +91,14 @@ class HFConvertReport:
             "generation": self.generation.to_json() if self.generation else None,
             "validation": {"passed": self.passed, "outputs": [c.to_json() for c in self.outputs]} if self.checked else None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
+            "steps_cpu_s": {k: round(v, 3) for k, v in self.steps_cpu.items()},
+            "peak_rss_mib_after": {k: round(v, 1) for k, v in self.peak_rss.items()},
             "notes": self.notes,
         }
+
+
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
 def default_output(path: Path, target: str) -> Path:
@@ -117,11 +134,11 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
         raise NormexportError(f"unknown --attention '{hf_opts.attention}'", f"one of {', '.join(ATTENTION_CHOICES)}")
     if hf_opts.attention == "gqa" and opts.fuse.target != "ort":
         raise NormexportError(f"--attention gqa makes onnxruntime's GroupQueryAttention; it does not apply to --target {opts.fuse.target}", "use --target ort, or --attention generic")
-    t = time.perf_counter()
+    t = clock()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.load.dtype, opts.load.trust_pickle, hf_opts.trust_remote_code)
     report = HFConvertReport(str(path), opts.fuse.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
-    report.steps["load"] = time.perf_counter() - t
+    report.step("load", t)
     gqa = choose_attention(hf, opts, hf_opts, report)
     from normexport.hf.kv_export import fresh_workdir, remove
 
@@ -135,10 +152,10 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
         staged.mkdir()
         _export_and_fuse(hf, opts, report, staged / MODEL_NAME, progress, attention_wanted(opts, hf_opts, gqa is not None), gqa)
         if opts.validate:
-            t = time.perf_counter()
+            t = clock()
             progress("checking generation against transformers")
             _validate(hf, opts.validate, hf_opts, report, staged / MODEL_NAME)
-            report.steps["validate"] = time.perf_counter() - t
+            report.step("validate", t)
         else:
             report.notes.append("not validated (--no-validate): nothing was compared with transformers")
         if report.passed or opts.keep_failed:
@@ -165,13 +182,14 @@ def choose_attention(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertRep
     from normexport.hf.gqa import gqa_plan
 
     report.attention_op = "generic"
-    if hf_opts.attention == "generic" or opts.fuse.target != "ort" or hf.task != "text-generation-with-past":
+    if hf_opts.attention == "generic" or opts.fuse.target != "ort":
         return None
     plan, reason = gqa_plan(hf)
     if plan is None and hf_opts.attention == "gqa":
         raise NormexportError(f"--attention gqa: {hf.architecture} does not fit GroupQueryAttention ({reason})", "use --attention generic (or auto) for this model")
     if plan is None:
-        report.notes.append(f"generic attention graph, not GroupQueryAttention: {reason}")
+        if hf.task == "text-generation-with-past":
+            report.notes.append(f"generic attention graph, not GroupQueryAttention: {reason}")
         return None
     report.attention_op = "GroupQueryAttention"
     return plan
@@ -182,12 +200,12 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
     from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
     from normexport.pipeline import require_norms
 
-    t = time.perf_counter()
+    t = clock()
     progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx" + (", attention as GroupQueryAttention" if gqa else ""))
     exp = export_decoder(hf, dst.parent.parent, attention_form=attention and gqa is None, gqa=gqa, in_place=True)  # the staging folder goes at the end
     report.inputs, report.output_names = exp.input_names, exp.output_names
-    report.steps["export"] = time.perf_counter() - t
-    t = time.perf_counter()
+    report.step("export", t)
+    t = clock()
     progress(f"fusing RMSNorm for target {opts.fuse.target}")
     fold, layout = residual_layout(opts.fuse.residual, DEFAULT_BACKEND, opts.fuse.target)  # checked on the default backend
     report.notes.append(layout)
@@ -200,7 +218,7 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
     if attention:
         _fuse_attention(exp.model, report, progress, opts.fuse.target, fold)
     save_onnx(exp.model, dst)
-    report.steps["fuse"] = time.perf_counter() - t
+    report.step("fuse", t)
 
 
 def _fuse_attention(model, report: HFConvertReport, progress, target: str, fold: bool) -> None:
@@ -232,7 +250,9 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
 
         from normexport.hf.generation import OnnxDecoder, compare_generation, reference_generation
 
+        t = clock()
         references = reference_generation(hf.module, hf_opts.gen_tokens, opts.seed)
+        report.step("validate: transformers", t)
         hf.module = None  # transformers' side is done: its weights go before onnxruntime loads the export's
         gc.collect()
         try:
