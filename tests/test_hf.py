@@ -670,3 +670,35 @@ def test_onnxscript_fallback_without_transformers_exporters(tmp_path, monkeypatc
     assert fused == 5 and fused_norms(result.after) == fused
     save_onnx(model, tmp_path / "out" / "model.onnx")
     assert check_generation(hf.module, OnnxDecoder(tmp_path / "out"), "float32", NEW_TOKENS, seed=4).passed
+
+
+ROPE_SCALINGS = {
+    "llama3": dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
+    "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64),
+    "dynamic": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPE_SCALINGS))
+def test_group_query_attention_rope_scaling(tmp_path, rope):
+    """Scaled rotary embeddings whose cos/sin depend on the position alone go into
+    GroupQueryAttention's caches (checked past original_max_position_embeddings: 60-token
+    prompts, 40 new tokens); one that depends on the sequence length (dynamic) stays generic."""
+    from hf_folders import DECODER
+
+    from normexport.fuse import save_onnx
+    from normexport.hf.folder import load_folder
+    from normexport.hf.generation import check_generation
+    from normexport.hf.gqa import gqa_plan
+    from normexport.hf.kv_export import export_decoder
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER, rope_parameters=ROPE_SCALINGS[rope])).save_pretrained(tmp_path / "m")
+    hf = load_folder(tmp_path / "m")
+    plan, reason = gqa_plan(hf)
+    if rope == "dynamic":
+        assert plan is None and "dynamic" in reason
+        return
+    save_onnx(export_decoder(hf, tmp_path, gqa=plan).model, tmp_path / "out" / "model.onnx")
+    report = check_generation(hf.module, OnnxDecoder(tmp_path / "out"), "float32", 40, seed=2, prompt_len=60)
+    assert report.passed and max(s.max_abs for p in report.prompts for s in p.steps) < 1e-4
