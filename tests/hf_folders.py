@@ -2,7 +2,8 @@
 
 Each entry: transformers config class, model class and config overrides on a shared decoder
 (hidden 64, 2 layers, 4 heads of 16 with 2 KV heads, vocabulary 1000). Norm weights are drawn
-away from 1 so that a fusion that dropped the scale would show.
+away from 1 so that a fusion that dropped the scale would show, and Linear biases (Qwen2's
+q/k/v) away from 0 so that a dropped bias would.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ DECODER = dict(
 
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rms_norm_eps=1e-5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rms_norm_eps=1e-6)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rms_norm_eps=1e-5, sliding_window=8)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rms_norm_eps=1e-6)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=16)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=16)),
@@ -59,6 +62,8 @@ def save_tiny(family: str, folder: Path, seed: int = 0, attn: str | None = None,
             for m in model.modules():
                 if type(m).__name__.endswith("RMSNorm") and getattr(m, "weight", None) is not None:
                     m.weight.normal_(0.0 if "Gemma" in type(m).__name__ else 1.0, 0.2)
+                if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                    m.bias.normal_(0.0, 0.02)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     return folder
