@@ -32,9 +32,8 @@ FAMILIES = {
 
 # More families, for the onnxruntime-genai run on every kind of folder normexport writes (genai
 # knows some of these model types and runs the others as its generic "decoder"); MoE ones too.
+# Mistral and Qwen2 are in FAMILIES (GroupQueryAttention), whose genai run is in test_hf.
 MORE_FAMILIES = {
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rms_norm_eps=1e-5, sliding_window=None)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rms_norm_eps=1e-6)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, decoder_sparse_step=1)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     "helium": ("HeliumConfig", "HeliumForCausalLM", dict(rms_norm_eps=1e-8)),
