@@ -6,12 +6,32 @@ asks this registry (``target_record(name)``, ``TARGETS``, ``FUSED_OPS``).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from normexport.errors import NormexportError
-from normexport.fuse import importers, targets
 from normexport.fuse.ops import LAYER_NORM_OPS, RMS_NORMALIZATION, SIMPLIFIED_LN, SKIP_SIMPLIFIED_LN, TRT_DOMAIN, TRT_PLUGIN_NAME
+
+
+@dataclass(frozen=True)
+class Ref:
+    """``module.function``, imported when first called: the records stay readable (the CLI's
+    choices and help) without importing onnx_ir or onnxscript."""
+
+    module: str
+    function: str
+
+    def __call__(self, *args, **kwargs):
+        return getattr(importlib.import_module(self.module), self.function)(*args, **kwargs)
+
+
+def _lowering(name: str) -> Ref:
+    return Ref("normexport.fuse.targets", name)
+
+
+def _importer(name: str) -> Ref:
+    return Ref("normexport.fuse.importers", name)
 
 
 @dataclass(frozen=True)
@@ -29,14 +49,14 @@ class Target:
 
 
 RECORDS = (
-    Target("ort", (SIMPLIFIED_LN, SKIP_SIMPLIFIED_LN), SIMPLIFIED_LN, targets.lower_ort,
+    Target("ort", (SIMPLIFIED_LN, SKIP_SIMPLIFIED_LN), SIMPLIFIED_LN, _lowering("lower_ort"),
            f"onnxruntime's {SIMPLIFIED_LN} ({SKIP_SIMPLIFIED_LN} with a residual Add folded in)",
-           domain="", folds_residual=True, importer=importers.import_ort),
-    Target("onnx", (RMS_NORMALIZATION,), RMS_NORMALIZATION, targets.lower_onnx, f"ONNX {RMS_NORMALIZATION} (opset 23)",
-           opset=23, importer=importers.import_rms_normalization),
-    Target("trt-plugin", (TRT_PLUGIN_NAME,), TRT_PLUGIN_NAME, targets.lower_trt_plugin, f"normexport's TensorRT {TRT_PLUGIN_NAME} plugin node",
-           domain=TRT_DOMAIN, folds_residual=True, portable=False, importer=importers.count_plugin_nodes),
-    Target("decompose", (), "primitive ops", targets.lower_decompose, "primitive ops (any runtime)"),
+           domain="", folds_residual=True, importer=_importer("import_ort")),
+    Target("onnx", (RMS_NORMALIZATION,), RMS_NORMALIZATION, _lowering("lower_onnx"), f"ONNX {RMS_NORMALIZATION} (opset 23)",
+           opset=23, importer=_importer("import_rms_normalization")),
+    Target("trt-plugin", (TRT_PLUGIN_NAME,), TRT_PLUGIN_NAME, _lowering("lower_trt_plugin"), f"normexport's TensorRT {TRT_PLUGIN_NAME} plugin node",
+           domain=TRT_DOMAIN, folds_residual=True, portable=False, importer=_importer("count_plugin_nodes")),
+    Target("decompose", (), "primitive ops", _lowering("lower_decompose"), "primitive ops (any runtime)"),
 )
 _BY_NAME = {t.name: t for t in RECORDS}
 

@@ -8,13 +8,24 @@ the CLI's choices and help and the pipeline's checks ask this registry.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from normexport.errors import NormexportError
-from normexport.runners.base import Runner
-from normexport.runners.ort import OrtRunner
-from normexport.runners.torch_runner import TorchRunner
+
+if TYPE_CHECKING:
+    from normexport.runners.base import Runner
+
+_RUNNER_MODULES = {"Runner": "base", "OrtRunner": "ort", "TorchRunner": "torch_runner"}
+
+
+def __getattr__(name: str):
+    """The runner classes, imported on first use: the records stay readable (the CLI's choices
+    and help) without importing numpy or a runtime."""
+    if name in _RUNNER_MODULES:
+        return getattr(importlib.import_module(f"normexport.runners.{_RUNNER_MODULES[name]}"), name)
+    raise AttributeError(f"module 'normexport.runners' has no attribute {name!r}")
 
 TRT_PRECISION = {None: "fp32", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -46,6 +57,8 @@ class Backend:
 
 def _make_ort(record: Backend, model, optimize: bool, threads: int | None, dtype: str | None, **kw) -> Runner:
     """onnxruntime runs the graph's own dtypes: ``dtype`` plays no part."""
+    from normexport.runners.ort import OrtRunner
+
     return OrtRunner(model, record.name, optimize=optimize, threads=threads, providers=record.providers, **kw)
 
 

@@ -1,0 +1,229 @@
+"""The fusion itself: every RMSNorm subgraph of an ONNX model into one node of a target's op,
+and the ONNX files it reads and writes (``normexport.fuse`` re-exports these names)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.rewriter import _basics
+
+from normexport.errors import NormexportError
+from normexport.fuse import patterns as P
+from normexport.fuse.files import check_acyclic, check_external_data, read_model_proto, write_inline
+from normexport.fuse.names import Names
+from normexport.fuse.report import FuseReport, Skipped
+from normexport.fuse.shapes import infer_shapes
+from normexport.fuse.registry import FUSED_OPS, TARGETS, target_record
+from normexport.fuse.targets import lower
+
+MIN_IR_FOR_OPSET23 = 11
+
+
+def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> FuseReport:
+    """Rewrite ``model`` in place; every RMSNorm becomes one node of ``target``'s op.
+
+    ``residual=False`` leaves a residual Add that feeds a norm as its own node instead of
+    folding it into the fused op where the target has one (its record's ``folds_residual``);
+    the runners' backend records say where folding pays off."""
+    record = target_record(target)
+    start = time.perf_counter()
+    report = FuseReport(target=target, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
+    if record.opset:
+        _raise_opset(model, report, record)
+    shapes_failed = infer_shapes(model)  # (why strict inference failed, whether all of it did)
+    names = Names(model)
+    log = P.FusionLog()
+    for other in TARGETS:  # every target's fused form back into the internal node
+        if target_record(other).importer is not None:
+            target_record(other).importer(model, log, names)
+    P.core_rules(log).apply_to_model(model)  # decompose too: every norm found is rewritten as canonical primitive ops
+    tails = P.tail_rules(log)
+    for _ in range(8):  # each pass absorbs at least one op per norm; a norm's tail is <= 4 ops
+        if tails.apply_to_model(model) == 0:
+            break
+    report.skipped = find_near_misses(model)
+    lower(model, record, log, names, residual=residual)
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.RemoveUnusedOpsetsPass()(model)
+    names.rename_new(model)
+    if shapes_failed[0]:
+        _shapes_failed(report, log, *shapes_failed)
+    if not record.ops:
+        for f in log.fused:
+            f.op = record.label
+    report.fused_norms = log.fused
+    no_eps = sum(1 for f in log.fused if "no eps in graph" in f.pattern)
+    if no_eps:
+        report.notes.append(
+            f"{no_eps} norm(s) have no eps in the graph and were fused with epsilon 0, as the graph computes: "
+            "torch's dynamo exporter drops `+ eps` for |eps| <= 1e-8 (onnxscript's add_0 rule), so an all-zero row "
+            "gives NaN where PyTorch gives 0"
+        )
+    report.opset_after = model.opset_imports.get("")
+    report.nodes_after = _count(model)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _shapes_failed(report: FuseReport, log: P.FusionLog, why: str, total: bool) -> None:
+    """Shape inference failed. In full: the fusion ran on the shapes stored in the model, and
+    where a check refused for want of a shape the result may differ from the fusion with
+    shapes: fail. In strict mode only: the fusion ran on non-strict mode's shapes; said so."""
+    blocked = len(log.shape_blocked)
+    if total and blocked:
+        raise NormexportError(
+            f"ONNX shape inference failed on this model ({why}); without inferred shapes {blocked} check(s) "
+            f"could not prove a norm's shapes (first: {log.shape_blocked[0]})",
+            "check the model with onnx.checker.check_model(path, full_check=True), or store its value shapes (value_info)",
+        )
+    if total:
+        report.notes.append(f"ONNX shape inference failed ({why}); no check needed an inferred shape, so the fusion is the same")
+    else:
+        report.notes.append(f"ONNX shape inference failed in strict mode ({why}); the fusion used non-strict mode's shapes"
+                            + (f" ({blocked} check(s) found a shape unknown)" if blocked else ""))
+
+
+def _count(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph)
+
+
+def _raise_opset(model: ir.Model, report: FuseReport, record) -> None:
+    """Raise the model's default-domain opset to the one ``record``'s op needs."""
+    opset, want, op = model.opset_imports.get("", 1), record.opset, record.label
+    if opset >= want:
+        return
+    from onnxscript import version_converter
+
+    plain = target_record(TARGETS[0])  # the default target needs no opset change
+    try:
+        version_converter.convert_version(model, want, fallback=True)
+    except Exception as e:  # the converter's own failure: the model cannot move to the opset
+        raise NormexportError(
+            f"cannot raise the model's opset from {opset} to {want} for {op} ({str(e).splitlines()[0][:200]})",
+            f"use --target {plain.name} ({plain.label} needs no opset change), or export at --opset {want}",
+        ) from None
+    if model.opset_imports.get("", 1) < want:
+        raise NormexportError(
+            f"cannot raise the model's opset from {opset} to {want} for {op}",
+            f"use --target {plain.name}, or export at --opset {want}",
+        )
+    model.ir_version = max(model.ir_version or 0, MIN_IR_FOR_OPSET23)
+    report.notes.append(f"opset raised from {opset} to {want} for {op}")
+
+
+def find_near_misses(model: ir.Model) -> list[Skipped]:
+    """Every mean of a square that is still in the graph: the reason the pattern refused it.
+
+    The reason comes from the pattern itself (onnxscript's matcher and our checks) run on
+    the nodes downstream of the mean, so the report and the fusion cannot disagree."""
+    graph = model.graph
+    skipped = []
+    rules = list(P.core_rules(P.FusionLog()))
+    for node in graph:
+        if node.op_type != "ReduceMean" or node.domain != "":
+            continue
+        src = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        if src is None or not (src.op_type == "Pow" or (src.op_type == "Mul" and src.inputs[0] is src.inputs[1])):
+            continue
+        best, best_score = None, -1
+        for root in _downstream(node, depth=4):
+            if root.op_type not in ("Div", "Mul"):
+                continue
+            for rule in rules:
+                tracer = _basics.MatchingTracer()
+                rule.match(model, graph, root, tracer=tracer)
+                for info in tracer.best_matches_map.get(rule, []):
+                    if info.match_result.reason and info.score() > best_score:
+                        best, best_score = info.match_result.reason, info.score()
+        if best is None:
+            best = "a mean of squares not followed by + eps, a square root and a division of the same input"
+        skipped.append(Skipped(node.name or "ReduceMean", _plain(best), P.module_path(node)))
+    return skipped
+
+
+def _plain(reason: str) -> str:
+    if "other uses" in reason:
+        return "an intermediate value (the mean square, the root or the normalized input) has another consumer"
+    return reason
+
+
+def _downstream(node: ir.Node, depth: int):
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for out in n.outputs:
+                for use in out.uses():
+                    c = use.node
+                    if id(c) not in seen:
+                        seen.add(id(c))
+                        nxt.append(c)
+                        yield c
+        frontier = nxt
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def load_onnx(path: str | Path) -> ir.Model:
+    path = Path(path)
+    if not path.exists():
+        raise NormexportError(f"{path}: no such file", "check the path")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        raise NormexportError(f"{path} is a PyTorch file, not an ONNX model", "use `normexport convert` for PyTorch models")
+    try:
+        # External data is not read here: tensors map their file when used.
+        model = ir.serde.deserialize_model(read_model_proto(path))
+        ir.external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(path)))
+    except Exception as e:
+        raise NormexportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})", "pass an .onnx file (with its external data next to it)") from None
+    check_external_data(model, path)
+    check_acyclic(model, path)
+    return model
+
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB limit
+
+
+def save_onnx(model: ir.Model, path: str | Path, external: bool | None = None) -> None:
+    """Write atomically (normexport.outputs): into a fresh temp beside ``path``, fsynced, then
+    renamed into place. Models over ~2 GB get their weights in ``<name>.data`` next to the
+    model; the data file is renamed into place before the model."""
+    from normexport import outputs
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external is None:
+        external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external:
+        data = outputs.data_path(path)
+        with outputs.staged(data, path) as tmpdir:
+            ir.save(model, str(tmpdir / path.name), external_data=data.name)
+    else:  # weights read lazily from the source's .data go into the file, one at a time
+        outputs.write_with(path, lambda tmp: write_inline(model, tmp))
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    total = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            total += v.const_value.nbytes
+    return total
+
+
+def fuse_file(src: str | Path, dst: str | Path, target: str = "ort", residual: bool = True) -> FuseReport:
+    from normexport import outputs
+
+    src, dst = Path(src), Path(dst)
+    outputs.check_distinct([src], [outputs.Output("dst", dst, "onnx")])
+    model = load_onnx(src)
+    report = fuse_model(model, target, residual=residual)
+    save_onnx(model, dst)
+    return report
