@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from normexport import __version__
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 from normexport.fuse.registry import TARGETS, targets_help
 from normexport.hf import route_folder
 from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, validate_hf
@@ -53,7 +53,7 @@ def _handle_errors(fn):
         except Exception as e:  # a bug, not the user's doing
             if debug:
                 traceback.print_exception(e)
-            first = _one_line(str(e).strip().splitlines()[0])[:300] if str(e).strip() else ""
+            first = _one_line(first_line(e, 300))
             click.echo(f"internal error: {type(e).__name__}: {first}", err=True)
             click.echo("hint: rerun with --debug for the traceback, and report it", err=True)
             sys.exit(3)
@@ -271,12 +271,13 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
 @_handle_errors
 def fuse(model, output, target, residual, report_path, allow_none, force):
     """Fuse every RMSNorm subgraph of an ONNX MODEL for a target runtime."""
-    from normexport import pipeline, report
+    from normexport import report
+    from normexport.fuse import fuse_file
     from normexport.outputs import Output, check
 
     out = output or model.with_name(f"{model.stem}.{target}.onnx")
     check([model], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
-    result = pipeline.fuse_file(model, out, target, residual=residual, allow_none=allow_none)
+    result = fuse_file(model, out, target, residual=residual, allow_none=allow_none)
     c = report.console()
     report.print_fusion(c, result)
     c.print(f"wrote [bold]{out}[/bold]")

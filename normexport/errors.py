@@ -25,3 +25,13 @@ class ValidationFailed(NormexportError):
     def __init__(self, message: str, report=None, hint: str | None = None):
         super().__init__(message, hint)
         self.report = report
+
+
+def first_line(e: BaseException | str, limit: int = 300) -> str:
+    """The first non-blank line of an exception's text (or of ``e`` itself), at most ``limit``
+    characters; an exception with no text gives its type's name, an empty string gives ""."""
+    text = e if isinstance(e, str) else str(e)
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return "" if isinstance(e, str) else type(e).__name__

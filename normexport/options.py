@@ -1,13 +1,18 @@
 """The options of each stage: what loading, export, fusion, validation and timing each take.
-``ConvertOptions`` groups them for the whole chain; ``validate`` and ``bench`` take their own."""
+``ConvertOptions`` groups them for the whole chain; ``validate`` and ``bench`` take their own.
+
+A stage's target or backend is given by name and resolved here, once, into its registry record
+(``FuseOptions.record``, ``ValidateOptions.record``, ``BenchOptions.record``): an unknown name is
+the user's error when the options are made, and the stages read the record."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from normexport.fuse.registry import DEFAULT_TARGET, Target, target_record
 from normexport.inputs import InputSpec
-from normexport.runners import DEFAULT_BACKEND
+from normexport.runners import DEFAULT_BACKEND, Backend, backend_record
 
 
 @dataclass
@@ -27,8 +32,13 @@ class ExportOptions:
 
 @dataclass
 class FuseOptions:
-    target: str = "ort"
+    target: str = DEFAULT_TARGET
     residual: str | bool = "auto"  # fold residual Adds into the fused op where one feeds a norm: on, off, auto (the backend's record says)
+    record: Target = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.record = target_record(self.target)
+        self.target = self.record.name
 
 
 @dataclass
@@ -42,6 +52,11 @@ class ValidateOptions:
     dtype: str | None = None  # the model's dtype (TensorRT's precision; stress default)
     localize: bool = True
     stress: bool | None = None  # each fused norm alone on large rows; None: on for fp16/bf16 norms
+    record: Backend = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.record = backend_record(self.backend)
+        self.backend = self.record.name
 
 
 @dataclass
@@ -52,6 +67,11 @@ class BenchOptions:
     threads: int | None = None
     seed: int = 0
     dtype: str | None = None
+    record: Backend = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.record = backend_record(self.backend)
+        self.backend = self.record.name
 
 
 @dataclass
@@ -65,3 +85,9 @@ class ConvertOptions:
     bench: BenchOptions | None = field(default_factory=BenchOptions)
     output: Path | None = None
     keep_failed: bool = False
+
+    @property
+    def backend(self) -> Backend:
+        """The backend the converted model is meant for: validation's, else the bench's, else the default."""
+        stage = self.validate or self.bench
+        return stage.record if stage is not None else backend_record(DEFAULT_BACKEND)

@@ -331,7 +331,7 @@ def _assert_clean_failure(result, out: Path, *words):
 def test_hub_id_is_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", "Qwen/Qwen3-0.6B", "-o", out), out, "downloads nothing", "download it first")
+    _assert_clean_failure(invoke("convert", "Qwen/Qwen3-0.6B", "-o", out), out, "downloads nothing", "download it first", "`HF_HUB_OFFLINE=0 hf download Qwen/Qwen3-0.6B --local-dir ./Qwen3-0.6B`")
 
 
 def test_folder_without_config(tmp_path):

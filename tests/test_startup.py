@@ -11,18 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "onnx", "onnx_ir", "onnxscript", "onnxruntime", "transformers")
-PROBE = (
-    "import sys\n"
-    "from normexport.cli import main\n"
-    "try:\n"
-    "    main(sys.argv[1:], prog_name='normexport')\n"
-    "except SystemExit as e:\n"
-    "    code = e.code\n"
-    f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
-    "sys.exit(code)\n"
-)
+sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_cli_startup import PROBE  # noqa: E402 (the benchmark's own probe: what it times is what is checked)
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -9,7 +9,7 @@ reading the target registry (the CLI's ``--target`` choices) imports no onnx_ir 
 
 from __future__ import annotations
 
-import importlib
+from normexport.lazy import lazy_names
 
 _WHERE = {
     "fuse_model": "fusion", "fuse_file": "fusion", "find_near_misses": "fusion", "load_onnx": "fusion", "save_onnx": "fusion",
@@ -20,11 +20,4 @@ _WHERE = {
 __all__ = ["TARGETS", "FUSED_OPS", "target_record", "FuseReport", "fuse_model", "fuse_file", "find_near_misses", "load_onnx", "save_onnx"]
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"normexport.fuse.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'normexport.fuse' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -11,19 +11,19 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import _basics
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 from normexport.fuse import patterns as P
 from normexport.fuse.files import check_acyclic, check_external_data, read_model_proto, write_inline
 from normexport.fuse.names import Names
 from normexport.fuse.report import FuseReport, Skipped
 from normexport.fuse.shapes import infer_shapes
-from normexport.fuse.registry import FUSED_OPS, TARGETS, target_record
+from normexport.fuse.registry import DEFAULT_TARGET, PLAIN_TARGET, RECORDS, Target, target_record
 from normexport.fuse.targets import lower
 
 MIN_IR_FOR_OPSET23 = 11
 
 
-def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> FuseReport:
+def fuse_model(model: ir.Model, target: str | Target = DEFAULT_TARGET, residual: bool = True) -> FuseReport:
     """Rewrite ``model`` in place; every RMSNorm becomes one node of ``target``'s op.
 
     ``residual=False`` leaves a residual Add that feeds a norm as its own node instead of
@@ -31,15 +31,15 @@ def fuse_model(model: ir.Model, target: str = "ort", residual: bool = True) -> F
     the runners' backend records say where folding pays off."""
     record = target_record(target)
     start = time.perf_counter()
-    report = FuseReport(target=target, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
+    report = FuseReport(target=record.name, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
     if record.opset:
         _raise_opset(model, report, record)
     shapes_failed = infer_shapes(model)  # (why strict inference failed, whether all of it did)
     names = Names(model)
     log = P.FusionLog()
-    for other in TARGETS:  # every target's fused form back into the internal node
-        if target_record(other).importer is not None:
-            target_record(other).importer(model, log, names)
+    for other in RECORDS:  # every target's fused form back into the internal node
+        if other.importer is not None:
+            other.importer(model, log, names)
     P.core_rules(log).apply_to_model(model)  # decompose too: every norm found is rewritten as canonical primitive ops
     tails = P.tail_rules(log)
     for _ in range(8):  # each pass absorbs at least one op per norm; a norm's tail is <= 4 ops
@@ -98,12 +98,12 @@ def _raise_opset(model: ir.Model, report: FuseReport, record) -> None:
         return
     from onnxscript import version_converter
 
-    plain = target_record(TARGETS[0])  # the default target needs no opset change
+    plain = PLAIN_TARGET  # needs no opset change
     try:
         version_converter.convert_version(model, want, fallback=True)
     except Exception as e:  # the converter's own failure: the model cannot move to the opset
         raise NormexportError(
-            f"cannot raise the model's opset from {opset} to {want} for {op} ({str(e).splitlines()[0][:200]})",
+            f"cannot raise the model's opset from {opset} to {want} for {op} ({first_line(e, 200)})",
             f"use --target {plain.name} ({plain.label} needs no opset change), or export at --opset {want}",
         ) from None
     if model.opset_imports.get("", 1) < want:
@@ -183,7 +183,7 @@ def load_onnx(path: str | Path) -> ir.Model:
         model = ir.serde.deserialize_model(read_model_proto(path))
         ir.external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(path)))
     except Exception as e:
-        raise NormexportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})", "pass an .onnx file (with its external data next to it)") from None
+        raise NormexportError(f"{path}: not a readable ONNX model ({first_line(e, 200)})", "pass an .onnx file (with its external data next to it)") from None
     check_external_data(model, path)
     check_acyclic(model, path)
     return model
@@ -218,12 +218,21 @@ def _initializer_bytes(model: ir.Model) -> int:
     return total
 
 
-def fuse_file(src: str | Path, dst: str | Path, target: str = "ort", residual: bool = True) -> FuseReport:
+def fuse_file(src: str | Path, dst: str | Path, target: str | Target = DEFAULT_TARGET, residual: str | bool = True, allow_none: bool = True) -> FuseReport:
+    """Fuse the ONNX file ``src`` into ``dst`` (never over ``src``). ``residual``: True / on /
+    auto fold residual Adds (with no backend to ask, auto folds), False / off keep them apart.
+    ``allow_none=False`` refuses a model in which no RMSNorm was fused (unless the target emits
+    primitive ops only: it takes any model)."""
     from normexport import outputs
+    from normexport.fuse.report import require_norms
+    from normexport.paths import require_regular_file
 
+    record = target_record(target)
     src, dst = Path(src), Path(dst)
     outputs.check_distinct([src], [outputs.Output("dst", dst, "onnx")])
-    model = load_onnx(src)
-    report = fuse_model(model, target, residual=residual)
+    model = load_onnx(require_regular_file(src, "ONNX"))
+    report = fuse_model(model, record, residual=residual if isinstance(residual, bool) else residual != "off")
+    if not allow_none and record.ops:
+        require_norms(report, src, "run `normexport inspect` to see what normexport sees (--allow-none writes the model anyway)")
     save_onnx(model, dst)
     return report

@@ -38,6 +38,6 @@ def route_folder(path) -> bool:
     if looks_like_hub_id(path):
         raise NormexportError(
             f"{path} is not a local folder; normexport downloads nothing",
-            f"download it first (e.g. `HF_HUB_OFFLINE=0 huggingface-cli download {path} --local-dir ./{Path(str(path)).name}`) and pass that folder",
+            f"download it first (e.g. `HF_HUB_OFFLINE=0 hf download {path} --local-dir ./{Path(str(path)).name}`) and pass that folder",
         )
     return is_hf_folder(path)

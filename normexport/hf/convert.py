@@ -14,7 +14,7 @@ from pathlib import Path
 from normexport.errors import NormexportError
 from normexport.hf.folder import HFModel, load_folder
 from normexport.options import ValidateOptions
-from normexport.runners import DEFAULT_BACKEND, residual_layout
+from normexport.runners import require_onnxruntime, residual_layout
 
 REPORT_NAME = "normexport_report.json"
 MODEL_NAME = "model.onnx"
@@ -94,7 +94,7 @@ def check_output(out: Path, src: Path) -> None:
 
 def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda s: None) -> HFConvertReport:
     """opts: normexport.options.ConvertOptions (fuse, load's dtype, validate, keep_failed, output)."""
-    from normexport.fuse import target_record
+    from normexport.fuse.registry import RECORDS
 
     path = Path(path)
     hf_opts = hf_opts or HFOptions()
@@ -106,9 +106,12 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
             f"{', '.join(unused) or '--exporter torchscript'} does not apply to a Hugging Face folder",
             "the folder's config.json defines the model and its inputs; drop the option",
         )
-    target_record(opts.fuse.target)  # an unknown target: the user's error, before any work
-    if hf_opts.attention_fusion and opts.fuse.target != "ort":
-        raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {opts.fuse.target}", "use --target ort, or drop --attention-fusion")
+    target = opts.fuse.record  # resolved when the options were made: an unknown target never gets here
+    if opts.validate:
+        require_onnxruntime(opts.validate.record, "the generation check of a Hugging Face folder")
+    if hf_opts.attention_fusion and not target.onnxruntime_ops:
+        runs_with = ", ".join(t.name for t in RECORDS if t.onnxruntime_ops)
+        raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {target.name}", f"use --target {runs_with}, or drop --attention-fusion")
     t = time.perf_counter()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.load.dtype, opts.load.trust_pickle, hf_opts.trust_remote_code)
@@ -142,13 +145,13 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
 
 
 def attention_wanted(opts, hf_opts: HFOptions) -> bool:
-    return opts.fuse.target == "ort" if hf_opts.attention_fusion is None else hf_opts.attention_fusion
+    return opts.fuse.record.onnxruntime_ops if hf_opts.attention_fusion is None else hf_opts.attention_fusion
 
 
 def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False) -> None:
     from normexport.fuse import fuse_model, save_onnx
     from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
-    from normexport.pipeline import require_norms
+    from normexport.fuse.report import require_norms
 
     t = time.perf_counter()
     progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx")
@@ -157,9 +160,9 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
     report.steps["export"] = time.perf_counter() - t
     t = time.perf_counter()
     progress(f"fusing RMSNorm for target {opts.fuse.target}")
-    fold, layout = residual_layout(opts.fuse.residual, DEFAULT_BACKEND, opts.fuse.target)  # checked on the default backend
+    fold, layout = residual_layout(opts.fuse.residual, opts.backend, opts.fuse.record)
     report.notes.append(layout)
-    fusion = fuse_model(exp.model, opts.fuse.target, residual=fold)
+    fusion = fuse_model(exp.model, opts.fuse.record, residual=fold)
     report.fusion = fusion
     report.rmsnorm_modules = count_rmsnorm_modules(hf.module)
     require_norms(fusion, f"{hf.path} ({hf.architecture})", "this model has none it recognises")
@@ -199,11 +202,11 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
         from normexport.hf.generation import OnnxDecoder, check_generation
 
         try:
-            decoder = OnnxDecoder(model_path, threads=opts.threads)
+            decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record)
         except NormexportError as e:
             reason = e.message.split("(", 1)[-1].rstrip(")")
             raise NormexportError(
-                f"onnxruntime (CPU) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
+                f"onnxruntime ({opts.backend}) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
                 "convert in float32 or float16, or pass --no-validate to write it unchecked",
             ) from None
         report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed)
@@ -222,7 +225,7 @@ def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
     name = "logits" if hf.task == "text-generation" else "last_hidden_state"
     wrapper = DecoderNoCache(hf.module, name).eval()
     results = []
-    with make_onnx_runner(model_path, DEFAULT_BACKEND, optimize=False, threads=opts.threads) as runner:
+    with make_onnx_runner(model_path, opts.record, optimize=False, threads=opts.threads, dtype=opts.dtype) as runner:
         for i in range(max(1, opts.samples)):
             feed = example_inputs(kv_layout(hf.text_config), torch.float32, seq=9, with_past=False, seed=opts.seed + i)
             with torch.inference_mode():

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 from normexport.hf import CONFIG_NAME
 
 TASKS = ("text-generation-with-past", "text-generation", "feature-extraction")
@@ -46,7 +45,7 @@ def read_config(path: Path) -> dict:
     try:
         data = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NormexportError(f"{cfg_path}: not a readable JSON config ({str(e).splitlines()[0][:200]})", "save the model again with save_pretrained") from None
+        raise NormexportError(f"{cfg_path}: not a readable JSON config ({first_line(e, 200)})", "save the model again with save_pretrained") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise NormexportError(f"{cfg_path} has no model_type: not a transformers config", "save the model with save_pretrained (it writes model_type)")
     return data
@@ -105,7 +104,7 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
         try:
             module = auto.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-            raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
+            raise NormexportError(f"transformers cannot build {path}: {first_line(e, 240)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
     module.eval()
     notes = []
     if weights == "pickle":
@@ -120,16 +119,10 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
 @contextlib.contextmanager
 def offline():
     """HF_HUB_OFFLINE=1 while transformers loads: a missing local file is an error, never a download."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
+    from normexport.logs import scoped_environ
+
+    with scoped_environ({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -151,10 +144,3 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _first_line(e: Exception) -> str:
-    for line in str(e).strip().splitlines():
-        if line.strip():
-            return line.strip()[:240]
-    return type(e).__name__

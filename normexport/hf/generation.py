@@ -25,9 +25,13 @@ class OnnxDecoder:
     """An onnxruntime session over the KV contract: ``step`` runs one forward, ``generate``
     the greedy loop (batch 1)."""
 
-    def __init__(self, model: str | Path, threads: int | None = None, optimize: bool = True):
+    def __init__(self, model: str | Path, threads: int | None = None, optimize: bool = True, backend=None):
+        """``backend``: an onnxruntime backend's record or name (default: the default backend)."""
         import onnxruntime as ort
 
+        from normexport.runners import DEFAULT_BACKEND, require_onnxruntime
+
+        record = require_onnxruntime(backend or DEFAULT_BACKEND, "the KV-cache decoder")
         path = Path(model)
         if path.is_dir():
             path = path / "model.onnx"
@@ -40,9 +44,9 @@ class OnnxDecoder:
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), so, providers=list(record.providers))
         except Exception as e:
-            raise NormexportError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})", "pass a model `normexport convert` wrote") from None
+            raise NormexportError(f"{path}: onnxruntime cannot load it ({first_line(e, 200)})", "pass a model `normexport convert` wrote") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]

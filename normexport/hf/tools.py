@@ -16,8 +16,6 @@ from pathlib import Path
 
 from normexport.errors import NormexportError
 
-MODEL_FILE_OPTIONS = ("--input", "--factory", "--unfused")
-
 
 def refuse_model_file_options(given: dict[str, object]) -> None:
     """Options that describe a model file mean nothing for a folder: exit 2, not ignored."""
@@ -40,6 +38,7 @@ def written_folder(path: Path) -> Path:
 
 def inspect_folder(path: Path, trust_pickle: bool = False) -> dict:
     from normexport.fuse import fuse_model
+    from normexport.fuse.registry import PLAIN_TARGET
     from normexport.hf.folder import load_folder
     from normexport.hf.kv_export import export_decoder, fresh_workdir, remove
 
@@ -51,7 +50,7 @@ def inspect_folder(path: Path, trust_pickle: bool = False) -> dict:
         exp = export_decoder(hf, work)
     finally:
         remove(work)
-    report = fuse_model(exp.model, "ort")
+    report = fuse_model(exp.model, PLAIN_TARGET)
     result["norms"] = [{"module": f.module, "pattern": f.pattern, "epsilon": f.epsilon, "axis": f.axis, "dtype": f.dtype, "scale": f.scale, "bias": f.bias, "residual": f.residual} for f in report.fused_norms]
     result["near_misses"] = [{"node": s.node, "module": s.module, "reason": s.reason} for s in report.skipped]
     fused = [f.module for f in report.fused_norms if f.module]
@@ -62,7 +61,7 @@ def inspect_folder(path: Path, trust_pickle: bool = False) -> dict:
         for m in modules:
             m["status"] = "fused"
         result["notes"].append("norm modules paired with fused norms by order (the export recorded partial module names)")
-    result["notes"].append(f"exported ({hf.task}) and fused on a copy (target ort); {report.fused} fused norms for {len(modules)} RMSNorm modules")
+    result["notes"].append(f"exported ({hf.task}) and fused on a copy (target {PLAIN_TARGET.name}); {report.fused} fused norms for {len(modules)} RMSNorm modules")
     return result
 
 
@@ -79,7 +78,7 @@ def validate_folder(path: Path, out: Path, load, opts, gen_tokens: int):
     from normexport.hf.folder import load_folder
     from normexport.hf.generation import OnnxDecoder, check_generation
 
-    decoder = OnnxDecoder(written_folder(out), threads=opts.threads)
+    decoder = OnnxDecoder(written_folder(out), threads=opts.threads, backend=opts.record)
     dtype = load.dtype or _decoder_dtype(decoder)
     hf = load_folder(path, dtype=dtype, trust_pickle=load.trust_pickle)
     if hf.task != "text-generation-with-past":
@@ -105,7 +104,7 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     from normexport.hf.kv_export import export_decoder
     from normexport.hf.timing import interleave, run_ort, run_torch
 
-    fused = OnnxDecoder(written_folder(out), threads=opts.threads)
+    fused = OnnxDecoder(written_folder(out), threads=opts.threads, backend=opts.record)
     hf = load_folder(path, dtype=load.dtype, trust_pickle=load.trust_pickle)
     if hf.task != "text-generation-with-past":
         raise NormexportError(f"{path} is not a causal LM ({hf.architecture}): no prefill/decode to time", "bench DIR OUTDIR times KV-cache decoders that `convert DIR` wrote")
@@ -114,7 +113,7 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     work = Path(tempfile.mkdtemp(prefix="normexport-bench-"))
     try:
         save_onnx(export_decoder(hf, work).model, work / "unfused" / "model.onnx")
-        unfused = OnnxDecoder(work / "unfused", threads=opts.threads)
+        unfused = OnnxDecoder(work / "unfused", threads=opts.threads, backend=opts.record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     vocab = hf.text_config.vocab_size

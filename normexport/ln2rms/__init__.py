@@ -34,7 +34,7 @@ without importing torch.
 
 from __future__ import annotations
 
-import importlib
+from normexport.lazy import lazy_names
 
 _WHERE = {
     "ln2rms": "convert", "check_trainable_state": "convert", "REL_TOL": "equivalence",
@@ -44,11 +44,4 @@ _WHERE = {
 __all__ = ["RMSNorm", "Ln2RmsReport", "ln2rms", "export_archive", "ln2rms_command", "REL_TOL"]
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"normexport.ln2rms.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'normexport.ln2rms' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)
