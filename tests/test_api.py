@@ -322,3 +322,25 @@ def test_a_tuple_for_forward_star_args_is_refused():
 
     with pytest.raises(NormexportError, match=r"\*args"):
         normexport.api.load(StarArgs(), (torch.zeros(2),))
+
+
+def test_a_layer_norm_model_is_refused_from_its_modules_before_any_export(tmp_path, monkeypatch):
+    """A Pre-LN model in memory: refused with the ln2rms hint before torch.onnx runs."""
+    from models.gpt2_style import gpt2_small
+
+    from normexport import export
+
+    def no_export(*a, **k):
+        raise AssertionError("exported a model that has no RMSNorm")
+
+    monkeypatch.setattr(export, "export_onnx", no_export)
+    module, example = gpt2_small()
+    with pytest.raises(NormexportError, match=r"no RMSNorm in GPT2Style \(in memory\): its 5 norm module\(s\) are LayerNorms") as info:
+        normexport.convert(module, example, output=tmp_path / "g.onnx")
+    assert "normexport.ln2rms(module, example_inputs)" in info.value.hint
+    assert list(tmp_path.iterdir()) == []
+    # the same model converted by ln2rms has RMSNorms: not refused from its modules
+    from normexport.norm_modules import may_hold_rmsnorm
+
+    rms, _ = normexport.ln2rms(module, example)
+    assert may_hold_rmsnorm(rms)

@@ -451,6 +451,7 @@ def test_inspect_folder_lists_every_rmsnorm_module_fused(llama):
     assert [m["module"] for m in report["modules"]] == names and len(names) == 5
     assert all(m["status"] == "fused" and m["class"] == "LlamaRMSNorm" for m in report["modules"])
     assert len(report["norms"]) == len(names)
+    assert sorted(n["module"] for n in report["norms"]) == sorted(names)  # both tables name modules alike
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,9 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     t = time.perf_counter()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.load.dtype, opts.load.trust_pickle, hf_opts.trust_remote_code)
+    from normexport.norm_modules import refuse_without_rmsnorm
+
+    refuse_without_rmsnorm(hf.module, f"{path} ({hf.architecture})", path)  # before any export
     report = HFConvertReport(str(path), opts.fuse.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
     report.steps["load"] = time.perf_counter() - t
     from normexport.hf.kv_export import fresh_workdir, remove

@@ -51,12 +51,16 @@ def inspect_folder(path: Path, trust_pickle: bool = False) -> dict:
     finally:
         remove(work)
     report = fuse_model(exp.model, PLAIN_TARGET)
+    names = [m["module"] for m in modules]
+    for f in report.fused_norms:  # the exporter's scope names carry the wrapper's prefixes: the module's own path
+        f.module = next((n for n in names if f.module == n or f.module.endswith("." + n)), f.module)
+    for s in report.skipped:
+        s.module = next((n for n in names if s.module == n or s.module.endswith("." + n)), s.module)
     result["norms"] = [{"module": f.module, "pattern": f.pattern, "epsilon": f.epsilon, "axis": f.axis, "dtype": f.dtype, "scale": f.scale, "bias": f.bias, "residual": f.residual} for f in report.fused_norms]
     result["near_misses"] = [{"node": s.node, "module": s.module, "reason": s.reason} for s in report.skipped]
-    fused = [f.module for f in report.fused_norms if f.module]
-    for m in modules:  # the exporter's scope names carry the wrapper's prefixes
-        found = any(f == m["module"] or f.endswith("." + m["module"]) for f in fused)
-        m["status"] = "fused" if found else "not found in the export"
+    fused = {f.module for f in report.fused_norms if f.module}
+    for m in modules:
+        m["status"] = "fused" if m["module"] in fused else "not found in the export"
     if any(m["status"] != "fused" for m in modules) and report.fused == len(modules):
         for m in modules:
             m["status"] = "fused"
