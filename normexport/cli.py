@@ -13,7 +13,7 @@ from normexport import __version__
 from normexport.errors import NormexportError, first_line
 from normexport.fuse.registry import TARGETS, targets_help
 from normexport.hf import route_folder
-from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, validate_hf
+from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, refuse_for_folder, validate_hf
 from normexport.runners import BACKENDS, DEFAULT_BACKEND, RESIDUAL_CHOICES, backends_help
 
 
@@ -251,6 +251,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
     progress = (lambda s: err.print(f"[dim]... {s}[/dim]")) if err.is_terminal else (lambda s: None)
     if folder:
+        refuse_for_folder("convert")
         return convert_hf(model, opts, hf, report_path, progress)
     refuse_folder_options(hf)
     result = pipeline.convert(model, opts, progress=progress)
@@ -327,7 +328,8 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
     load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
     opts = pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress)
     if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
-        return validate_hf(model, fused, load, opts, unfused, report_path)
+        refuse_for_folder("validate")
+        return validate_hf(model, fused, load, opts, report_path)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
     loaded, specs = pipeline.prepare_model_for(model, fused, load)
@@ -360,7 +362,8 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
     load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
     opts = pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype)
     if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
-        return bench_hf(model, fused, load, opts, unfused, report_path, plot, hf)
+        refuse_for_folder("bench")
+        return bench_hf(model, fused, load, opts, report_path, hf)
     refuse_folder_options(hf)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")

@@ -45,6 +45,7 @@ class HFConvertReport:
     fusion: object = None  # FuseReport
     attention: object = None  # ort_attention.AttentionFusion
     generation: object = None  # GenerationReport
+    stress: object = None  # stress.StressReport: each fused norm alone on --backend
     outputs: list = field(default_factory=list)  # OutputComparison (tasks without a cache)
     inputs: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
@@ -58,12 +59,13 @@ class HFConvertReport:
 
     @property
     def checked(self) -> bool:
-        return self.generation is not None or bool(self.outputs)
+        return self.generation is not None or bool(self.outputs) or self.stress is not None
 
     @property
     def passed(self) -> bool:
         gen_ok = self.generation is None or self.generation.passed
-        return gen_ok and all(c.passed for c in self.outputs)
+        stress_ok = self.stress is None or self.stress.passed
+        return gen_ok and stress_ok and all(c.passed for c in self.outputs)
 
     def to_json(self) -> dict:
         return {
@@ -74,6 +76,7 @@ class HFConvertReport:
             "fusion": self.fusion.to_json() if self.fusion else None,
             "attention_fusion": self.attention.to_json() if self.attention else None,
             "generation": self.generation.to_json() if self.generation else None,
+            "stress": self.stress.to_json() if self.stress else None,
             "validation": {"passed": self.passed, "outputs": [c.to_json() for c in self.outputs]} if self.checked else None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
             "notes": self.notes,
@@ -135,6 +138,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
             t = time.perf_counter()
             progress("checking generation against transformers")
             _validate(hf, opts.validate, hf_opts, report, staged / MODEL_NAME)
+            _stress(opts.validate, report, staged / MODEL_NAME, progress)
             report.steps["validate"] = time.perf_counter() - t
         else:
             report.notes.append("not validated (--no-validate): nothing was compared with transformers")
@@ -212,9 +216,19 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
                 f"onnxruntime ({opts.backend}) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
                 "convert in float32 or float16, or pass --no-validate to write it unchecked",
             ) from None
-        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed)
+        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed, prompts=opts.samples)
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
+
+
+def _stress(opts: ValidateOptions, report: HFConvertReport, model_path: Path, progress) -> None:
+    """Each fused norm alone on --backend, as for a model file (--stress, or by default where
+    the norms take fp16/bf16 inputs): the same stage, on the decoder's norms."""
+    from normexport.stress import stress_check, wanted
+
+    if wanted(opts.stress, opts.dtype, model_path):
+        progress("stress-checking each fused norm alone")
+        report.stress = stress_check(model_path, None, opts, opts.seed)
 
 
 def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:

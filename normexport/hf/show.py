@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from normexport.report import _fmt, print_fusion
+from normexport.report import _fmt, print_fusion, print_stress
 
 
 def print_generation(c: Console, g) -> None:
@@ -36,6 +36,8 @@ def print_hf_convert(c: Console, r) -> None:
         c.print(f"attention/rotary fusions: {r.attention.summary()}")
     if r.generation is not None:
         print_generation(c, r.generation)
+    if r.stress is not None:
+        print_stress(c, r.stress)
     for o in r.outputs:
         c.print(f"{o.name} (sample {o.sample}): max abs {_fmt(o.max_abs)}, cosine {o.cosine:.6f}: " + ("[green]passed[/green]" if o.passed else "[red]FAILED[/red]"))
     for note in r.notes:

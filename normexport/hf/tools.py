@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from normexport.errors import NormexportError
@@ -75,8 +76,33 @@ def _module_json(name: str, m) -> dict:
     return {"module": name, "class": type(m).__name__, "eps": eps, "weight": list(weight.shape) if weight is not None else None, "status": "", "reason": ""}
 
 
-def validate_folder(path: Path, out: Path, load, opts, gen_tokens: int):
-    """The generation check of OUTDIR's decoder against transformers (returns GenerationReport)."""
+@dataclass
+class FolderValidation:
+    """validate DIR OUTDIR: the generation check, and each fused norm alone (stress) where wanted."""
+
+    generation: object  # GenerationReport
+    stress: object = None  # StressReport
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.generation.passed) and (self.stress is None or bool(self.stress.passed))
+
+    def to_json(self) -> dict:
+        return {"generation": self.generation.to_json(), "stress": self.stress.to_json() if self.stress else None, "passed": self.passed}
+
+
+def validate_folder(path: Path, out: Path, load, opts, gen_tokens: int) -> FolderValidation:
+    """The generation check of OUTDIR's decoder against transformers on ``opts.samples``
+    prompts, on ``opts.backend``; then each fused norm alone where ``opts.stress`` wants it."""
+    from normexport.stress import stress_check, wanted
+
+    generation = _check_folder_generation(path, out, load, opts, gen_tokens)
+    model = written_folder(out) / "model.onnx"
+    stress = stress_check(model, None, opts, opts.seed) if wanted(opts.stress, opts.dtype, model) else None
+    return FolderValidation(generation, stress)
+
+
+def _check_folder_generation(path: Path, out: Path, load, opts, gen_tokens: int):
     import torch
 
     from normexport.hf.folder import load_folder
@@ -89,7 +115,7 @@ def validate_folder(path: Path, out: Path, load, opts, gen_tokens: int):
         raise NormexportError(f"{path} is not a causal LM ({hf.architecture}): there is no generation to check", "validate checks KV-cache decoders that `convert DIR` wrote")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    return check_generation(hf.module, decoder, dtype, gen_tokens, opts.seed)
+    return check_generation(hf.module, decoder, dtype, gen_tokens, opts.seed, prompts=opts.samples)
 
 
 def _decoder_dtype(decoder) -> str:
@@ -131,6 +157,6 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     reference = torch_generate(hf.module, prompt, new_tokens)
     return {
         "model": str(path), "fused": str(out), "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-        "decode_past": f"{prompt_len}..{prompt_len + new_tokens - 2}", "rounds": rounds, "threads": opts.threads or torch.get_num_threads(),
+        "decode_past": f"{prompt_len}..{prompt_len + new_tokens - 2}", "rounds": rounds, "threads": opts.threads or torch.get_num_threads(), "backend": opts.backend,
         "variants": [t.to_json(reference) for t in timings],
     }
