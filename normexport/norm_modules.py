@@ -43,20 +43,21 @@ def may_hold_rmsnorm(module) -> bool:
     return False
 
 
-def refuse_without_rmsnorm(module, source: str, path=None) -> None:
+def refuse_without_rmsnorm(module, source: str, path=None, factory: str | None = None) -> None:
     """A model in memory with LayerNorms and provably no RMSNorm: exit 2 before any export.
     ``path``: the model's file or folder (the hint names the command), None for a module given
-    to the API."""
+    to the API; ``factory``: the --factory that builds it (the hint repeats it)."""
     from normexport.errors import NormexportError
 
     norms = layer_norm_paths(module)
     if norms and not may_hold_rmsnorm(module):
         raise NormexportError(
             f"no RMSNorm in {source}: its {len(norms)} norm module(s) are LayerNorms ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''}), which subtract the mean",
-            ln2rms_hint(path),
+            ln2rms_hint(path, factory),
         )
 
 
-def ln2rms_hint(path=None) -> str:
-    how = f"`normexport ln2rms {path} -o model.rms.pt2`" if path is not None else "`normexport.ln2rms(module, example_inputs)`"
+def ln2rms_hint(path=None, factory: str | None = None) -> str:
+    given = f" --factory {factory}" if factory else ""
+    how = f"`normexport ln2rms {path}{given} -o model.rms.pt2`" if path is not None else "`normexport.ln2rms(module, example_inputs)`"
     return f"{how} converts a Pre-LN model into an equivalent Pre-RMSNorm one, which normexport fuses"

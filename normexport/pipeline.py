@@ -141,7 +141,7 @@ def convert_loaded(loaded: LoadedModel, specs: list[InputSpec], out: Path, opts:
     report.inputs = [s.to_json() for s in specs]
     target = opts.fuse.record
     check_runnable(opts)
-    refuse_without_rmsnorm(loaded.module, report.model, loaded.path)  # before any export
+    refuse_without_rmsnorm(loaded.module, report.model, loaded.path, opts.load.factory)  # before any export
     with outputs.work_dir() as workdir:
         unfused_path, fused_path = _export_and_fuse(loaded, specs, workdir, out.name, opts, report, progress)
         v, b = opts.validate, opts.bench
@@ -169,12 +169,12 @@ def convert_loaded(loaded: LoadedModel, specs: list[InputSpec], out: Path, opts:
     return report
 
 
-def _no_norm_hint(loaded: LoadedModel) -> str:
+def _no_norm_hint(loaded: LoadedModel, opts: ConvertOptions) -> str:
     """Where the model has LayerNorms, how to convert it; else how to see what normexport sees."""
     from normexport.norm_modules import layer_norm_paths, ln2rms_hint
 
     if loaded.exported_program is None and layer_norm_paths(loaded.module):
-        return ln2rms_hint(loaded.path)
+        return ln2rms_hint(loaded.path, opts.load.factory)
     return "run `normexport inspect` to see what it sees"
 
 
@@ -196,7 +196,7 @@ def _export_and_fuse(loaded, specs, workdir: Path, name: str, opts: ConvertOptio
     model = load_onnx(unfused_path)
     fold, report.residual = residual_layout(opts.fuse.residual, opts.backend, opts.fuse.record)
     report.fusion = fuse_model(model, opts.fuse.record, residual=fold)
-    require_norms(report.fusion, report.model, _no_norm_hint(loaded))
+    require_norms(report.fusion, report.model, _no_norm_hint(loaded, opts))
     fused_path = workdir / "fused" / name  # named as the output: its external data file too
     save_onnx(model, fused_path)
     report.steps["fuse"] = time.perf_counter() - t
