@@ -245,7 +245,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
         fuse=pipeline.FuseOptions(target=target, residual=residual),
         validate=None if no_validate else pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress),
         bench=None if no_bench else pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype),
-        output=output, keep_failed=keep_failed,
+        output=output if folder else out, keep_failed=keep_failed,  # a file's default output, resolved once
     )
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.

@@ -65,6 +65,10 @@ def test_convert_writes_a_kv_decoder_folder(converted):
     assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
     report = json.loads(rep.read_text())
     assert report["generation"]["passed"] and all(p["tokens_equal"] for p in report["generation"]["prompts"])
+    own = json.loads((out / "normexport_report.json").read_text())  # the folder's own report: the same facts
+    logits = own["validation"]["outputs"]
+    assert own["validation"]["passed"] and len(logits) == len(report["generation"]["prompts"])
+    assert all(o["name"] == "logits" and o["passed"] and o["steps"] == 8 and 0.99 < o["cosine"] <= 1.0 + 1e-6 for o in logits)
 
 
 def test_every_rmsnorm_module_is_fused(converted):

@@ -67,6 +67,17 @@ class HFConvertReport:
         stress_ok = self.stress is None or self.stress.passed
         return gen_ok and stress_ok and all(c.passed for c in self.outputs)
 
+    def _outputs_json(self) -> list[dict]:
+        """Each compared output: a task without a cache, its outputs; a decoder, its logits per
+        prompt (the worst step of the generation check)."""
+        if self.outputs or self.generation is None:
+            return [c.to_json() for c in self.outputs]
+        return [
+            {"name": "logits", "sample": i, "steps": len(p.steps), "max_abs": max(s.max_abs for s in p.steps),
+             "max_rel": max(s.max_rel for s in p.steps), "cosine": min(s.cosine for s in p.steps), "passed": p.passed}
+            for i, p in enumerate(self.generation.prompts) if p.steps
+        ]
+
     def to_json(self) -> dict:
         return {
             "model": self.model, "target": self.target, "output": self.output if self.written else None,
@@ -77,7 +88,7 @@ class HFConvertReport:
             "attention_fusion": self.attention.to_json() if self.attention else None,
             "generation": self.generation.to_json() if self.generation else None,
             "stress": self.stress.to_json() if self.stress else None,
-            "validation": {"passed": self.passed, "outputs": [c.to_json() for c in self.outputs]} if self.checked else None,
+            "validation": {"passed": self.passed, "outputs": self._outputs_json()} if self.checked else None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
             "notes": self.notes,
         }
