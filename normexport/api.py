@@ -29,7 +29,7 @@ from normexport.fuse import load_onnx
 from normexport.load import InputSpec, LoadedModel, load_model, spec_of
 from normexport.fuse.registry import DEFAULT_TARGET
 from normexport.runners import DEFAULT_BACKEND
-from normexport.options import BenchOptions, ConvertOptions, ExportOptions, FuseOptions, ValidateOptions
+from normexport.options import BenchOptions, ConvertOptions, ExportOptions, FuseOptions, LoadOptions, ValidateOptions, check_flag
 
 PathLike = str | os.PathLike
 
@@ -135,17 +135,25 @@ def load(model: Any, inputs: Any = None, *, factory: str | None = None, trust_pi
     """A module in memory or a model file, with the specs of the inputs to draw: from
     ``inputs`` (a dict by name, or a tuple by position), else for a module in memory from the
     ONNX model at ``onnx_path`` (its input signature)."""
+    LoadOptions(factory=factory, trust_pickle=trust_pickle, dtype=dtype)  # the options' own checks
     if _is_module(model):
         from normexport.load import _forward_arg_names
 
+        if factory is not None:
+            raise NormexportError("factory= builds the module for a state_dict file; a module in memory needs none", "drop factory=, or pass the state_dict file's path")
         loaded = LoadedModel(model.eval(), "module", None, _forward_arg_names(model))
         if inputs is not None:
             loaded = loaded.with_inputs(_specs_from_tensors(loaded, inputs))
-            loaded.input_specs = _widen_to_vocab(loaded, loaded.input_specs)
         elif onnx_path is not None:
             loaded = loaded.with_inputs(_specs_from_onnx(loaded, onnx_path))
         else:
             raise NormexportError("a module in memory needs example inputs", "pass a dict of tensors by input name, e.g. {'input_ids': ids}, or a tuple (ids,)")
+        given = {s.name for s in loaded.input_specs}
+        missing = [n for n in loaded.required_names() if n not in given]
+        if missing:
+            raise NormexportError(f"the example inputs have no {', '.join(map(repr, missing))} for {loaded.signature_text()}", "give a tensor for every input forward() requires")
+        if inputs is not None:
+            loaded.input_specs = _widen_to_vocab(loaded, loaded.input_specs)
     elif isinstance(model, (str, os.PathLike)):
         loaded = load_model(Path(model), factory=factory, trust_pickle=trust_pickle)
         if inputs is not None:
@@ -239,6 +247,8 @@ def convert(
     ``<name>.<target>.onnx`` beside it). ``atol``/``rtol``: one value, or a dict by ONNX output
     name with the default under None. A Hugging Face folder is converted by the CLI only.
     """
+    for name, flag in (("validate", validate), ("bench", bench), ("force", force)):
+        check_flag(name, flag)
     opts = ConvertOptions(
         export=ExportOptions(opset=opset, exporter=exporter, seed=seed),
         fuse=FuseOptions(target=target, residual=residual),
@@ -255,7 +265,9 @@ def convert(
             raise NormexportError(f"model must be an nn.Module or a path, got {type(model).__name__}", "pass the module itself or the path of a model file")
         out = Path(output) if output is not None else pipeline.default_output(Path(model), target)
         source, reads = str(model), [model]
-    outputs.check(reads, [outputs.Output("output", out, "onnx")], force)
+    from normexport.factory import factory_source
+
+    outputs.check([*reads, factory_source(factory)], [outputs.Output("output", out, "onnx")], force)
     loaded, specs = load(model, example_inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
     report = pipeline.ConvertReport(model=source, target=target, output=str(out), kind=loaded.kind)
     report = pipeline.convert_loaded(loaded, specs, out, opts, report, progress or (lambda _: None))

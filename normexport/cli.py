@@ -8,10 +8,12 @@ from functools import wraps
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from normexport import __version__
 from normexport.errors import NormexportError, first_line
 from normexport.fuse.registry import TARGETS, targets_help
+from normexport.options import DTYPES, EXPORTERS, ITERS, OPSET, SAMPLES, SEED, THREADS, WARMUP
 from normexport.hf import route_folder
 from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, refuse_for_folder, validate_hf
 from normexport.runners import BACKENDS, DEFAULT_BACKEND, RESIDUAL_CHOICES, backends_help
@@ -110,7 +112,7 @@ def _parse_inputs(ctx, param, values):
 
 def _parse_tolerances(ctx, param, values):
     """``--atol VALUE`` and ``--atol OUTPUT=VALUE`` (repeatable): None, or {None: default, name: value}."""
-    import math
+    from normexport.options import check_tolerance_value
 
     if not values:
         return None
@@ -123,8 +125,7 @@ def _parse_tolerances(ctx, param, values):
             v = float(value)
         except ValueError:
             raise NormexportError(f"--{param.name} '{text}' is not a number", f"use --{param.name} VALUE or --{param.name} OUTPUT=VALUE, e.g. 1e-4") from None
-        if not math.isfinite(v) or v < 0:
-            raise NormexportError(f"--{param.name} {text}: a tolerance must be finite and >= 0", f"e.g. --{param.name} 1e-4")
+        check_tolerance_value(f"--{param.name}", v, shown=text)
         key = name or None
         if key in out:
             raise NormexportError(f"--{param.name} for {'the default' if key is None else repr(key)} is given twice", "give each once")
@@ -139,9 +140,9 @@ def model_options(fn):
             click.option("--input", "inputs", multiple=True, callback=_parse_inputs, metavar="NAME:DTYPE:SHAPE[:LOW,HIGH]", help="A model input, e.g. input_ids:int64:1x16 (repeatable). Defaults come from the model file or the factory."),
             click.option("--factory", metavar="MODULE:FUNCTION", help="For a state_dict: a function that builds the nn.Module (optionally returning (module, example_inputs))."),
             click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole pickled module, or .pt2 members that need more than tensors. Unpickling runs code from the file: only for files you trust."),
-            click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Convert the model and its float inputs to this dtype first (norms still compute in fp32)."),
-            click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the random inputs (0 .. 2**32-1)."),
-            click.option("--threads", type=click.IntRange(1, 4096), help="Threads for PyTorch and onnxruntime (default: 1 when timing, the steadiest numbers on a busy machine; the runtimes' own count when validating)."),
+            click.option("--dtype", type=click.Choice(DTYPES), help="Convert the model and its float inputs to this dtype first (norms still compute in fp32)."),
+            click.option("--seed", type=click.IntRange(*SEED), default=0, show_default=True, help="Seed of the random inputs (0 .. 2**32-1)."),
+            click.option("--threads", type=click.IntRange(*THREADS), help="Threads for PyTorch and onnxruntime (default: 1 when timing, the steadiest numbers on a busy machine; the runtimes' own count when validating)."),
         ]
     ):
         fn = deco(fn)
@@ -170,9 +171,11 @@ def residual_options(auto_means: str):
 force_option = click.option("--force", is_flag=True, help="Replace an existing file at --report / --plot (or -o) that normexport did not write. Never an input.")
 
 
-def _factory_file(factory: str | None) -> str | None:
-    path = (factory or "").rpartition(":")[0]
-    return path if path.endswith(".py") else None
+def _factory_file(factory: str | None):
+    """The factory's source file: an input no output may overwrite, however it is spelled."""
+    from normexport.factory import factory_source
+
+    return factory_source(factory)
 
 
 def validate_options(fn):
@@ -180,7 +183,7 @@ def validate_options(fn):
         [
             click.option("--atol", multiple=True, callback=_parse_tolerances, metavar="[OUTPUT=]VALUE", help="Absolute tolerance, for all outputs or (OUTPUT=VALUE, repeatable) one ONNX output (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2)."),
             click.option("--rtol", multiple=True, callback=_parse_tolerances, metavar="[OUTPUT=]VALUE", help="Relative tolerance, likewise (default by dtype: fp32 1e-3, fp16 1e-2, bf16 2e-2)."),
-            click.option("--samples", type=click.IntRange(1, 100), default=2, show_default=True, help="Seeded input draws (fp16/bf16 models get one large-magnitude draw more)."),
+            click.option("--samples", type=click.IntRange(*SAMPLES), default=2, show_default=True, help="Seeded input draws (fp16/bf16 models get one large-magnitude draw more)."),
             click.option("--stress/--no-stress", default=None, help="Run each fused norm alone on large-magnitude, tiny and zero rows against a float64 RMSNorm (default: on for fp16/bf16 norms)."),
         ]
     ):
@@ -191,8 +194,8 @@ def validate_options(fn):
 def bench_options(fn):
     for deco in reversed(
         [
-            click.option("--warmup", type=click.IntRange(0, 10000), default=5, show_default=True),
-            click.option("--iters", type=click.IntRange(1, 100000), default=30, show_default=True),
+            click.option("--warmup", type=click.IntRange(*WARMUP), default=5, show_default=True),
+            click.option("--iters", type=click.IntRange(*ITERS), default=30, show_default=True),
         ]
     ):
         fn = deco(fn)
@@ -210,9 +213,9 @@ def main(debug):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Fused model path (default: MODEL's folder, named after it and the target).")
 @click.option("--target", type=click.Choice(TARGETS), default=TARGETS[0], show_default=True, help=targets_help())
-@click.option("--opset", type=click.IntRange(7, 25), help="Export opset (default 20; TorchScript models at most 20).")
+@click.option("--opset", type=click.IntRange(*OPSET), help="Export opset (default 20; TorchScript models at most 20).")
 @residual_options("as --backend's record says (kept separate on onnxruntime's CPU, where the folded op is slower; folded on GPU backends).")
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True, help="auto: dynamo, or TorchScript for ScriptModules.")
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True, help="auto: dynamo, or TorchScript for ScriptModules.")
 @model_options
 @validate_options
 @bench_options
@@ -236,8 +239,15 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     from normexport.outputs import Output, check
 
     folder = route_folder(model)  # a Hugging Face folder: normexport.hf converts it into an output folder
-    out = None if folder else output or pipeline.default_output(model, target)
-    check([model, _factory_file(factory)], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
+    if folder:
+        from normexport.hf.convert import default_output as folder_output, output_folder
+
+        out = output_folder(output or folder_output(model, target))
+    else:
+        if model.is_dir():
+            raise NormexportError(f"{model} is a directory with no config.json or safetensors, so not a Hugging Face model folder either", "pass a PyTorch model file, or a folder save_pretrained wrote")
+        out = Output("-o", output or pipeline.default_output(model, target), "onnx")
+    check([model, _factory_file(factory)], [out, Output("--report", report_path, "report")], force)
 
     opts = pipeline.ConvertOptions(
         load=pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype),
@@ -249,7 +259,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     )
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
-    progress = (lambda s: err.print(f"[dim]... {s}[/dim]")) if err.is_terminal else (lambda s: None)
+    progress = (lambda s: err.print(f"[dim]... {escape(s)}[/dim]")) if err.is_terminal else (lambda s: None)
     if folder:
         refuse_for_folder("convert")
         return convert_hf(model, opts, hf, report_path, progress)
@@ -281,7 +291,7 @@ def fuse(model, output, target, residual, report_path, allow_none, force):
     result = fuse_file(model, out, target, residual=residual, allow_none=allow_none)
     c = report.console()
     report.print_fusion(c, result)
-    c.print(f"wrote [bold]{out}[/bold]")
+    c.print(f"wrote [bold]{escape(str(out))}[/bold]")
     if report_path:
         report.write_json({"model": str(model), "target": target, "output": str(out), "fusion": result.to_json()}, report_path)
 
@@ -375,7 +385,7 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
         from normexport.plot import plot_bench
 
         plot_bench(result, plot, title=f"{model.name}: latency ({backend}, {result.threads} threads)")
-        c.print(f"wrote [bold]{plot}[/bold]")
+        c.print(f"wrote [bold]{escape(str(plot))}[/bold]")
     if report_path:
         report.write_json({"model": str(model), "fused": str(fused), "bench": result.to_json()}, report_path)
 

@@ -39,6 +39,22 @@ DTYPES = {
     "bool": "bool",
 }
 INPUT_SYNTAX = "--input NAME:DTYPE:SHAPE[:LOW,HIGH], e.g. --input input_ids:int64:1x16:0,128"
+_ITEMSIZE = {"int64": 8, "int32": 4, "float32": 4, "float16": 2, "bfloat16": 2, "bool": 1}
+
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZE.get(dtype, 8)
+
+
+def input_budget() -> int:
+    """The most bytes one input's draw may take: a quarter of the machine's memory (each draw
+    is held by PyTorch and the runtimes at once, several times over)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,12 @@ class InputSpec:
             raise NormexportError(f"{where} has no name", f"use {INPUT_SYNTAX}")
         if any(d <= 0 for d in self.shape):
             raise NormexportError(f"{where} has shape {'x'.join(map(str, self.shape))} with no elements", "every dim must be >= 1")
+        size = math.prod(self.shape) * _itemsize(self.dtype)
+        if size > input_budget():
+            raise NormexportError(
+                f"{where} has shape {'x'.join(map(str, self.shape))}: {math.prod(self.shape):.3g} elements, {size / 2**30:.3g} GiB as {self.dtype}, more than a draw may take here ({input_budget() / 2**30:.3g} GiB, a quarter of this machine's memory)",
+                "give a smaller shape with --input NAME:DTYPE:SHAPE",
+            )
         if (self.low is None) != (self.high is None):
             raise NormexportError(f"{where} has only one end of its range", "give LOW,HIGH")
         if self.low is None:

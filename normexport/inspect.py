@@ -29,6 +29,8 @@ def inspect_path(path: Path, factory: str | None = None, trust_pickle: bool = Fa
         raise NormexportError(f"{path} is a directory with no config.json or safetensors, so not a Hugging Face model folder either", "pass an .onnx or PyTorch model file, or a folder save_pretrained wrote")
     path = require_regular_file(path)
     if _is_onnx(path):
+        if factory is not None:
+            raise NormexportError(f"{path} is an ONNX model; --factory is only for PyTorch state_dicts", "drop --factory")
         return inspect_onnx(path)
     return inspect_torch(path, factory, trust_pickle)
 

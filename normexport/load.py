@@ -25,7 +25,7 @@ from typing import Any
 
 from normexport.errors import NormexportError, first_line
 from normexport.factory import call_factory  # noqa: F401 (load.call_factory is public)
-from normexport.paths import require_regular_file  # noqa: F401 (the one file gate, used by load and its callers)
+from normexport.paths import require_regular_file, require_usable_path  # noqa: F401 (the file gates, used by load and its callers)
 from normexport.inputs import DTYPES, INPUT_SYNTAX, InputSpec, make_inputs, parse_input_spec, spec_of, torch_dtype  # noqa: F401 (the API load.py has always had)
 
 METADATA_NAME = "normexport.json"  # extra file in our TorchScript archives / key in checkpoints
@@ -163,6 +163,9 @@ def load_model(path: str | os.PathLike, factory: str | None = None, trust_pickle
     """Load MODEL by its content. ``factory`` ("MODULE:FUNCTION") builds the module for a state_dict."""
     path = Path(path)
     kind = detect_kind(path)
+    if factory is not None and kind in ("torchscript", "export"):
+        what = "a TorchScript archive" if kind == "torchscript" else "a torch.export archive"
+        raise NormexportError(f"{path} is {what}, which holds its own module; --factory is only for state_dicts", "drop --factory")
     if kind == "torchscript":
         return _load_torchscript(path)
     if kind == "export":
@@ -190,7 +193,9 @@ def _load_torchscript(path: Path) -> LoadedModel:
     specs = None
     if extra[METADATA_NAME]:
         meta = _metadata_json(extra[METADATA_NAME], path)
-        specs = [InputSpec.from_json(d) for d in meta.get("inputs", [])] or None
+        if not isinstance(meta, dict):
+            raise NormexportError(f"{path}: its normexport input metadata is a JSON {type(meta).__name__}, not an object with an inputs list", f"re-save the model, or give every input with {INPUT_SYNTAX}")
+        specs = _metadata_specs(meta, path) or None
     return LoadedModel(module, "torchscript", path, names, specs)
 
 
@@ -328,11 +333,33 @@ def _checkpoint_metadata(obj, path=None) -> dict | None:
         if isinstance(meta, str):
             meta = _metadata_json(meta, path)
         if isinstance(meta, dict) and "inputs" in meta:
+            _metadata_specs(meta, path)
             return meta
         ex = obj.get("example_inputs")
         if isinstance(ex, dict) and ex:
-            return {"inputs": [spec_of(k, v).to_json() for k, v in ex.items()]}
+            return {"inputs": [s.to_json() for s in _example_specs(ex, path)]}
     return None
+
+
+def _metadata_specs(meta: dict, path) -> list[InputSpec]:
+    """The input specs of normexport's metadata: a list of objects, each checked."""
+    inputs = meta.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(d, dict) for d in inputs):
+        raise NormexportError(f"{path}: its normexport input metadata has inputs that are not a list of objects", f"re-save the model, or give every input with {INPUT_SYNTAX}")
+    return [InputSpec.from_json(d) for d in inputs]
+
+
+def _example_specs(example: dict, path) -> list[InputSpec]:
+    """Specs of a checkpoint's ``example_inputs``: tensors by input name, nothing else."""
+    import torch
+
+    for k, v in example.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise NormexportError(
+                f"{path}: its example_inputs entry {str(k)[:60]!r} is a {type(v).__name__}{'' if isinstance(k, str) else ' under a ' + type(k).__name__ + ' key'}, not a tensor by input name",
+                f"save example_inputs as {{name: tensor}}, or give every input with {INPUT_SYNTAX}",
+            )
+    return [spec_of(k, v).checked(f"{path}: example input '{k}'") for k, v in example.items()]
 
 
 def _find_state_dict(obj):

@@ -1,13 +1,21 @@
 """Where normexport writes, and how.
 
 ``check`` runs before any expensive work: no output may be an input (or a file an input
-references, such as an ONNX model's external data) or another output of the same run, however
-the path is spelled; the folder must exist and take a new file; an existing file is replaced
-only when it is of the kind normexport writes there (a model at ``-o``, one of its own reports
-at ``--report``, one of its own charts at ``--plot``) or with ``--force``.
+references, such as an ONNX model's external data, or a file of an input folder) or another
+output of the same run, however the path is spelled; the folder must exist and take a new
+file; an existing file is replaced only when it is of the kind normexport writes there (a
+model at ``-o``, one of its own reports at ``--report``, one of its own charts at ``--plot``)
+or with ``--force``.
+
+A folder output (a Hugging Face conversion's OUTDIR) is one with every file it will hold and
+every file it holds now: none of them may be an input or another output, no input may lie
+inside it, no other output may be written into it. An existing folder is replaced only when it
+is empty or one normexport wrote (its report and nothing but the files it writes there),
+``--force`` or not.
 
 Every file is written to a fresh temp file (``mkstemp``/``mkdtemp`` in the target's folder:
-unique, created exclusively, never through a symlink), fsynced and ``os.replace``d into place.
+unique, created exclusively, never through a symlink), fsynced and ``os.replace``d into place;
+a folder is written whole into a fresh temp folder and renamed into place (``install_folder``).
 On any error, Ctrl-C or SIGTERM the temp is removed and an existing file is left as it was;
 a full disk is a user error (exit 2), not a traceback.
 """
@@ -62,11 +70,13 @@ def install_signal_handlers() -> None:
 @dataclass(frozen=True)
 class Output:
     """One file a command writes: the option that names it, the path, what it holds
-    ("onnx" | "pt2" | "report" | "plot")."""
+    ("onnx" | "pt2" | "report" | "plot"), or a folder ("folder") with the names of the
+    files it may hold (``contents``)."""
 
     option: str
     path: Path | None
     kind: str
+    contents: tuple[str, ...] = ()
 
 
 KIND_WORDS = {
@@ -75,7 +85,9 @@ KIND_WORDS = {
     "report": "a normexport JSON report",
     "plot": "a chart normexport wrote",
     "data": "the external data of the ONNX model there",
+    "folder": "a folder normexport wrote",
 }
+_FOLDER_SCAN_LIMIT = 100_000  # entries of an input or output folder looked at by the guard
 
 
 def check(reads: Iterable[str | os.PathLike | None], writes: Iterable[Output], force: bool = False) -> None:
@@ -83,34 +95,106 @@ def check(reads: Iterable[str | os.PathLike | None], writes: Iterable[Output], f
     file of another kind (without ``force``), or that cannot be written where it is named."""
     reads = [r for r in reads if r is not None]
     for r in reads:  # a missing input is reported as such, not as a problem with an output beside it
-        if not os.path.lexists(r):
-            raise NormexportError(f"{r}: no such file", "check the path")
+        try:
+            os.lstat(r)
+        except FileNotFoundError:
+            raise NormexportError(f"{_short(str(r))}: no such file", "check the path") from None
+        except OSError as e:  # a name too long, a loop of symlinks, a component that is a file
+            raise NormexportError(f"{_short(str(r))}: {e.strerror}", "check the path") from None
     writes = [w for w in writes if w.path is not None]
     for out in writes:
-        check_place(out.option, Path(out.path), [t[1].name for t in _targets(out)])
+        if out.kind == "folder":
+            check_folder_place(out.option, Path(out.path), out.contents)
+        else:
+            check_place(out.option, Path(out.path), [t[1].name for t in _targets(out)])
     check_distinct(reads, writes)
     for out in writes:
+        if out.kind == "folder":
+            check_folder_replaceable(out.option, Path(out.path), out.contents)
+            continue
         for label, target, kind in _targets(out):
             _check_existing(out.option, label, target, kind, force, owner=Path(out.path))
 
 
 def check_distinct(reads: Iterable[str | os.PathLike | None], writes: Iterable[Output]) -> None:
-    """No output is an input, a file an input references, or another output of the run."""
+    """No output is an input, a file an input references or an input folder holds, or another
+    output of the run; no input lies inside an output folder, no output is written into one."""
     inputs: list[tuple[str, Path]] = []
     for r in reads:
         if r is None:
             continue
         inputs.append((f"the input {r}", Path(r)))
-        inputs += [(f"{d.name}, the external data of the input {r}", d) for d in external_data_files(r)]
-    planned: list[tuple[str, Path]] = []
+        if os.path.isdir(r):
+            for f in folder_files(Path(r)):
+                inputs.append((f"{f}, a file of the input folder {r}", f))
+                if f.suffix == ".onnx":
+                    inputs += [(f"{d.name}, the external data of {f}", d) for d in external_data_files(f)]
+        else:
+            inputs += [(f"{d.name}, the external data of the input {r}", d) for d in external_data_files(r)]
+    seen: dict[object, str] = {}
+    for what, path in inputs:
+        for key in _identity(path):
+            seen.setdefault(key, what)
+    folders: list[tuple[str, Path]] = []  # output folders: replaced whole
     for out in writes:
         if out.path is None:
             continue
-        for label, target, _ in _targets(out):
-            for what, other in inputs + planned:
-                if same_file(target, other):
+        targets = _targets(out)
+        for label, target, _ in targets:
+            for key in _identity(target):
+                what = seen.get(key)
+                if what is not None:
                     raise NormexportError(f"{label} is the same file as {what}: refusing to overwrite it", f"give {out.option} another path")
-            planned.append((label, target))
+            for flabel, folder in folders:
+                if _inside(target, folder):
+                    raise NormexportError(f"{label} is inside the output folder {flabel}, which is written whole: refusing to write into it", f"give {out.option} a path outside it")
+        if out.kind == "folder":
+            folder = Path(out.path)
+            for key, what in seen.items():  # the inputs and the outputs before this one
+                if isinstance(key, str) and _inside(Path(key), folder):
+                    raise NormexportError(f"{what} is inside the output folder {out.option} {folder}, which is replaced whole: refusing to remove it", f"give {out.option} another path")
+            folders.append((f"{out.option} {folder}", folder))
+        for label, target, _ in targets:
+            for key in _identity(target):
+                seen.setdefault(key, label)
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The files (after symlinks) directly in ``folder``: what a Hugging Face folder is read
+    from, and what an output folder holds."""
+    found = []
+    try:
+        with os.scandir(folder) as it:
+            for i, entry in enumerate(it):
+                if i >= _FOLDER_SCAN_LIMIT:
+                    raise NormexportError(f"{_short(str(folder))} holds more than {_FOLDER_SCAN_LIMIT} entries", "give a folder that holds the model's files only")
+                with contextlib.suppress(OSError):
+                    if entry.is_file() or entry.is_symlink():
+                        found.append(Path(folder) / entry.name)
+    except OSError as e:
+        raise NormexportError(f"{_short(str(folder))}: cannot list it ({e.strerror})", "check the folder and its permissions") from None
+    return found
+
+
+def _identity(path: Path) -> list[object]:
+    """What makes two spellings one file: the real path, the entry itself (its real folder and
+    name: a symlink there is what is replaced), and the inode where it exists."""
+    path = Path(path)
+    keys: list[object] = [os.path.realpath(path)]
+    with contextlib.suppress(OSError, ValueError):
+        keys.append(os.path.join(os.path.realpath(path.parent), path.name) if path.name not in ("", ".", "..") else os.path.realpath(path))
+    with contextlib.suppress(OSError, ValueError):
+        st = os.stat(path)
+        keys.append((st.st_dev, st.st_ino))
+    return keys
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies under it, however either is spelled."""
+    path = Path(path)
+    inner = {k for k in _identity(path) if isinstance(k, str)}
+    outer = {k for k in _identity(folder) if isinstance(k, str)}
+    return any(i == o or i.startswith(o.rstrip(os.sep) + os.sep) for i in inner for o in outer)
 
 
 def _targets(out: Output) -> list[tuple[str, Path, str]]:
@@ -118,6 +202,11 @@ def _targets(out: Output) -> list[tuple[str, Path, str]]:
     targets = [(f"{out.option} {path}", path, out.kind)]
     if out.kind == "onnx":  # a model over ~2 GB writes its weights beside it
         targets.append((f"the external data {data_path(path).name} that {out.option} {path} may write", data_path(path), "data"))
+    if out.kind == "folder":  # the files it will hold, and those it holds now (replaced with it)
+        names = dict.fromkeys(out.contents)
+        if path.is_dir() and not path.is_symlink():
+            names.update(dict.fromkeys(f.name for f in folder_files(path)))
+        targets += [(f"{path / n} (in {out.option} {path})", path / n, "folder-file") for n in names]
     return targets
 
 
@@ -147,6 +236,68 @@ def check_place(option: str, path: Path, names: list[str]) -> None:
         os.unlink(probe)
     except OSError as e:
         raise NormexportError(f"{option} {path}: cannot write in {path.parent} ({e.strerror})", f"give {option} a path in a folder you can write") from None
+
+
+def check_folder_place(option: str, path: Path, contents: Iterable[str] = ()) -> None:
+    """The folder a folder output goes in exists and takes a new folder; the names fit."""
+    shown = _short(str(path))
+    if path.name in ("", ".", ".."):
+        raise NormexportError(f"{option} {shown} names no new folder", f"give {option} a folder path such as out-onnx")
+    try:
+        parent = path.parent
+        if not parent.exists():
+            raise NormexportError(f"{option} {shown}: the folder {_short(str(parent))} does not exist", "create it first, or write elsewhere")
+        if not parent.is_dir():
+            raise NormexportError(f"{option} {shown}: {_short(str(parent))} is not a folder", "give a path inside a folder")
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+        path_max = os.pathconf(parent, "PC_PATH_MAX")
+    except OSError as e:
+        raise NormexportError(f"{option} {shown}: {e.strerror}", f"give {option} another path") from None
+    for name in (path.name, *contents):
+        if len(os.fsencode(name)) > name_max:
+            raise NormexportError(f"{option} {shown}: the name is longer than this file system allows ({name_max} bytes)", "give a shorter name")
+    longest = max((len(os.fsencode(str(path / n))) for n in contents), default=len(os.fsencode(str(path))))
+    if longest >= path_max:
+        raise NormexportError(f"{option} {shown}: its files' paths would be longer than this file system allows ({path_max} bytes)", "give a shorter path")
+    try:
+        probe = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(path), suffix=".tmp")
+        os.rmdir(probe)
+    except OSError as e:
+        raise NormexportError(f"{option} {shown}: cannot write in {_short(str(parent))} ({e.strerror})", f"give {option} a path in a folder you can write") from None
+
+
+def check_folder_replaceable(option: str, path: Path, contents: Iterable[str] = ()) -> None:
+    """An existing entry at a folder output: a symlink (dangling, or to a folder that may be
+    replaced) is replaced itself; an empty folder or one normexport wrote is replaced; anything
+    else is refused, ``--force`` or not (normexport deletes no folder it did not write)."""
+    shown = _short(str(path))
+    try:
+        if not os.path.lexists(path) or (os.path.islink(path) and not os.path.exists(path)):
+            return
+        if not os.path.isdir(path):
+            raise NormexportError(f"{option} {shown} exists and is not a folder", f"give {option} a folder path (the folder is created)")
+        if replaceable_folder(path, contents):
+            return
+    except OSError as e:
+        raise NormexportError(f"{option} {shown}: {e.strerror}", f"give {option} another path") from None
+    raise NormexportError(
+        f"{option} {shown} already exists and is not a folder normexport wrote: refusing to replace it",
+        f"remove it or give another {option} folder (normexport deletes no folder it did not write, --force or not)",
+    )
+
+
+def replaceable_folder(path: Path, contents: Iterable[str]) -> bool:
+    """Empty, or one normexport wrote: every entry a regular file named as it writes them,
+    one of them its own JSON report."""
+    allowed = set(contents)
+    entries = os.listdir(path)
+    if not entries:
+        return True
+    if len(entries) > len(allowed) or any(e not in allowed for e in entries):
+        return False
+    if not all(stat.S_ISREG(os.lstat(os.path.join(path, e)).st_mode) for e in entries):
+        return False
+    return any(e.endswith(".json") and is_own(Path(path) / e, "report") for e in entries)
 
 
 def _check_existing(option: str, label: str, path: Path, kind: str, force: bool, owner: Path) -> None:
@@ -323,6 +474,68 @@ def install_onnx(src: Path, dst: Path) -> None:
     with staged(data_path(dst), dst) as d:
         for s, t in ((data_path(src), data_path(dst)), (src, dst)):
             shutil.copyfile(s, d / t.name)
+
+
+def install_folder(staged: Path, out: Path, contents: Iterable[str]) -> None:
+    """Rename the folder ``staged`` (written whole, in ``out``'s folder) into place at ``out``.
+
+    Its files are fsynced first. ``out`` absent: one rename. ``out`` present (a symlink, an
+    empty folder or one normexport wrote, checked again now under the folder's lock): the two
+    are exchanged in one atomic step where the system can (``renameat2`` RENAME_EXCHANGE),
+    else the old one is renamed aside first; the old one ends at ``staged`` for the caller to
+    remove. Concurrent runs publish one after the other: the last rename wins. Something else
+    that appeared at ``out`` during the run is a NormexportError; nothing is half written."""
+    staged, out = Path(staged), Path(out)
+    umask = _umask()
+    for f in staged.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(f, 0o666 & ~umask)
+    os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual mode
+    _fsync_dir(staged)
+    parent = out.parent
+    with _cleaned(parent), _signals_blocked(), _dir_locked(parent):
+        for _ in range(3):
+            if not os.path.lexists(out):
+                try:
+                    os.rename(staged, out)
+                    break
+                except OSError as e:  # appeared between the look and the rename (a run without the lock)
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                        raise
+                    continue
+            check_folder_replaceable("-o", out, contents)
+            if _exchange(staged, out):
+                break
+            aside = Path(tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(out), suffix=".old"))
+            os.rename(out, aside / "old")
+            os.rename(staged, out)
+            os.rename(aside / "old", staged)
+            os.rmdir(aside)
+            break
+        else:
+            raise NormexportError(f"-o {_short(str(out))} keeps changing while normexport writes it", "give another -o folder, or run one conversion at a time there")
+    _fsync_dir(parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two entries of one file system atomically (Linux renameat2 RENAME_EXCHANGE);
+    False where the system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 @contextlib.contextmanager

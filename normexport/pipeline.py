@@ -78,7 +78,10 @@ def _noop(_: str) -> None:
 
 
 def default_output(model: Path, target: str) -> Path:
-    return model.with_name(f"{model.stem}.{target}.onnx")
+    model = Path(model)
+    if model.name in ("", ".", ".."):
+        model = Path(os.path.abspath(model))
+    return model.with_name(f"{model.stem or 'model'}.{target}.onnx")
 
 
 def prepare_model(path: Path, opts: LoadOptions) -> tuple[LoadedModel, list[InputSpec]]:

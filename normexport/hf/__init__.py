@@ -34,7 +34,9 @@ def looks_like_hub_id(path) -> bool:
 def route_folder(path) -> bool:
     """True for a Hugging Face folder; a hub id that is not on disk is a user error."""
     from normexport.errors import NormexportError
+    from normexport.paths import require_usable_path
 
+    require_usable_path(path)
     if looks_like_hub_id(path):
         raise NormexportError(
             f"{path} is not a local folder; normexport downloads nothing",

@@ -160,17 +160,18 @@ def validate_hf(model: Path, fused: Path, load, opts, report_path: Path | None):
 
 def bench_hf(model: Path, fused: Path, load, opts, report_path: Path | None, hf: dict) -> None:
     """bench DIR OUTDIR: prefill and decode latency table."""
+    from rich.markup import escape
     from rich.table import Table
 
     from normexport import report
     from normexport.hf.tools import bench_folder
 
     result = bench_folder(model, fused, load, opts, hf["prompt_len"], hf["new_tokens"], hf["rounds"])
-    t = Table(title=f"{model}: prefill of {result['prompt_tokens']} tokens, decode with past {result['decode_past']}, {result['backend']}, {result['threads']} thread(s), median of {result['rounds']} rounds")
+    t = Table(title=f"{escape(str(model))}: prefill of {result['prompt_tokens']} tokens, decode with past {result['decode_past']}, {result['backend']}, {result['threads']} thread(s), median of {result['rounds']} rounds")
     for col in ("variant", "prefill ms", "decode ms/token", "greedy tokens = transformers"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for v in result["variants"]:
-        t.add_row(v["variant"], f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", "yes" if v["tokens_equal_reference"] else "[red]no[/red]")
+        t.add_row(escape(v["variant"]), f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", "yes" if v["tokens_equal_reference"] else "[red]no[/red]")
     report.console().print(t)
     if report_path:
         report.write_json(result, report_path)

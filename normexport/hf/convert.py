@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from normexport import outputs
 from normexport.errors import NormexportError
 from normexport.hf.folder import HFModel, load_folder
 from normexport.options import ValidateOptions
@@ -22,6 +23,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
 )
+GENAI_CONFIG = "genai_config.json"
+OUTPUT_FILES = (MODEL_NAME, f"{MODEL_NAME}.data", GENAI_CONFIG, REPORT_NAME, *TOKENIZER_FILES)  # all OUTDIR may hold
 
 
 @dataclass
@@ -99,11 +102,11 @@ def default_output(path: Path, target: str) -> Path:
     return path.with_name(f"{path.name}-onnx-{target}")
 
 
-def check_output(out: Path, src: Path) -> None:
-    if out.exists():
-        if out.resolve() == src.resolve():
-            raise NormexportError(f"refusing to write over the input {src}", "give another -o folder")
-        raise NormexportError(f"{out} already exists", "remove it or give another -o folder (normexport overwrites nothing)")
+def output_folder(output, option: str = "-o"):
+    """The folder output of ``convert DIR`` for the guard (normexport.outputs.check)."""
+    from normexport.outputs import Output
+
+    return Output(option, Path(output) if output is not None else None, "folder", OUTPUT_FILES)
 
 
 def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda s: None) -> HFConvertReport:
@@ -113,7 +116,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     path = Path(path)
     hf_opts = hf_opts or HFOptions()
     out = Path(opts.output) if opts.output else default_output(path, opts.fuse.target)
-    check_output(out, path)
+    outputs.check([path], [output_folder(out)])
     unused = [flag for flag, given in (("--factory", opts.load.factory), ("--input", opts.load.inputs), ("--opset", opts.export.opset)) if given]
     if unused or opts.export.exporter not in ("auto", "dynamo"):
         raise NormexportError(
@@ -137,7 +140,6 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     from normexport.hf.kv_export import fresh_workdir, remove
 
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         work = fresh_workdir(out.parent)
     except OSError as e:
         raise NormexportError(f"cannot write into {out.parent} ({e.strerror})", "give a writable output folder with -o") from None
@@ -265,13 +267,14 @@ def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
 
 def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path) -> None:
     from normexport.hf.genai_config import genai_config
+    from normexport.report import write_json
 
     for name in TOKENIZER_FILES:
         src = hf.path / name
         if src.is_file():
             shutil.copyfile(src, staged / name)
     if hf.task == "text-generation-with-past":
-        (staged / "genai_config.json").write_text(json.dumps(genai_config(hf), indent=4))
+        (staged / GENAI_CONFIG).write_text(json.dumps(genai_config(hf), indent=4))
     report.written = True
-    (staged / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2, default=str))
-    os.replace(staged, out)  # one rename: the folder appears whole or not at all
+    write_json(report.to_json(), staged / REPORT_NAME)  # marked as normexport's: a rerun may replace the folder
+    outputs.install_folder(staged, out, OUTPUT_FILES)  # the folder appears whole or not at all

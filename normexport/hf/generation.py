@@ -29,10 +29,11 @@ class OnnxDecoder:
         """``backend``: an onnxruntime backend's record or name (default: the default backend)."""
         import onnxruntime as ort
 
+        from normexport.paths import require_usable_path
         from normexport.runners import DEFAULT_BACKEND, require_onnxruntime
 
         record = require_onnxruntime(backend or DEFAULT_BACKEND, "the KV-cache decoder")
-        path = Path(model)
+        path = require_usable_path(model)
         if path.is_dir():
             path = path / "model.onnx"
         if not path.is_file():

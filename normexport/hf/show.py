@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from normexport.report import _fmt, print_fusion, print_stress
@@ -27,24 +28,24 @@ def print_generation(c: Console, g) -> None:
 
 
 def print_hf_convert(c: Console, r) -> None:
-    c.print(f"[bold]{r.model}[/bold] (Hugging Face folder, {r.architecture}) -> task {r.task}, dynamic batch/sequence/past")
-    c.print("inputs: " + ", ".join(_abbrev(r.inputs)) + "; outputs: " + ", ".join(_abbrev(r.output_names)))
+    c.print(f"[bold]{escape(r.model)}[/bold] (Hugging Face folder, {escape(r.architecture)}) -> task {escape(r.task)}, dynamic batch/sequence/past")
+    c.print(escape("inputs: " + ", ".join(_abbrev(r.inputs)) + "; outputs: " + ", ".join(_abbrev(r.output_names))))
     if r.fusion:
         print_fusion(c, r.fusion)
         c.print(f"RMSNorm modules in PyTorch: {r.rmsnorm_modules}; fused norms: {r.fusion.fused}")
     if r.attention is not None:
-        c.print(f"attention/rotary fusions: {r.attention.summary()}")
+        c.print(f"attention/rotary fusions: {escape(r.attention.summary())}")
     if r.generation is not None:
         print_generation(c, r.generation)
     if r.stress is not None:
         print_stress(c, r.stress)
     for o in r.outputs:
-        c.print(f"{o.name} (sample {o.sample}): max abs {_fmt(o.max_abs)}, cosine {o.cosine:.6f}: " + ("[green]passed[/green]" if o.passed else "[red]FAILED[/red]"))
+        c.print(f"{escape(o.name)} (sample {o.sample}): max abs {_fmt(o.max_abs)}, cosine {o.cosine:.6f}: " + ("[green]passed[/green]" if o.passed else "[red]FAILED[/red]"))
     for note in r.notes:
-        c.print(f"[dim]note: {note}[/dim]")
+        c.print(f"[dim]note: {escape(note)}[/dim]")
     c.print("[dim]" + ", ".join(f"{k} {v:.1f}s" for k, v in r.steps.items()) + "[/dim]")
     if r.written:
-        c.print(f"wrote [bold]{r.output}[/bold]")
+        c.print(f"wrote [bold]{escape(str(r.output))}[/bold]")
 
 
 def _abbrev(names: list[str]) -> list[str]:

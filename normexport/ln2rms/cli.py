@@ -48,6 +48,7 @@ def _load_for_cli(model_path: str, factory: str | None, trust_pickle: bool) -> t
 
 
 def _print_table(report: Ln2RmsReport, facts: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from normexport.report import console
@@ -64,11 +65,11 @@ def _print_table(report: Ln2RmsReport, facts: dict) -> None:
     t.add_row("max abs / max rel", f"{report.max_abs:.3g} / {report.max_rel:.3g} ({report.samples} draws)")
     t.add_row("equivalent", "[green]yes[/green]" if report.passed else "[red]NO[/red]")
     if facts.get("output"):
-        t.add_row("written", f"{facts['output']} (dynamic: {', '.join(facts['dynamic_dims']) or 'none'})")
+        t.add_row("written", escape(f"{facts['output']} (dynamic: {', '.join(facts['dynamic_dims']) or 'none'})"))
     c = console()
     c.print(t)
     for note in report.notes:
-        c.print(f"note: {note}")
+        c.print(f"note: {escape(note)}")
 
 
 @click.command("ln2rms")
@@ -84,8 +85,9 @@ def ln2rms_command(model, output, factory, fold_affine, report_path, trust_pickl
     from normexport.outputs import Output, check
 
     try:
-        factory_file = (factory or "").rpartition(":")[0]
-        reads = [model, factory_file if factory_file.endswith(".py") else None]
+        from normexport.factory import factory_source
+
+        reads = [model, factory_source(factory)]  # the factory's file, however --factory names it
         check(reads, [Output("-o", Path(output), "pt2"), Output("--report", report_path and Path(report_path), "report")], force)
         module, example = _load_for_cli(model, factory, trust_pickle)
         _convert_and_write(module, example, {"model": model, "output": output, "fold_affine": fold_affine}, report_path)
