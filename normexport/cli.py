@@ -242,6 +242,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     if folder:
         from normexport.hf.convert import default_output as folder_output, output_folder
 
+        refuse_for_folder("convert")
         out = output_folder(output or folder_output(model, target))
     else:
         if model.is_dir():
@@ -255,13 +256,12 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
         fuse=pipeline.FuseOptions(target=target, residual=residual),
         validate=None if no_validate else pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress),
         bench=None if no_bench else pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype),
-        output=output if folder else out, keep_failed=keep_failed,  # a file's default output, resolved once
+        output=output if folder else out.path, keep_failed=keep_failed,  # a file's default output, resolved once
     )
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
     progress = (lambda s: err.print(f"[dim]... {escape(s)}[/dim]")) if err.is_terminal else (lambda s: None)
     if folder:
-        refuse_for_folder("convert")
         return convert_hf(model, opts, hf, report_path, progress)
     refuse_folder_options(hf)
     result = pipeline.convert(model, opts, progress=progress)

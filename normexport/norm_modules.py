@@ -4,6 +4,7 @@ refused from its module tree, before any export, with the way to convert it (ln2
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 # Code that computes a root mean square (or calls a norm that does): where a forward spells one
 # of these, the module tree cannot rule out an RMSNorm written inline.
@@ -58,6 +59,13 @@ def refuse_without_rmsnorm(module, source: str, path=None, factory: str | None =
 
 
 def ln2rms_hint(path=None, factory: str | None = None) -> str:
+    """The way to ln2rms: the command for a model file, the API for a module in memory or a
+    Hugging Face folder (the command takes files)."""
     given = f" --factory {factory}" if factory else ""
-    how = f"`normexport ln2rms {path}{given} -o model.rms.pt2`" if path is not None else "`normexport.ln2rms(module, example_inputs)`"
+    if path is not None and Path(path).is_dir():
+        how = f"`normexport.ln2rms(transformers.AutoModelForCausalLM.from_pretrained('{path}', use_cache=False).eval(), {{'input_ids': ids}})`"
+    elif path is not None:
+        how = f"`normexport ln2rms {path}{given} -o model.rms.pt2`"
+    else:
+        how = "`normexport.ln2rms(module, example_inputs)`"
     return f"{how} converts a Pre-LN model into an equivalent Pre-RMSNorm one, which normexport fuses"
