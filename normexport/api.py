@@ -285,13 +285,13 @@ def fuse(onnx_model: Any, target: str = DEFAULT_TARGET, *, residual: str | bool 
     import onnx
     import onnx_ir as ir
 
-    from normexport.fuse import fuse_model, target_record
+    from normexport.fuse import checked_proto, fuse_model, target_record
 
     record = target_record(target)
     if isinstance(onnx_model, (str, os.PathLike)):
         model, source, back = load_onnx(pipeline.require_regular_file(onnx_model, "ONNX")), str(onnx_model), None
     elif isinstance(onnx_model, onnx.ModelProto):
-        model, source, back = ir.serde.deserialize_model(onnx_model), "the ONNX model", ir.serde.serialize_model
+        model, source, back = ir.serde.deserialize_model(checked_proto(onnx_model)), "the ONNX model", ir.serde.serialize_model
     elif isinstance(onnx_model, ir.Model):
         model, source, back = onnx_model, "the ONNX model", None
     else:

@@ -304,14 +304,12 @@ def fuse(model, output, target, residual, report_path, allow_none, force):
 @_handle_errors
 def inspect(model, as_json, factory, trust_pickle):
     """List the RMSNorms in MODEL (.onnx subgraphs, or PyTorch modules) and the near-misses."""
-    import json
-
     from normexport import report
     from normexport.inspect import inspect_path
 
     result = inspect_path(model, factory=factory, trust_pickle=trust_pickle)
     if as_json:
-        click.echo(json.dumps(report.plain(result), indent=2, default=str))
+        click.echo(report.json_text(result))
     else:
         report.print_inspect(report.console(), result)
 

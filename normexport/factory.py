@@ -119,7 +119,7 @@ def _own_exits(what: str):
 
         if signalled or isinstance(e, Terminated):
             raise
-        detail = f" ({e.code})" if isinstance(e, SystemExit) and e.code is not None else f": {_first_line(e)}" if str(e) else ""
+        detail = f" ({e.code})" if isinstance(e, SystemExit) and e.code is not None else f": {first_line(e)}" if str(e) else ""
         raise NormexportError(f"{what} raised {type(e).__name__}{detail}", "a factory returns the module (or (module, inputs)); it must not exit or interrupt") from None
     finally:
         if restore is not None:

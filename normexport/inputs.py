@@ -170,9 +170,11 @@ def spec_of(name: str, tensor) -> InputSpec:
     return InputSpec(name, dtype, tuple(tensor.shape), low, high)
 
 
-def make_inputs(specs: list[InputSpec], seed: int, scale: float = 1.0) -> dict:
+def make_inputs(specs: list[InputSpec], seed: int, scale: float = 1.0, unranged_zeros: bool = False) -> dict:
     """Seeded random tensors for ``specs`` (rules in normexport.inputs). Floats ~ N(0, scale²)
-    unless a range is given; a draw that is not finite in the input's dtype is refused."""
+    unless a range is given; a draw that is not finite in the input's dtype is refused.
+    ``unranged_zeros``: an integer input without a range is all zeros (id 0, in every
+    vocabulary; for an export that compares nothing) instead of refused."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -198,6 +200,8 @@ def make_inputs(specs: list[InputSpec], seed: int, scale: float = 1.0) -> dict:
             out[s.name] = torch.ones(s.shape, dtype=dt)
         elif is_position(s.name):
             out[s.name] = positions(s.shape, dt)
+        elif unranged_zeros:
+            out[s.name] = torch.zeros(s.shape, dtype=dt)
         else:
             raise NormexportError(f"integer input '{s.name}' has no range to draw from", f"give it: --input {s.name}:{s.dtype}:{'x'.join(map(str, s.shape))}:LOW,HIGH")
     return out
@@ -337,13 +341,38 @@ def first_vocab_size(loaded) -> int | None:
     for m in loaded.module.modules():
         if isinstance(m, torch.nn.Embedding):
             return int(m.num_embeddings)
-        if getattr(m, "original_name", None) == "Embedding" and hasattr(m, "num_embeddings"):
-            return int(m.num_embeddings)
+        if getattr(m, "original_name", None) == "Embedding":  # scripted or traced: its weight's rows
+            weight = getattr(m, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                return int(weight.shape[0])
+            if hasattr(m, "num_embeddings"):
+                return int(m.num_embeddings)
+    if isinstance(loaded.module, torch.jit.ScriptModule):
+        return _scripted_graph_vocab(loaded.module)
     return None
 
 
-def resolve_ranges(loaded, specs) -> list:
-    """``specs`` with the range each integer input draws from filled in and checked."""
+def _scripted_graph_vocab(module) -> int | None:
+    """Rows of the first ``aten::embedding`` weight that is a constant of a TorchScript graph
+    (a frozen module keeps no submodules, only its graph)."""
+    import torch
+
+    try:
+        graph = module.inlined_graph
+    except (AttributeError, RuntimeError):
+        return None
+    for node in graph.findAllNodes("aten::embedding"):
+        weight = next(iter(node.inputs()), None)
+        if weight is not None and weight.node().kind() == "prim::Constant":
+            value = weight.toIValue()
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                return int(value.shape[0])
+    return None
+
+
+def resolve_ranges(loaded, specs, required: bool = True) -> list:
+    """``specs`` with the range each integer input draws from filled in and checked.
+    ``required`` False: an input with no range and no embedding found keeps no range."""
     traced = traced_vocab_sizes(loaded, specs)
     first = None
     out = []
@@ -357,6 +386,9 @@ def resolve_ranges(loaded, specs) -> list:
             vocab = first
         if s.low is None:
             if is_mask(s.name) or is_position(s.name):
+                out.append(s)
+                continue
+            if vocab is None and not required:
                 out.append(s)
                 continue
             if vocab is None:

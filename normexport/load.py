@@ -25,7 +25,7 @@ from typing import Any
 
 from normexport.errors import NormexportError, first_line
 from normexport.factory import call_factory  # noqa: F401 (load.call_factory is public)
-from normexport.paths import require_regular_file, require_usable_path  # noqa: F401 (the file gates, used by load and its callers)
+from normexport.paths import check_member_sizes, require_regular_file, require_usable_path  # noqa: F401 (the file gates, used by load and its callers)
 from normexport.inputs import DTYPES, INPUT_SYNTAX, InputSpec, make_inputs, parse_input_spec, spec_of, torch_dtype  # noqa: F401 (the API load.py has always had)
 
 METADATA_NAME = "normexport.json"  # extra file in our TorchScript archives / key in checkpoints
@@ -74,9 +74,11 @@ class LoadedModel:
             return list(self.input_names)
         return _forward_arg_names(self.module, required_only=True)
 
-    def require_specs(self) -> list[InputSpec]:
+    def require_specs(self, ranges: bool = True) -> list[InputSpec]:
         """The inputs to draw, in the order of the model's signature, every name checked
-        against it, every required input present, integer ranges resolved (normexport.inputs)."""
+        against it, every required input present, integer ranges resolved (normexport.inputs).
+        ``ranges`` False (nothing is compared or timed): an integer input whose range cannot be
+        found is left without one (the export feeds it id 0), not refused."""
         if not self.input_specs:
             names = ", ".join(self.input_names) or "NAME"
             raise NormexportError(
@@ -101,7 +103,7 @@ class LoadedModel:
         specs = [by_name[n] for n in order if n in by_name]
         from normexport.inputs import resolve_ranges
 
-        self.input_specs = resolve_ranges(self, specs)
+        self.input_specs = resolve_ranges(self, specs, required=ranges)
         return self.input_specs
 
 
@@ -116,12 +118,15 @@ def detect_kind(path: Path) -> str:
     if is_hf_folder(path):  # before the file gate: a folder with config.json is a Hugging Face model
         raise NormexportError(f"{path} is a Hugging Face folder; this command takes a model file", "`normexport convert` takes the folder itself")
     path = require_regular_file(path)
+    if path.stat().st_size == 0:
+        raise NormexportError(f"{path} is empty (0 bytes), not a model", "pass the model file itself (was it copied or downloaded in full?)")
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
+                check_member_sizes(path, z.infolist())
                 bad = z.testzip() if path.stat().st_size < (64 << 20) else None
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise NormexportError(f"{path}: corrupt or truncated archive ({e})", "re-save or re-download the model file") from None

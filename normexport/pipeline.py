@@ -84,10 +84,11 @@ def default_output(model: Path, target: str) -> Path:
     return model.with_name(f"{model.stem or 'model'}.{target}.onnx")
 
 
-def prepare_model(path: Path, opts: LoadOptions) -> tuple[LoadedModel, list[InputSpec]]:
-    """Load, apply --input and --dtype; the specs the rest of the run draws inputs from."""
+def prepare_model(path: Path, opts: LoadOptions, ranges: bool = True) -> tuple[LoadedModel, list[InputSpec]]:
+    """Load, apply --input and --dtype; the specs the rest of the run draws inputs from
+    (``ranges`` False: nothing is compared or timed, so no integer input needs a range)."""
     loaded = load_model(path, factory=opts.factory, trust_pickle=opts.trust_pickle).with_inputs(opts.inputs or None)
-    specs = loaded.require_specs()
+    specs = loaded.require_specs(ranges)
     if opts.dtype:
         specs = apply_dtype(loaded, specs, opts.dtype)
     return loaded, specs
@@ -118,7 +119,7 @@ def convert(path: str | os.PathLike, opts: ConvertOptions, progress: Progress = 
     check_runnable(opts)
     t = time.perf_counter()
     progress(f"loading {path}")
-    loaded, specs = prepare_model(path, opts.load)
+    loaded, specs = prepare_model(path, opts.load, ranges=opts.validate is not None or opts.bench is not None)
     report = ConvertReport(model=str(path), target=opts.fuse.target, output=str(out), kind=loaded.kind)
     report.steps["load"] = time.perf_counter() - t
     return convert_loaded(loaded, specs, out, opts, report, progress)
@@ -187,7 +188,7 @@ def _export_and_fuse(loaded, specs, workdir: Path, name: str, opts: ConvertOptio
 
     t = time.perf_counter()
     progress("exporting with torch.onnx")
-    exp = export_onnx(loaded, make_inputs(specs, opts.export.seed), opts.export.opset, exporter=opts.export.exporter)
+    exp = export_onnx(loaded, make_inputs(specs, opts.export.seed, unranged_zeros=True), opts.export.opset, exporter=opts.export.exporter)
     report.exporter, report.opset, report.dynamic = exp.exporter, exp.opset, exp.dynamic
     report.notes += exp.notes
     unfused_path = workdir / "unfused.onnx"

@@ -49,8 +49,14 @@ class UnsafeMember(Exception):
 def load_exported(data: bytes, trusted: bool = False):
     """``torch.export.load`` of the archive ``data``; unless ``trusted``, with the guards
     above (raises UnsafeMember naming what would run code)."""
+    import zipfile
+
     import torch
 
+    from normexport.paths import check_member_sizes
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:  # declared sizes, before torch inflates anything
+        check_member_sizes("the archive", z.infolist())
     if trusted:
         with _quiet_torch_export_log():
             return torch.export.load(io.BytesIO(data))

@@ -34,11 +34,36 @@ def plain(data):
     return data
 
 
+def strict(data):
+    """``data`` as strict JSON values: NaN and +/-Inf become the strings "nan", "inf", "-inf"
+    (JSON has no such numbers), numpy scalars and arrays become Python numbers and lists."""
+    import math
+
+    import numpy as np
+
+    if isinstance(data, dict):
+        return {str(k): strict(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict(v) for v in data]
+    if isinstance(data, np.ndarray):
+        return strict(data.tolist())
+    if isinstance(data, np.generic):
+        data = data.item()
+    if isinstance(data, float) and not math.isfinite(data):
+        return "nan" if math.isnan(data) else ("inf" if data > 0 else "-inf")
+    return data
+
+
+def json_text(data, indent: int | None = 2) -> str:
+    """Strict JSON text of a report (``strict``; anything else JSON cannot hold as its str)."""
+    return json.dumps(strict(plain(data)), indent=indent, default=str, allow_nan=False)
+
+
 def write_json(data: dict, path: str | Path) -> None:
     """Write a report atomically, marked as normexport's (an existing file at --report is
-    replaced only when it carries that mark, or with --force); strings free of colour codes."""
-    text = json.dumps({REPORT_MARKER: __version__, **plain(data)}, indent=2, default=str) + "\n"
-    outputs.write_text(path, text)
+    replaced only when it carries that mark, or with --force); strings free of colour codes,
+    strict JSON (no bare NaN or Infinity)."""
+    outputs.write_text(path, json_text({REPORT_MARKER: __version__, **data}) + "\n")
 
 
 def _fmt(v, digits=3) -> str:

@@ -27,11 +27,28 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)),
 }
 
+# More families, for the onnxruntime-genai run on every kind of folder normexport writes (genai
+# knows some of these model types and runs the others as its generic "decoder"); MoE ones too.
+MORE_FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rms_norm_eps=1e-5, sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rms_norm_eps=1e-6)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, decoder_sparse_step=1)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", dict(rms_norm_eps=1e-8)),
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(rms_norm_eps=1e-5)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(rms_norm_eps=1e-5)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(rms_norm_eps=1e-6)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(rms_norm_eps=1e-6)),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(rms_norm_eps=1e-6, sliding_window=8)),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(rms_norm_eps=1e-5, sliding_window=8)),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(rms_norm_eps=1e-5)),
+}
+
 
 def save_tiny(family: str, folder: Path, seed: int = 0, attn: str | None = None, max_shard_size: str | None = None) -> Path:
     import transformers
 
-    cfg_name, model_name, overrides = FAMILIES[family]
+    cfg_name, model_name, overrides = {**FAMILIES, **MORE_FAMILIES}[family]
     config = getattr(transformers, cfg_name)(**{**DECODER, **overrides})
     if attn:
         config._attn_implementation = attn
@@ -45,3 +62,16 @@ def save_tiny(family: str, folder: Path, seed: int = 0, attn: str | None = None,
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     return folder
+
+
+def hf_generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy ``generate()``: argmax, stopping after the model's EOS; the
+    model's generation_config.json adds nothing (a neutral config is passed)."""
+    import transformers
+
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else model.config.eos_token_id
+    config = transformers.GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else 0)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[0, len(prompt):].tolist()

@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_folders import FAMILIES, save_tiny  # noqa: E402
+from hf_folders import FAMILIES, hf_generate, save_tiny  # noqa: E402
 from cli_helper import invoke
 from normexport.hf.generation import OnnxDecoder, flip_tolerated, random_prompts, torch_generate  # noqa: E402
 from normexport.hf.kv_export import cache_kwarg, output_cache  # noqa: E402
@@ -233,7 +233,7 @@ def test_generate_command_matches_transformers(llama):
     folder, out = llama
     result = invoke("generate", out, "--prompt-ids", "17,905,333,4", "--max-new-tokens", 12)
     assert result.exit_code == 0, result.output
-    assert [int(t) for t in result.output.strip().split(",")] == torch_generate(load_torch(folder), [17, 905, 333, 4], 12)
+    assert [int(t) for t in result.output.strip().split(",")] == hf_generate(load_torch(folder), [17, 905, 333, 4], 12)
 
 
 def test_generate_command_bad_ids(llama):
@@ -243,24 +243,48 @@ def test_generate_command_bad_ids(llama):
     assert invoke("generate", out, "--prompt-ids", "a,b").exit_code == 2
 
 
+def test_generate_refuses_prompts_past_the_context(llama):
+    """The folder's context (genai_config.json, from max_position_embeddings 256) bounds the
+    prompt and the tokens generated after it; up to the bound, tokens equal transformers'."""
+    folder, out = llama
+    context = json.loads((out / "genai_config.json").read_text())["model"]["context_length"]
+    assert context == 256
+    r = invoke("generate", out, "--prompt-ids", ",".join(["5"] * (context + 1)))
+    assert r.exit_code == 2 and f"more than the model's context of {context}" in r.stderr, r.output + r.stderr
+    r = invoke("generate", out, "--prompt-ids", ",".join(["5"] * 250), "--max-new-tokens", 7)
+    assert r.exit_code == 2 and "--max-new-tokens 6 or fewer" in r.stderr, r.output + r.stderr
+    prompt = np.random.default_rng(5).integers(3, 1000, size=250).tolist()
+    r = invoke("generate", out, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", 6)
+    assert r.exit_code == 0, r.output + r.stderr
+    assert [int(t) for t in r.output.strip().split(",")] == torch_generate(load_torch(folder), prompt, 6)
+
+
 def test_onnxruntime_genai_generates_the_same_tokens(converted):
     """onnxruntime-genai reads the folder (genai_config.json) and decodes greedily: the same
-    32 tokens as transformers, on fresh prompts drawn across the vocabulary."""
+    tokens as transformers' generate() (up to 32, or to EOS), on fresh prompts drawn across
+    the vocabulary."""
     og = pytest.importorskip("onnxruntime_genai")
     family, folder, out, rep, result = converted
     assert result.exit_code == 0, result.output + result.stderr
     reference = load_torch(folder)
     model = og.Model(str(out))
     for prompt in random_prompts(reference.config.vocab_size, 2, 5, seed=4321):
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + NEW_TOKENS, min_length=len(prompt) + NEW_TOKENS)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array([prompt], dtype=np.int32))
-        tokens = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            tokens.append(int(gen.get_next_tokens()[0]))
-        assert tokens == torch_generate(reference, prompt, NEW_TOKENS), family
+        assert genai_generate(model, prompt, NEW_TOKENS) == hf_generate(reference, prompt, NEW_TOKENS), family
+
+
+def genai_generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy search on a folder normexport wrote (stops at its EOS)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
 
 
 def test_flip_rule():

@@ -13,11 +13,13 @@ from normexport.lazy import lazy_names
 
 _WHERE = {
     "fuse_model": "fusion", "fuse_file": "fusion", "find_near_misses": "fusion", "load_onnx": "fusion", "save_onnx": "fusion",
+    "check_proto": "fusion", "checked_proto": "fusion",
     "TARGETS": "registry", "FUSED_OPS": "registry", "target_record": "registry",
     "FuseReport": "report",
 }
 
-__all__ = ["TARGETS", "FUSED_OPS", "target_record", "FuseReport", "fuse_model", "fuse_file", "find_near_misses", "load_onnx", "save_onnx"]
+__all__ = ["TARGETS", "FUSED_OPS", "target_record", "FuseReport", "fuse_model", "fuse_file", "find_near_misses", "load_onnx", "save_onnx",
+           "check_proto", "checked_proto"]
 
 
 __getattr__, __dir__ = lazy_names(__name__, _WHERE)

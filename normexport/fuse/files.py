@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 
 
 def _tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
@@ -243,3 +243,192 @@ def _initializer_part(part, value: ir.Value):
         ir.serde.serialize_tensor_into(proto, tensor)
     proto.name = value.name
     return part
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors as declared against the data present; sparse initializers
+
+
+def proto_graphs(graph) -> Iterator:
+    """``graph`` and every subgraph in it (GraphProtos)."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("g"):
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+
+
+def _proto_tensors(model) -> Iterator:
+    """(where, TensorProto) for every dense tensor of the model: initializers, tensor
+    attributes and the parts of sparse tensors, in graphs, subgraphs and functions."""
+    nodes = []
+    for g in proto_graphs(model.graph):
+        for t in g.initializer:
+            yield f"initializer '{t.name}'", t
+        for s in g.sparse_initializer:
+            yield f"sparse initializer '{s.values.name}' (values)", s.values
+            yield f"sparse initializer '{s.values.name}' (indices)", s.indices
+        nodes.extend(g.node)
+    for f in model.functions:
+        for n in f.node:
+            nodes.append(n)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    for g in proto_graphs(a.g):
+                        nodes.extend(g.node)
+    for n in nodes:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield f"attribute '{a.name}' of node '{n.name or n.op_type}'", a.t
+            for t in a.tensors:
+                yield f"attribute '{a.name}' of node '{n.name or n.op_type}'", t
+            if a.HasField("sparse_tensor"):
+                yield f"attribute '{a.name}' of node '{n.name or n.op_type}' (values)", a.sparse_tensor.values
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def check_tensor_sizes(model, path) -> None:
+    """Every inline tensor holds the data its dims declare (raw bytes or typed values):
+    refuse (exit 2) a tensor that declares more elements than it carries, before anything
+    allocates it. External data is checked by ``check_external_data``."""
+    import onnx
+
+    for where, t in _proto_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if any(d < 0 for d in t.dims):
+            raise NormexportError(f"{path}: {where} has a negative dimension {list(t.dims)}", "the file is corrupt: export the model again")
+        count = 1
+        for d in t.dims:
+            count *= d
+        if count == 0:
+            continue
+        if t.data_type == onnx.TensorProto.STRING:
+            if len(t.string_data) != count:
+                raise NormexportError(f"{path}: {where} declares {count} strings but holds {len(t.string_data)}", "the file is corrupt or truncated: export the model again")
+            continue
+        try:
+            bits = ir.DataType(t.data_type).bitwidth
+        except Exception:
+            raise NormexportError(f"{path}: {where} has an unknown data type {t.data_type}", "the file is corrupt: export the model again") from None
+        if t.HasField("raw_data"):
+            present, need = len(t.raw_data), (count * bits + 7) // 8
+            unit = "bytes"
+        else:
+            present = max(len(getattr(t, f)) for f in _TYPED_FIELDS)
+            complex_ = t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+            need = 2 * count if complex_ else (count * bits + 31) // 32 if bits < 8 else count
+            unit = "values"
+            if bits < 8 and present >= need:  # sub-byte types: packed, or one value per element
+                continue
+        if present != need:
+            raise NormexportError(
+                f"{path}: {where} declares dims {list(t.dims)} ({count} elements, {need} {unit}) but holds {present} {unit}",
+                "the file is corrupt or truncated: export the model again",
+            )
+
+
+def densify_sparse(model, path, memory: int | None = None) -> int:
+    """Each sparse initializer becomes the dense initializer it stands for (onnx_ir reads dense
+    tensors only; a dropped one would leave its uses dangling). Returns how many."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from normexport.hf.config_checks import available_memory
+
+    count = 0
+    for g in proto_graphs(model.graph):
+        if not len(g.sparse_initializer):
+            continue
+        for s in list(g.sparse_initializer):
+            name = s.values.name
+            dims = list(s.dims)
+            size = 1
+            for d in dims:
+                size *= d
+            itemsize = max(ir.DataType(s.values.data_type).itemsize, 1)
+            memory = available_memory() if memory is None else memory
+            if any(d < 0 for d in dims) or (memory is not None and size * itemsize > memory):
+                raise NormexportError(f"{path}: sparse initializer '{name}' declares dims {dims}, too large to make dense here", "store it as a dense initializer")
+            try:
+                values = numpy_helper.to_array(s.values).reshape(-1)
+                indices = numpy_helper.to_array(s.indices).astype(np.int64)
+                if indices.ndim == 2:  # [NNZ, rank] coordinates
+                    indices = np.ravel_multi_index(tuple(indices.T), dims)
+                indices = indices.reshape(-1)
+                if len(indices) != len(values) or (len(indices) and (indices.min() < 0 or indices.max() >= size)):
+                    raise ValueError("indices and values disagree, or an index lies outside the dims")
+                dense = np.zeros(size, dtype=values.dtype)
+                dense[indices] = values
+            except Exception as e:
+                raise NormexportError(f"{path}: sparse initializer '{name}' is not readable ({first_line(e, 160)})",
+                                      "store it as a dense initializer") from None
+            g.initializer.append(numpy_helper.from_array(dense.reshape(dims), name))
+            count += 1
+        del g.sparse_initializer[:]
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading in onnxruntime
+
+
+def runtime_copy(model: ir.Model) -> bytes | None:
+    """The model as onnxruntime can load it without its weights: every tensor over 1 KB (and
+    every external one) in an initializer becomes a graph input of the same type and shape,
+    so that loading checks the graph, its types and its ops but reads no data. None where
+    that cannot be built (a large tensor inside a function, or a name clash)."""
+    import onnx
+
+    from normexport.fuse.shapes import PLACEHOLDER_BYTES, structure_proto
+
+    proto = structure_proto(model)
+    main = proto.graph
+    taken = {i.name for i in main.input} | {n for g in proto_graphs(main) for node in g.node for n in node.output}
+    for g in proto_graphs(main):
+        keep = []
+        for t in g.initializer:
+            big = t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > PLACEHOLDER_BYTES
+            if not big:
+                keep.append(t)
+                continue
+            if t.name in taken:
+                return None
+            taken.add(t.name)
+            main.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        if len(keep) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(keep)
+        for node in list(g.node):
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                a = next((a for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+                if a is not None and a.t.data_location == onnx.TensorProto.EXTERNAL:
+                    main.input.append(onnx.helper.make_tensor_value_info(node.output[0], a.t.data_type, list(a.t.dims)))
+                    g.node.remove(node)
+    for f in proto.functions:
+        for node in f.node:
+            if any(a.HasField("t") and a.t.data_location == onnx.TensorProto.EXTERNAL for a in node.attribute):
+                return None
+    return proto.SerializeToString()
+
+
+def runtime_load_error(data: bytes) -> str | None:
+    """Why onnxruntime (CPU, optimizations off) cannot load ``data``; None when it can."""
+    import onnxruntime as ort
+
+    from normexport.runners import DEFAULT_BACKEND, backend_record
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(data, so, providers=list(backend_record(DEFAULT_BACKEND).providers))
+    except Exception as e:
+        return first_line(e)
+    return None

@@ -13,7 +13,7 @@ from onnxscript.rewriter import _basics
 
 from normexport.errors import NormexportError, first_line
 from normexport.fuse import patterns as P
-from normexport.fuse.files import check_acyclic, check_external_data, read_model_proto, write_inline
+from normexport.fuse.files import check_acyclic, check_external_data, check_tensor_sizes, densify_sparse, read_model_proto, runtime_copy, runtime_load_error, write_inline
 from normexport.fuse.names import Names
 from normexport.fuse.report import FuseReport, Skipped
 from normexport.fuse.shapes import infer_shapes
@@ -23,30 +23,43 @@ from normexport.fuse.targets import lower
 MIN_IR_FOR_OPSET23 = 11
 
 
-def fuse_model(model: ir.Model, target: str | Target = DEFAULT_TARGET, residual: bool = True) -> FuseReport:
+def fuse_model(model: ir.Model, target: str | Target = DEFAULT_TARGET, residual: bool = True, check_runtime: bool = True) -> FuseReport:
     """Rewrite ``model`` in place; every RMSNorm becomes one node of ``target``'s op.
 
     ``residual=False`` leaves a residual Add that feeds a norm as its own node instead of
     folding it into the fused op where the target has one (its record's ``folds_residual``);
-    the runners' backend records say where folding pays off."""
+    the runners' backend records say where folding pays off.
+
+    ``check_runtime``: for targets any runtime runs, onnxruntime must load the fused model
+    wherever it loads the input (a NormexportError otherwise)."""
     record = target_record(target)
     start = time.perf_counter()
     report = FuseReport(target=record.name, opset_before=model.opset_imports.get(""), nodes_before=_count(model))
+    before = runtime_copy(model) if check_runtime and record.portable else None
     if record.opset:
         _raise_opset(model, report, record)
     shapes_failed = infer_shapes(model)  # (why strict inference failed, whether all of it did)
     names = Names(model)
     log = P.FusionLog()
-    for other in RECORDS:  # every target's fused form back into the internal node
-        if other.importer is not None:
-            other.importer(model, log, names)
-    P.core_rules(log).apply_to_model(model)  # decompose too: every norm found is rewritten as canonical primitive ops
-    tails = P.tail_rules(log)
-    for _ in range(8):  # each pass absorbs at least one op per norm; a norm's tail is <= 4 ops
-        if tails.apply_to_model(model) == 0:
-            break
-    report.skipped = find_near_misses(model)
-    lower(model, record, log, names, residual=residual)
+    # Model-local functions are left as they are: their bodies have no initializers and opset
+    # imports of their own, which a fused op would need.
+    functions = dict(model.functions)
+    model.functions.clear()
+    try:
+        for other in RECORDS:  # every target's fused form back into the internal node
+            if other.importer is not None:
+                other.importer(model, log, names)
+        P.core_rules(log).apply_to_model(model)  # decompose too: every norm found is rewritten as canonical primitive ops
+        tails = P.tail_rules(log)
+        for _ in range(8):  # each pass absorbs at least one op per norm; a norm's tail is <= 4 ops
+            if tails.apply_to_model(model) == 0:
+                break
+        report.skipped = find_near_misses(model)
+        lower(model, record, log, names, residual=residual)
+    finally:
+        model.functions.update(functions)
+    if functions:
+        report.notes.append(f"{len(functions)} model-local function(s) not searched: a norm inside one is left as it is")
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
     names.rename_new(model)
@@ -63,10 +76,27 @@ def fuse_model(model: ir.Model, target: str | Target = DEFAULT_TARGET, residual:
             "torch's dynamo exporter drops `+ eps` for |eps| <= 1e-8 (onnxscript's add_0 rule), so an all-zero row "
             "gives NaN where PyTorch gives 0"
         )
+    if before is not None:
+        _check_loads(model, before, report)
     report.opset_after = model.opset_imports.get("")
     report.nodes_after = _count(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_loads(model: ir.Model, before: bytes, report: FuseReport) -> None:
+    """onnxruntime (CPU, optimizations off) loads the fused model's structure, or the input's
+    did not load either (said so in the report)."""
+    after = runtime_copy(model)
+    why = runtime_load_error(after) if after is not None else None
+    if why is None:
+        return
+    if runtime_load_error(before) is None:
+        raise NormexportError(
+            f"the fused model does not load in onnxruntime though the input does ({why}); nothing written",
+            "run `normexport inspect` on the input and report the model; --target decompose rewrites norms with primitive ops only",
+        )
+    report.notes.append(f"onnxruntime loads neither the input nor the fused model ({why}); not checked there")
 
 
 def _shapes_failed(report: FuseReport, log: P.FusionLog, why: str, total: bool) -> None:
@@ -178,15 +208,44 @@ def load_onnx(path: str | Path) -> ir.Model:
         head = f.read(4)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise NormexportError(f"{path} is a PyTorch file, not an ONNX model", "use `normexport convert` for PyTorch models")
+    if os.path.getsize(path) == 0:
+        raise NormexportError(f"{path} is empty (0 bytes), not an ONNX model", "pass an .onnx file (with its external data next to it)")
+    try:
+        proto = read_model_proto(path)
+    except Exception as e:
+        raise NormexportError(f"{path}: not a readable ONNX model ({first_line(e, 200)})", "pass an .onnx file (with its external data next to it)") from None
+    check_proto(proto, path)
     try:
         # External data is not read here: tensors map their file when used.
-        model = ir.serde.deserialize_model(read_model_proto(path))
+        model = ir.serde.deserialize_model(proto)
         ir.external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(path)))
     except Exception as e:
         raise NormexportError(f"{path}: not a readable ONNX model ({first_line(e, 200)})", "pass an .onnx file (with its external data next to it)") from None
     check_external_data(model, path)
     check_acyclic(model, path)
     return model
+
+
+def check_proto(proto, source) -> None:
+    """Before onnx_ir reads a ModelProto: it has a graph with outputs, its inline tensors hold
+    the data they declare, and sparse initializers are made dense (in place)."""
+    if not proto.HasField("graph") or not len(proto.graph.output):
+        raise NormexportError(f"{source}: not an ONNX model (no graph with outputs)", "pass an .onnx file (with its external data next to it)")
+    check_tensor_sizes(proto, source)
+    densify_sparse(proto, source)
+
+
+def checked_proto(proto):
+    """``proto`` after ``check_proto``; a copy where sparse initializers are made dense (the
+    caller's ModelProto is left as it is)."""
+    from normexport.fuse.files import proto_graphs
+
+    if proto.HasField("graph") and any(len(g.sparse_initializer) for g in proto_graphs(proto.graph)):
+        copy = type(proto)()
+        copy.CopyFrom(proto)
+        proto = copy
+    check_proto(proto, "the ONNX model")
+    return proto
 
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB limit

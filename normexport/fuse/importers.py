@@ -33,7 +33,7 @@ def import_ort(model: ir.Model, log: P.FusionLog, names: Names) -> None:
 def count_plugin_nodes(model: ir.Model, log: P.FusionLog, names: Names) -> None:
     """TensorRT plugin nodes from an earlier fusion stay as they are (only TensorRT runs
     them), and count as fused norms."""
-    for node in model.graph:
+    for node in (n for g in model.graphs() for n in g):
         if node.domain == TRT_DOMAIN and node.op_type == TRT_PLUGIN_NAME:
             eps = node.attributes.get("epsilon")
             entry = P.FusedNorm(node.name, f"{TRT_PLUGIN_NAME} plugin (already fused)", float(eps.value) if eps else 1e-5, -1,
@@ -46,7 +46,11 @@ def import_skip_nodes(model: ir.Model, log: P.FusionLog, names: Names) -> None:
     """onnxruntime's residual op (SKIP_SIMPLIFIED_LN) -> Add + the internal norm, so that a
     fused model can be fused again (same result), retargeted or decomposed. Its optional
     mean / inv_std_var outputs must be unused; its sum output becomes the Add's."""
-    graph = model.graph
+    for graph in list(model.graphs()):
+        _import_skip_nodes(graph, log, names)
+
+
+def _import_skip_nodes(graph: ir.Graph, log: P.FusionLog, names: Names) -> None:
     for node in list(graph):
         if node.op_type != SKIP_SIMPLIFIED_LN or node.domain != MS_DOMAIN:
             continue

@@ -46,8 +46,9 @@ class Lowered:
 class _Builder:
     """Makes nodes and initializers with unique names next to one fused norm."""
 
-    def __init__(self, graph: ir.Graph, prefix: str, names: Names, log: FusionLog):
+    def __init__(self, graph: ir.Graph, prefix: str, names: Names, log: FusionLog, opset: int = 17):
         self.graph = graph
+        self.opset = opset  # the model's default-domain opset (a subgraph has no imports of its own)
         self.log = log
         self.prefix = prefix
         self.names = names
@@ -227,14 +228,24 @@ def lower(model: ir.Model, record, log: FusionLog, names: Names, residual: bool 
     """Rewrite every internal node of ``model`` with ``record``'s lowering (a target record of
     registry.py); returns what was done. ``residual``: fold a residual Add that feeds a norm
     into the fused op where the target has such an op."""
-    graph = model.graph
+    done = []
+    for graph in list(model.graphs()):  # the main graph and every subgraph (If branches, Loop bodies)
+        done += _lower_graph(model, graph, record, log, names, residual)
+    if any(d.residual for d in done):
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    if done and record.domain:
+        model.opset_imports.setdefault(record.domain, 1)
+    return done
+
+
+def _lower_graph(model: ir.Model, graph: ir.Graph, record, log: FusionLog, names: Names, residual: bool) -> list[Lowered]:
     done = []
     for node in list(graph):
         if node.domain != INTERNAL_DOMAIN or node.op_type != INTERNAL_OP:
             continue
         entry = log.by_output.get(id(node.outputs[0]))
         norm = NormNode.read(node, log, residual and record.folds_residual)
-        b = _Builder(graph, (node.name or "rmsnorm").replace("/", "_") + "_fused", names, log)
+        b = _Builder(graph, (node.name or "rmsnorm").replace("/", "_") + "_fused", names, log, opset=model.opset_imports.get("", 17))
         lowered = record.lower(b, norm)
         for n in lowered.nodes:
             n.metadata_props["normexport.pattern"] = entry.pattern if entry else "rms"
@@ -250,16 +261,12 @@ def lower(model: ir.Model, record, log: FusionLog, names: Names, residual: bool 
             entry.residual = lowered.residual
             entry.output = lowered.new_values[0].name
         done.append(lowered)
-    if any(d.residual for d in done):
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
-    if done and record.domain:
-        model.opset_imports.setdefault(record.domain, 1)
     graph.sort()
     return done
 
 
 def lower_decompose(b: _Builder, n: NormNode) -> Lowered:
-    y = _decompose(b, n.x, n.scale, n.bias, n.eps, n.axis, n.stash, n.out_dtype, b.graph)
+    y = _decompose(b, n.x, n.scale, n.bias, n.eps, n.axis, n.stash, n.out_dtype)
     return Lowered(b.nodes, [n.node], [n.node.outputs[0]], [y], "primitive ops")
 
 
@@ -338,9 +345,9 @@ def _flatten_trailing(b: _Builder, x: ir.Value, axis: int, dtype: ir.DataType):
     return flat, lambda y: b.op("Reshape", y, orig_shape, dtype=dtype, shape=x.shape)
 
 
-def _decompose(b, x, scale, bias, eps, axis, stash, out_dtype, graph) -> ir.Value:
+def _decompose(b, x, scale, bias, eps, axis, stash, out_dtype) -> ir.Value:
     """The norm as primitive ops (opset-aware ReduceMean), computing in ``stash``."""
-    opset = graph.opset_imports.get("", 17)
+    opset = b.opset
     h = b.cast(x, stash) if x.dtype != stash else x
     axes = list(range(axis, 0))
     sq = b.op("Mul", h, h, dtype=stash)

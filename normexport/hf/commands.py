@@ -108,20 +108,25 @@ def _parse_ids(ctx, param, value):
 @click.option("--prompt-ids", required=True, callback=_parse_ids, metavar="ID,ID,...", help="The prompt as token ids.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 100000), default=32, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads.")
+@click.option("--ignore-eos", is_flag=True, help="Generate all --max-new-tokens tokens, past the model's EOS.")
 @click.option("--json", "as_json", is_flag=True, help="Print the tokens as JSON.")
-def generate_command(folder, prompt_ids, max_new_tokens, threads, as_json):
-    """Greedy generation with the decoder `normexport convert` wrote to FOLDER (onnxruntime, KV cache)."""
+def generate_command(folder, prompt_ids, max_new_tokens, threads, ignore_eos, as_json):
+    """Greedy generation (argmax of the logits) with the decoder `normexport convert` wrote to
+    FOLDER (onnxruntime, KV cache); it stops after the EOS token named in FOLDER's genai_config.json."""
     import json
     import time
 
-    from normexport.hf.generation import OnnxDecoder
+    from normexport.hf.generation import OnnxDecoder, folder_eos_ids
+
+    from normexport.hf.generation import check_length
 
     decoder = OnnxDecoder(folder, threads=threads)
     vocab = decoder.session.get_outputs()[0].shape[-1]
     if isinstance(vocab, int) and max(prompt_ids) >= vocab:
         raise NormexportError(f"token id {max(prompt_ids)} is outside the vocabulary (size {vocab})", f"give ids below {vocab}")
+    check_length(decoder, folder, len(prompt_ids), max_new_tokens)
     start = time.perf_counter()
-    tokens, _ = decoder.generate(prompt_ids, max_new_tokens)
+    tokens, _ = decoder.generate(prompt_ids, max_new_tokens, eos=frozenset() if ignore_eos else folder_eos_ids(folder))
     seconds = time.perf_counter() - start
     if as_json:
         click.echo(json.dumps({"prompt_ids": prompt_ids, "new_tokens": tokens, "seconds": round(seconds, 4)}))

@@ -75,9 +75,12 @@ class HFConvertReport:
         prompt (the worst step of the generation check)."""
         if self.outputs or self.generation is None:
             return [c.to_json() for c in self.outputs]
+        from normexport.hf.generation import json_float
+
+        worst = lambda values, pick: json_float(pick(values, key=lambda v: float("inf") if v != v else v))  # NaN is the worst
         return [
-            {"name": "logits", "sample": i, "steps": len(p.steps), "max_abs": max(s.max_abs for s in p.steps),
-             "max_rel": max(s.max_rel for s in p.steps), "cosine": min(s.cosine for s in p.steps), "passed": p.passed}
+            {"name": "logits", "sample": i, "steps": len(p.steps), "max_abs": worst([s.max_abs for s in p.steps], max),
+             "max_rel": worst([s.max_rel for s in p.steps], max), "cosine": json_float(min(s.cosine for s in p.steps)), "passed": p.passed}
             for i, p in enumerate(self.generation.prompts) if p.steps
         ]
 
@@ -190,8 +193,23 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
         report.notes.append(f"{report.rmsnorm_modules} RMSNorm modules in PyTorch, {fusion.fused} fused norms in the graph")
     if attention:
         _fuse_attention(exp.model, report, progress, opts.fuse.target, fold)
+        _check_loads(exp.model, fusion)
     save_onnx(exp.model, dst)
     report.steps["fuse"] = time.perf_counter() - t
+
+
+def _check_loads(model, fusion) -> None:
+    """After onnxruntime's own fusions: the model still loads in onnxruntime (fuse_model checked
+    the norm fusion the same way, where the export loaded)."""
+    from normexport.fuse.files import runtime_copy, runtime_load_error
+
+    if any("loads neither" in n for n in fusion.notes):
+        return
+    data = runtime_copy(model)
+    why = runtime_load_error(data) if data is not None else None
+    if why:
+        raise NormexportError(f"after the attention fusions onnxruntime cannot load the model ({why}); nothing written",
+                              "convert with --no-attention-fusion")
 
 
 def _fuse_attention(model, report: HFConvertReport, progress, target: str, fold: bool) -> None:
@@ -229,7 +247,7 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
                 f"onnxruntime ({opts.backend}) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
                 "convert in float32 or float16, or pass --no-validate to write it unchecked",
             ) from None
-        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed, prompts=opts.samples)
+        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed, prompts=opts.samples, atol=opts.atol, rtol=opts.rtol)
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
 

@@ -18,10 +18,12 @@ from typing import Any
 
 from normexport.errors import NormexportError, first_line
 from normexport.hf import CONFIG_NAME
+from normexport.hf import config_checks as checks
 
 TASKS = ("text-generation-with-past", "text-generation", "feature-extraction")
 EXPERTS_IMPLEMENTATION = "batched_mm"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
@@ -48,6 +50,21 @@ def read_config(path: Path) -> dict:
         raise NormexportError(f"{cfg_path}: not a readable JSON config ({first_line(e, 200)})", "save the model again with save_pretrained") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise NormexportError(f"{cfg_path} has no model_type: not a transformers config", "save the model with save_pretrained (it writes model_type)")
+    return data
+
+
+def read_generation_config(path: Path) -> dict | None:
+    """generation_config.json, when the folder has one: a JSON object, else exit 2 (its
+    settings never fail the check; a file transformers cannot read is still a broken folder)."""
+    gen_path = path / GENERATION_CONFIG
+    if not gen_path.exists():
+        return None
+    try:
+        data = json.loads(gen_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NormexportError(f"{gen_path}: not a readable JSON file ({first_line(e, 200)})", "fix it, or remove it (the model's config.json then gives the EOS id)") from None
+    if not isinstance(data, dict):
+        raise NormexportError(f"{gen_path} holds a JSON {type(data).__name__}, not an object of generation settings", "fix it, or remove it (the model's config.json then gives the EOS id)")
     return data
 
 
@@ -83,6 +100,7 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
             "only if you trust it, pass --trust-remote-code",
         )
     weights = weight_format(path, trust_pickle)
+    read_generation_config(path)
     task = task or default_task(raw)
     if task not in TASKS:
         raise NormexportError(f"unknown --task '{task}'", f"one of {', '.join(TASKS)}")
@@ -95,16 +113,21 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     from safetensors import SafetensorError  # a corrupt or truncated weights file
 
     auto = transformers.AutoModel if task == "feature-extraction" else transformers.AutoModelForCausalLM
-    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors")
-    if dtype:
-        kwargs["dtype"] = getattr(torch, dtype)
-    else:
-        kwargs["dtype"] = torch.float32
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     with offline(), quiet_transformers():
+        config = build_config(path, raw, trust_remote_code)
+        source = str(path / CONFIG_NAME)
+        tensors = checks.safetensors_tensors(path) if weights == "safetensors" else checks.pickle_tensors(path)
+        checks.check_fits(path, checks.text_config(config, source), torch_dtype.itemsize, source, tensors=tensors)
+        checks.check_against_weights(meta_shapes(auto, config, trust_remote_code, path), tensors, torch_dtype.itemsize, source)
+        kwargs = dict(config=config, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=weights == "safetensors", dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True)
         try:
-            module = auto.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-            raise NormexportError(f"transformers cannot build {path}: {first_line(e, 240)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
+            module, info = auto.from_pretrained(str(path), **kwargs)
+        except (OSError, SafetensorError) as e:
+            raise NormexportError(f"transformers cannot build {path}: {first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
+        except Exception as e:  # its validation of the config or the weights, in whatever form
+            raise NormexportError(f"transformers cannot build {path}: {first_line(e)}", "check config.json against the weights (save the model again with save_pretrained)") from None
+    require_checkpoint_weights(path, type(module).__name__, info)
     module.eval()
     notes = []
     if weights == "pickle":
@@ -114,6 +137,51 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
         notes.append(f"experts run with experts_implementation='{EXPERTS_IMPLEMENTATION}' (the default grouped_mm has no ONNX translation)")
     arch = type(module).__name__
     return HFModel(module, module.config, path, task, arch, weights, notes)
+
+
+def require_checkpoint_weights(path: Path, arch: str, info: dict) -> None:
+    """Every tensor of the model comes from the folder's weights: transformers' loading info
+    lists none missing (which it would initialise at random), none unexpected (weights of
+    another architecture) and none of another shape. Tied weights are not listed as missing."""
+    problems = []
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or ())
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if problems:
+        raise NormexportError(
+            f"{path}: the weights do not fit {arch}: tensors {'; '.join(problems)} (transformers would initialise missing or reshaped tensors at random)",
+            "save the folder again with save_pretrained (config.json and the weights of the same model)",
+        )
+
+
+def build_config(path: Path, raw: dict, trust_remote_code: bool = False):
+    """transformers' config for the folder, after normexport's own checks of its fields
+    (config_checks): any failure of transformers' validation is the config's fault (exit 2)."""
+    import transformers
+
+    source = str(path / CONFIG_NAME)
+    checks.check_raw(raw, source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # its own validation, in whatever form it raises
+        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {first_line(e)})", checks.HINT) from None
+    checks.check_built(config, raw, source)
+    return config
+
+
+def meta_shapes(auto, config, trust_remote_code: bool, path: Path) -> dict[str, tuple]:
+    """Name -> shape of every parameter and buffer of the model ``config`` builds, on the meta
+    device (no memory, no initialisation)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            module = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers' validation of the config, in whatever form it raises
+        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {first_line(e)})", checks.HINT) from None
+    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
 
 
 @contextlib.contextmanager

@@ -7,8 +7,27 @@ from __future__ import annotations
 from normexport.hf.folder import HFModel
 from normexport.hf.kv_export import kv_layout
 
-# model_type -> onnxruntime-genai's "type" where the two differ; otherwise model_type itself.
-GENAI_TYPES = {"qwen3_moe": "qwen3", "olmo2": "olmo"}  # gemma3_text is its own type there ("gemma3" is the vision-language model)
+# The text-only types onnxruntime-genai runs as its generic decoder-only model (its
+# src/models/model_type.h, ModelType::IsLLM, as of 0.18), less the ones it drives differently
+# (gpt2: its own model class; lfm2: a convolution-state cache; phi3/phimoe/phi3small: a rotary
+# rewind past 4k tokens that its builder's graphs expect). A model_type genai does not know
+# runs as "decoder": the same DecoderOnly model, inputs input_ids, attention_mask,
+# position_ids, past_key_values.%d.key/value, outputs logits, present.%d.key/value.
+GENAI_DECODER_TYPES = frozenset({
+    "chatglm", "decoder", "ernie4_5", "gemma", "gemma2", "gemma3_text", "gemma4_text", "gptoss", "granite",
+    "granitemoehybrid", "hunyuandensev1", "internlm2", "llama", "mistral", "nemotron", "olmo", "qwen2", "qwen3",
+    "qwen3_5_moe_text", "qwen3_5_text", "smollm3",
+})
+GENERIC_TYPE = "decoder"
+
+
+def genai_type(model_type: str) -> str:
+    """onnxruntime-genai's model type for a transformers ``model_type``: itself where genai runs
+    it as the generic decoder, else ``"decoder"`` (phi3 keeps its type: its transformers
+    model is the one genai's phi3 expects)."""
+    if model_type in GENAI_DECODER_TYPES or model_type == "phi3":
+        return model_type
+    return GENERIC_TYPE
 
 
 def _token_id(value, default):
@@ -49,7 +68,7 @@ def genai_config(hf: HFModel) -> dict:
             },
             "eos_token_id": eos,
             "pad_token_id": _token_id(getattr(cfg, "pad_token_id", None), eos if isinstance(eos, int) else eos[0]),
-            "type": GENAI_TYPES.get(cfg.model_type, cfg.model_type),
+            "type": genai_type(cfg.model_type),
             "vocab_size": layout.vocab_size,
         },
         "search": {

@@ -10,21 +10,35 @@ from normexport.report import _fmt, print_fusion, print_stress
 
 
 def print_generation(c: Console, g) -> None:
-    t = Table(title=f"Generation vs transformers ({g.dtype}, {g.new_tokens} new tokens, greedy)")
-    for col in ("prompt", "step", "max abs", "max rel", "cosine", "tokens"):
-        t.add_column(col, justify="right" if col != "tokens" else "left")
+    t = Table(title=f"Generation vs transformers ({g.dtype}, up to {g.new_tokens} new tokens, greedy argmax, stop at EOS; logits atol {_fmt(g.atol)} rtol {_fmt(g.rtol)})")
+    for col in ("prompt", "step", "max abs", "max rel", "cosine", "logits", "tokens"):
+        t.add_column(col, justify="right" if col not in ("tokens", "logits") else "left")
+    eos = set(g.eos_token_ids)
     for i, p in enumerate(g.prompts):
-        worst = max(p.steps[1:], key=lambda s: s.max_abs, default=None)
+        worst = max(p.steps[1:], key=lambda s: (not s.passed, s.max_abs if s.max_abs == s.max_abs else float("inf")), default=None)
         if p.first_difference is None:
-            tokens = "[green]equal[/green]"
+            ended = f", EOS at step {len(p.torch_tokens) - 1}" if p.torch_tokens and p.torch_tokens[-1] in eos else ""
+            tokens = f"[green]equal[/green] ({len(p.torch_tokens)}{ended})"
         else:
             verdict = "near-tie, tolerated" if p.tolerated else "[red]FAIL[/red]"
             tokens = f"first differs at step {p.first_difference} (top-2 margin {_fmt(p.margin)}: {verdict})"
-        t.add_row(str(i), "prefill", _fmt(p.steps[0].max_abs), _fmt(p.steps[0].max_rel), f"{p.steps[0].cosine:.6f}", tokens)
+        t.add_row(str(i), "prefill", _fmt(p.steps[0].max_abs), _fmt(p.steps[0].max_rel), _cos(p.steps[0].cosine), _ok(p.steps[0]), tokens)
         if worst is not None:
-            t.add_row("", f"worst decode ({worst.step})", _fmt(worst.max_abs), _fmt(worst.max_rel), f"{worst.cosine:.6f}", "")
+            t.add_row("", f"worst decode ({worst.step})", _fmt(worst.max_abs), _fmt(worst.max_rel), _cos(worst.cosine), _ok(worst), "")
     c.print(t)
+    for line in g.failures():
+        c.print(f"[red]{escape(line)}[/red]")
+    for note in g.notes:
+        c.print(f"[dim]note: {escape(note)}[/dim]")
     c.print("generation: " + ("[green]PASSED[/green]" if g.passed else "[red]FAILED[/red]"))
+
+
+def _ok(step) -> str:
+    return "[green]ok[/green]" if step.passed else "[red]FAIL[/red]"
+
+
+def _cos(v: float) -> str:
+    return f"{v:.6f}" if v == v else "nan"
 
 
 def print_hf_convert(c: Console, r) -> None:

@@ -115,7 +115,7 @@ def _check_folder_generation(path: Path, out: Path, load, opts, gen_tokens: int)
         raise NormexportError(f"{path} is not a causal LM ({hf.architecture}): there is no generation to check", "validate checks KV-cache decoders that `convert DIR` wrote")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    return check_generation(hf.module, decoder, dtype, gen_tokens, opts.seed, prompts=opts.samples)
+    return check_generation(hf.module, decoder, dtype, gen_tokens, opts.seed, prompts=opts.samples, atol=opts.atol, rtol=opts.rtol)
 
 
 def _decoder_dtype(decoder) -> str:
@@ -134,7 +134,10 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     from normexport.hf.kv_export import export_decoder
     from normexport.hf.timing import interleave, run_ort, run_torch
 
+    from normexport.hf.generation import check_length
+
     fused = OnnxDecoder(written_folder(out), threads=opts.threads, backend=opts.record)
+    check_length(fused, out, prompt_len, new_tokens)
     hf = load_folder(path, dtype=load.dtype, trust_pickle=load.trust_pickle)
     if hf.task != "text-generation-with-past":
         raise NormexportError(f"{path} is not a causal LM ({hf.architecture}): no prefill/decode to time", "bench DIR OUTDIR times KV-cache decoders that `convert DIR` wrote")
