@@ -254,7 +254,7 @@ def test_generate_refuses_prompts_past_the_context(llama):
     r = invoke("generate", out, "--prompt-ids", ",".join(["5"] * 250), "--max-new-tokens", 7)
     assert r.exit_code == 2 and "--max-new-tokens 6 or fewer" in r.stderr, r.output + r.stderr
     prompt = np.random.default_rng(5).integers(3, 1000, size=250).tolist()
-    r = invoke("generate", out, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", 6)
+    r = invoke("generate", out, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", 6, "--ignore-eos")
     assert r.exit_code == 0, r.output + r.stderr
     assert [int(t) for t in r.output.strip().split(",")] == torch_generate(load_torch(folder), prompt, 6)
 
