@@ -1,23 +1,29 @@
-"""Prefill and per-token decode latency of one Hugging Face decoder, five ways, same threads:
+"""Prefill and per-token decode latency of one Hugging Face decoder, fp32 and int4, normexport
+against onnxruntime-genai's model builder, same threads, interleaved rounds:
 
-  torch eager       transformers with its DynamicCache (inference_mode)
-  onnx unfused      normexport's KV-cache export before fusion, on onnxruntime
-  onnx fused        the same after the RMSNorm fusion (`convert DIR --no-attention-fusion`)
-  onnx fused + attn the norms, then onnxruntime's rotary/attention fusions (what `convert DIR` writes)
-  genai (ours)      onnxruntime-genai running normexport's folder
-  genai builder     onnxruntime-genai's own model builder on the same folder (fp32, cpu)
+  torch eager             transformers with its DynamicCache (inference_mode)
+  onnx fp32 / int4        normexport's folders (`convert DIR`, and the same fused graph through
+                          normexport.quantize: what `convert DIR --quantize int4` writes) on
+                          normexport's onnxruntime loop
+  genai ours fp32 / int4  onnxruntime-genai running those folders
+  genai builder fp32/int4 onnxruntime-genai's builder (`-p fp32|int4 -e cpu`, its defaults) on the
+                          same source folder, run by onnxruntime-genai
 
-A randomly initialised Llama folder (with a word-level tokenizer, which the builder needs) is
-saved with save_pretrained; nothing is downloaded. Rounds interleave the variants; the table
-gives medians over rounds, and whether each variant's greedy tokens equal transformers'.
+``--shape`` picks the model: ``llama`` (hidden 256, 4 layers, vocabulary 32000) or ``qwen2-0.5b``
+(Qwen2-0.5B's shapes: hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, vocabulary
+151936; untied embeddings here, so that both tools store the same matrices). Random weights
+from the config with a word-level tokenizer (the builder needs one); nothing is downloaded.
+Rounds interleave the variants; the table gives medians over rounds of wall time, the CPU time
+per generated token (process time over the whole run / new tokens), the model files' size, and
+whether greedy tokens equal transformers' (fp32 must; int4 is measured by the quantized check).
+With ``--all`` the older variants (unfused, norms without attention fusion) are timed too.
 
-    python bench/bench_decoder.py [--hidden 256 --layers 4 --vocab 8000 --prompt 64 --new 32 --threads 1]
+    python bench/bench_decoder.py [--shape llama|qwen2-0.5b] [--prompt 64 --new 32 --threads 1 --rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -33,77 +39,89 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine_line  # noqa: E402
 
 
-def save_folder(folder: Path, a) -> None:
+SHAPES = {
+    "llama": dict(cls="Llama", vocab=32000, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32, mlp=672),
+    "qwen2-0.5b": dict(cls="Qwen2", vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2, head_dim=64, mlp=4864),
+}
+
+
+def save_folder(folder: Path, shape: dict, a) -> None:
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3 // 32 * 32, num_hidden_layers=a.layers,
-        num_attention_heads=a.hidden // 32, num_key_value_heads=max(1, a.hidden // 64), head_dim=32,
-        max_position_embeddings=max(512, 2 * (a.prompt + a.new)), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    cfg = getattr(transformers, f"{shape['cls']}Config")(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["mlp"], num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"],
+        max_position_embeddings=max(512, 2 * (a.prompt + a.new)), pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    vocab = {f"t{i}": i for i in range(a.vocab)}
+    getattr(transformers, f"{shape['cls']}ForCausalLM")(cfg).save_pretrained(folder, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(shape["vocab"])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2").save_pretrained(folder)
 
 
-def build_onnx(folder: Path, work: Path) -> tuple[Path, Path, Path]:
-    """(unfused model.onnx, norm-fused folder, norm+attention-fused folder) from normexport."""
+def build_ours(folder: Path, work: Path, all_variants: bool) -> dict[str, Path]:
+    """normexport's folders: fp32 (`convert DIR`, checked against transformers), int4 (the same
+    fused graph through normexport.quantize, as `convert --quantize int4` does after the fusion)
+    and, with --all, the unfused export and the norms-only folder. Returns name -> folder, with
+    the seconds each step took in STEPS."""
+    import onnx_ir as ir
+
     from normexport.fuse import save_onnx
     from normexport.hf.convert import HFOptions, convert_folder
-    from normexport.hf.folder import load_folder
-    from normexport.hf.kv_export import export_decoder
-    from normexport.options import ConvertOptions, FuseOptions
+    from normexport.options import ConvertOptions, FuseOptions, ValidateOptions
+    from normexport.quantize import QuantizeOptions, quantize_model
 
-    exp = export_decoder(load_folder(folder), work)
-    unfused = work / "unfused" / "model.onnx"
-    save_onnx(exp.model, unfused)
-    folders = []
-    for name, attention in (("fused", False), ("fused-attention", True)):
-        report = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=False), output=work / name), HFOptions(gen_tokens=8, attention_fusion=attention))
-        assert report.passed and report.written, report.to_json()
-        folders.append(work / name)
-    return unfused, *folders
+    out = {}
+    t0 = time.process_time()
+    report = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=False), validate=ValidateOptions(threads=1), output=work / "fp32"), HFOptions(gen_tokens=4))
+    assert report.passed and report.written, report.to_json()
+    STEPS["normexport convert fp32 (export+fuse+check), CPU s"] = time.process_time() - t0
+    out["fp32"] = work / "fp32"
+    t0 = time.process_time()
+    shutil.copytree(work / "fp32", work / "int4", ignore=shutil.ignore_patterns("model.onnx*"))
+    quantized, qreport = quantize_model(ir.load(str(work / "fp32" / "model.onnx")), QuantizeOptions("int4"))
+    save_onnx(quantized, work / "int4" / "model.onnx")
+    del quantized
+    STEPS["normexport quantize int4, CPU s"] = time.process_time() - t0
+    print(f"normexport int4: {qreport.summary()}")
+    out["int4"] = work / "int4"
+    if all_variants:
+        from normexport.hf.folder import load_folder
+        from normexport.hf.kv_export import export_decoder
 
-
-def build_genai(folder: Path, out: Path) -> Path | None:
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "builder-cache")]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        print(f"onnxruntime-genai builder failed: {r.stderr.strip().splitlines()[-1:]}")
-        return None
+        save_onnx(export_decoder(load_folder(folder), work).model, work / "unfused" / "model.onnx")
+        out["unfused"] = work / "unfused"
+        r = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=False), output=work / "fused-norms"), HFOptions(gen_tokens=4, attention_fusion=False))
+        assert r.passed and r.written, r.to_json()
+        out["fused norms only"] = work / "fused-norms"
     return out
 
 
-def set_genai_threads(folder: Path, threads: int) -> None:
-    path = folder / "genai_config.json"
-    cfg = json.loads(path.read_text())
-    opts = cfg["model"]["decoder"].setdefault("session_options", {})
-    opts["intra_op_num_threads"] = threads
-    opts["inter_op_num_threads"] = 1
-    path.write_text(json.dumps(cfg, indent=2))
+def build_genai(folder: Path, out: Path, precision: str) -> Path | None:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / f"builder-cache-{precision}")]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"onnxruntime-genai builder ({precision}) failed: {r.stderr.strip().splitlines()[-1:]}")
+        return None
+    STEPS[f"builder {precision} (wall s; CPU not measured in the subprocess)"] = time.time() - t0
+    return out
 
 
-def run_genai(og, model, prompt, new):
-    import numpy as np
+STEPS: dict[str, float] = {}
 
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new, min_length=len(prompt) + new)
-    gen = og.Generator(model, params)
-    t = time.perf_counter()
-    gen.append_tokens(np.asarray([prompt], dtype=np.int32))  # the prompt's forward runs here
-    gen.generate_next_token()
-    prefill = time.perf_counter() - t
-    tokens = [int(gen.get_next_tokens()[0])]
-    t = time.perf_counter()
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return prefill, (time.perf_counter() - t) / max(1, len(tokens) - 1), tokens
+
+def with_cpu(run):
+    """A Run plus the process CPU seconds it took, per generated token."""
+    def timed():
+        c = time.process_time()
+        prefill, decode, tokens = run()
+        return prefill, decode, tokens, (time.process_time() - c) / max(1, len(tokens))
+    return timed
 
 
 def print_ops(graphs: dict[str, Path]) -> None:
@@ -125,58 +143,75 @@ def print_ops(graphs: dict[str, Path]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--shape", choices=tuple(SHAPES), default="llama")
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--all", action="store_true", help="also the unfused export and the norms-only folder")
+    p.add_argument("--precisions", default="fp32,int4", help="which of normexport's and the builder's folders to time (fp32 is built anyway: int4 is made from it)")
     a = p.parse_args()
+
+    import statistics
 
     import numpy as np
     import torch
     import transformers
 
     from normexport.hf.generation import OnnxDecoder, torch_generate
-    from normexport.hf.timing import interleave, run_ort, run_torch
+    from normexport.hf.timing import folder_bytes, genai_view, run_genai, run_ort, run_torch
 
+    shape = SHAPES[a.shape]
     torch.set_num_threads(a.threads)
+    print(machine_line(a.threads))
     work = Path(tempfile.mkdtemp(prefix="bench-decoder-"))
     try:
-        folder = work / "llama"
-        save_folder(folder, a)
-        unfused, fused, fused_attn = build_onnx(folder, work)
+        folder = work / "hf"
+        save_folder(folder, shape, a)
+        ours = build_ours(folder, work, a.all)
+        precisions = [x for x in a.precisions.split(",") if x]
+        ours = {n: path for n, path in ours.items() if n in precisions or n not in ("fp32", "int4")}
+        builder = {prec: build_genai(folder, work / f"builder-{prec}", prec) for prec in precisions}
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval()
-        prompt = np.random.default_rng(0).integers(3, a.vocab, size=a.prompt).tolist()
+        prompt = np.random.default_rng(0).integers(3, shape["vocab"], size=a.prompt).tolist()
         reference = torch_generate(model, prompt, a.new)
-        variants = {
-            "torch eager (DynamicCache)": lambda: run_torch(model, prompt, a.new),
-            "onnx unfused (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(unfused, threads=a.threads)),
-            "onnx fused norms (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(fused, threads=a.threads)),
-            "onnx fused norms + rotary/attention (onnxruntime)": (lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(fused_attn, threads=a.threads)),
-        }
-        graphs = {"onnx unfused": unfused, "onnx fused norms": fused / "model.onnx", "onnx fused norms + rotary/attention": fused_attn / "model.onnx"}
+        variants = {"torch eager (DynamicCache)": with_cpu(lambda: run_torch(model, prompt, a.new))}
+        sizes = {}
+        for name, path in ours.items():
+            variants[f"normexport {name} (onnxruntime loop)"] = with_cpu((lambda d: lambda: run_ort(d, prompt, a.new))(OnnxDecoder(path, threads=a.threads)))
+            sizes[f"normexport {name} (onnxruntime loop)"] = folder_bytes(path)
         try:
             import onnxruntime_genai as og
         except ImportError:
             og = None
             print("onnxruntime-genai is not installed: its rows are left out (pip install onnxruntime-genai)")
+        graphs = {f"normexport {n}": path / "model.onnx" for n, path in ours.items()}
         if og is not None:
-            set_genai_threads(fused_attn, a.threads)
-            variants["onnxruntime-genai, normexport's folder"] = (lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(fused_attn)))
-            built = build_genai(folder, work / "genai-builder")
-            if built is not None:
-                set_genai_threads(built, a.threads)
-                variants["onnxruntime-genai, its builder"] = (lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(built)))
-                graphs["onnxruntime-genai builder"] = built / "model.onnx"
-        timings = interleave(variants, a.rounds)
+            for label, path in [*((f"normexport {n}", ours[n]) for n in precisions), *((f"builder {prec}", b) for prec, b in builder.items() if b is not None)]:
+                name = f"onnxruntime-genai, {label}"
+                variants[name] = with_cpu((lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(genai_view(path, a.threads, work / "views" / label.replace(" ", "-"))))))
+                sizes[name] = folder_bytes(path)
+            graphs.update({f"builder {prec}": b / "model.onnx" for prec, b in builder.items() if b is not None})
+        runs = {name: [] for name in variants}
+        for fn in variants.values():
+            fn()
+        for _ in range(a.rounds):
+            for name, fn in variants.items():
+                runs[name].append(fn())
         print(f"\n{machine_line(a.threads)}")
-        print(f"Llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, fp32; prompt {a.prompt} tokens, {a.new} new tokens, batch 1; median of {a.rounds} rounds\n")
-        print("| variant | prefill ms | decode ms/token | greedy tokens = transformers |")
-        print("|---|---:|---:|---|")
-        for t in timings:
-            print(f"| {t.name} | {t.prefill_ms:.2f} | {t.decode_ms:.3f} | {'yes' if t.tokens_equal(reference) else 'no'} |")
+        print(f"{a.shape}: {shape}; fp32 source; prompt {a.prompt} tokens, {a.new} new tokens, batch 1; median (min) of {a.rounds} rounds\n")
+        print("| variant | prefill ms | decode ms/token | CPU ms/token (whole run) | model MB | greedy tokens = transformers |")
+        print("|---|---:|---:|---:|---:|---|")
+        for name, rs in runs.items():
+            pre = [r[0] * 1e3 for r in rs]
+            dec = [r[1] * 1e3 for r in rs]
+            cpu = [r[3] * 1e3 for r in rs]
+            same = all(r[2] == reference for r in rs)
+            size = f"{sizes[name] / 1e6:.1f}" if name in sizes else "-"
+            print(f"| {name} | {statistics.median(pre):.2f} ({min(pre):.2f}) | {statistics.median(dec):.3f} ({min(dec):.3f}) | {statistics.median(cpu):.3f} | {size} | {'yes' if same else 'no'} |")
+        print("\n| step | seconds |\n|---|---:|")
+        for k, v in STEPS.items():
+            print(f"| {k} | {v:.1f} |")
         print_ops(graphs)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -168,6 +168,58 @@ def residual_options(auto_means: str):
     return decorate
 
 
+def quantize_options(fn):
+    """--quantize and its settings as one ``quantize`` argument (QuantizeOptions or None)."""
+    from normexport.quantize import ACCURACY_LEVELS, BLOCK_SIZES, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, KINDS, QuantizeOptions
+
+    @wraps(fn)
+    def merged(*args, quantize, quant_block_size, quant_accuracy_level, quantize_lm_head, quantize_embeddings, **kw):
+        given = [flag for flag, value, default in (
+            ("--quant-block-size", quant_block_size, DEFAULT_BLOCK_SIZE), ("--quant-accuracy-level", quant_accuracy_level, DEFAULT_ACCURACY_LEVEL),
+            ("--quantize-lm-head/--no-quantize-lm-head", quantize_lm_head, True), ("--quantize-embeddings", quantize_embeddings, False),
+        ) if value != default]
+        thresholds = kw.get("thresholds")
+        if thresholds is not None:
+            given += thresholds.given()
+        if given and not quantize:
+            raise click.UsageError(f"{', '.join(given)} needs --quantize int4 or int8")
+        opts = QuantizeOptions(quantize, quant_block_size, quant_accuracy_level, quantize_lm_head, quantize_embeddings) if quantize else None
+        return fn(*args, quantize=opts, **kw)
+
+    for deco in reversed([
+        click.option("--quantize", type=click.Choice(tuple(KINDS)), help="After the fusion, quantize the weight MatMuls (weight-only, blockwise, symmetric) into onnxruntime's MatMulNBits with onnxruntime's own quantizer; norms stay fused in fp32. The check then measures it against PyTorch fp32 (--min-top1, --min-top5, --max-kl, --min-cosine)."),
+        click.option("--quant-block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), callback=lambda c, p, v: int(v), default=str(DEFAULT_BLOCK_SIZE), show_default=True, help="Weights per quantization block (along K), each with its own scale."),
+        click.option("--quant-accuracy-level", type=click.IntRange(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS)), default=DEFAULT_ACCURACY_LEVEL, show_default=True, help="MatMulNBits' compute type for the activations: 4 int8 (fastest on CPU), 3 bf16, 2 fp16, 1 fp32, 0 the op's default."),
+        click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True, help="Quantize the MatMul that makes the logits."),
+        click.option("--quantize-embeddings", is_flag=True, help="Quantize the embedding table too (onnxruntime's GatherBlockQuantized, int4 only)."),
+    ]):
+        merged = deco(merged)
+    return merged
+
+
+def threshold_options(fn):
+    """The quantized check's bounds as one ``thresholds`` argument (quant_check.Thresholds;
+    a bound not given is None: the quantization kind's default)."""
+    from normexport.quant_check import DEFAULT_THRESHOLDS, Thresholds
+
+    def by_kind(name: str) -> str:
+        return ", ".join(f"{kind} {getattr(t, name)}" for kind, t in DEFAULT_THRESHOLDS.items())
+
+    @wraps(fn)
+    def merged(*args, min_top1, min_top5, max_kl, min_cosine, **kw):
+        return fn(*args, thresholds=Thresholds(min_top1, min_top5, max_kl, min_cosine), **kw)
+
+    unit = click.FloatRange(0.0, 1.0)
+    for deco in reversed([
+        click.option("--min-top1", type=unit, help=f"Quantized check: least fraction of positions whose top-1 token equals PyTorch's [default: {by_kind('min_top1')}]."),
+        click.option("--min-top5", type=unit, help=f"Quantized check: least mean overlap of the top-5 tokens with PyTorch's [default: {by_kind('min_top5')}]."),
+        click.option("--max-kl", type=click.FloatRange(0.0), help=f"Quantized check: largest mean KL divergence (nats) from PyTorch's next-token distribution [default: {by_kind('max_kl')}]."),
+        click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), help=f"Quantized check: least cosine similarity of any position's logits with PyTorch's [default: {by_kind('min_cosine')}]."),
+    ]):
+        merged = deco(merged)
+    return merged
+
+
 force_option = click.option("--force", is_flag=True, help="Replace an existing file at --report / --plot (or -o) that normexport did not write. Never an input.")
 
 
@@ -225,9 +277,11 @@ def main(debug):
 @click.option("--keep-failed", is_flag=True, help="Write the fused model even when validation fails.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option
+@threshold_options
+@quantize_options
 @hf_convert_options
 @_handle_errors
-def convert(model, output, target, residual, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path, force, **hf):
+def convert(model, output, target, residual, opset, exporter, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, warmup, iters, backend, no_validate, no_bench, keep_failed, report_path, force, quantize, thresholds, **hf):
     """Load MODEL, export it to ONNX, fuse every RMSNorm, validate against PyTorch and time it.
 
     MODEL may be a Hugging Face folder (config.json + safetensors): it becomes OUTDIR with a
@@ -254,9 +308,9 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
         load=pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype),
         export=pipeline.ExportOptions(opset=opset, exporter=exporter, seed=seed),
         fuse=pipeline.FuseOptions(target=target, residual=residual),
-        validate=None if no_validate else pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress),
+        validate=None if no_validate else pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress, quant_thresholds=thresholds),
         bench=None if no_bench else pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype),
-        output=output if folder else out.path, keep_failed=keep_failed,  # a file's default output, resolved once
+        quantize=quantize, output=output if folder else out.path, keep_failed=keep_failed,  # a file's default output, resolved once
     )
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
@@ -323,9 +377,13 @@ def inspect(model, as_json, factory, trust_pickle):
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True, help=backends_help())
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @force_option
+@threshold_options
 @_handle_errors
-def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, backend, report_path, force):
+def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, threads, atol, rtol, samples, stress, backend, report_path, force, thresholds):
     """Compare FUSED (ONNX) with the PyTorch MODEL, output by output; name the first diverging norm.
+
+    A Hugging Face folder DIR and the OUTDIR `convert DIR` wrote: the generation check, or, for a
+    quantized OUTDIR (MatMulNBits), the quantized check on --min-top1/--min-top5/--max-kl/--min-cosine.
 
     Exit 0: match; 1: mismatch; 2: bad input or usage."""
     from normexport import pipeline, report
@@ -334,13 +392,26 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
     check([model, fused, unfused, _factory_file(factory)], [Output("--report", report_path, "report")], force)
 
     load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
-    opts = pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress)
+    opts = pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress, quant_thresholds=thresholds)
     if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
         refuse_for_folder("validate")
         return validate_hf(model, fused, load, opts, report_path)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
     loaded, specs = pipeline.prepare_model_for(model, fused, load)
+    from normexport.quantize import quantized_kind
+
+    kind = quantized_kind(fused)
+    if kind:  # a quantized model: measured on the thresholds, not compared exactly
+        from normexport.quant_check import print_quantized
+
+        result = pipeline.check_quantized_file(loaded, specs, fused, opts, kind)
+        print_quantized(report.console(), None, result)
+        if report_path:
+            report.write_json({"model": str(model), "fused": str(fused), "quantized_accuracy": result.to_json()}, report_path)
+        return result
+    if thresholds.given():
+        raise NormexportError(f"{', '.join(thresholds.given())} bound the quantized check, but {fused} is not quantized", "drop the option (a float model is compared output by output)")
     result = pipeline.validate_models(loaded, specs, unfused, fused, opts)
     report.print_validation(report.console(), result)
     if report_path:

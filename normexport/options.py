@@ -91,6 +91,8 @@ def check_path(name: str, value, optional: bool = True):
     if isinstance(value, (str, os.PathLike)) and str(value) != "":
         return value
     raise NormexportError(f"{name}={value!r}: must be a path (str or os.PathLike)", f"give {name} the path to write")
+from normexport.quant_check import Thresholds
+from normexport.quantize import QuantizeOptions
 
 
 @dataclass
@@ -147,6 +149,7 @@ class ValidateOptions:
     dtype: str | None = None  # the model's dtype (TensorRT's precision; stress default)
     localize: bool = True
     stress: bool | None = None  # each fused norm alone on large rows; None: on for fp16/bf16 norms
+    quant_thresholds: Thresholds = field(default_factory=Thresholds)  # a quantized model's pass/fail (None fields: the kind's defaults)
     record: Backend = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -191,6 +194,7 @@ class ConvertOptions:
     fuse: FuseOptions = field(default_factory=FuseOptions)
     validate: ValidateOptions | None = field(default_factory=ValidateOptions)
     bench: BenchOptions | None = field(default_factory=BenchOptions)
+    quantize: QuantizeOptions | None = None  # weight-only quantization after the fusion
     output: Path | None = None
     keep_failed: bool = False
 

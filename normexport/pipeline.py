@@ -43,6 +43,8 @@ class ConvertReport:
     notes: list[str] = field(default_factory=list)
     written: bool = False
     residual: str = ""  # which residual layout the fusion used, and why
+    quantization: object = None  # quantize.QuantizeReport
+    quantized_accuracy: object = None  # quant_check.QuantizedAccuracy (the written model against PyTorch)
 
     def to_json(self) -> dict:
         fusion = self.fusion.to_json() if self.fusion else None
@@ -61,6 +63,8 @@ class ConvertReport:
             "bench": None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
             "residual_layout": self.residual,
+            "quantization": self.quantization.to_json() if self.quantization is not None else None,
+            "quantized_accuracy": self.quantized_accuracy.to_json() if self.quantized_accuracy is not None else None,
             "notes": self.notes,
         }
         if self.bench is not None:
@@ -117,6 +121,9 @@ def convert(path: str | os.PathLike, opts: ConvertOptions, progress: Progress = 
     out = Path(opts.output) if opts.output else default_output(path, opts.fuse.target)
     outputs.check_distinct([path], [outputs.Output("-o", out, "onnx")])
     check_runnable(opts)
+    from normexport.quantize import check_quantize
+
+    check_quantize(opts)
     t = time.perf_counter()
     progress(f"loading {path}")
     loaded, specs = prepare_model(path, opts.load, ranges=opts.validate is not None or opts.bench is not None)
@@ -148,14 +155,25 @@ def convert_loaded(loaded: LoadedModel, specs: list[InputSpec], out: Path, opts:
     refuse_without_rmsnorm(loaded.module, report.model, loaded.path, opts.load.factory)  # before any export
     with outputs.work_dir() as workdir:
         unfused_path, fused_path = _export_and_fuse(loaded, specs, workdir, out.name, opts, report, progress)
+        fp32_path = fused_path
+        if opts.quantize:
+            fused_path = _quantize_file(fp32_path, workdir / "quantized" / out.name, opts, report, progress)
         v, b = opts.validate, opts.bench
         if v and not v.record.runs(target):
             report.notes.append(f"not validated: {target.name} nodes run only on --backend {_runs_on(target)} (on a machine that has it)")
         elif v:
             t = time.perf_counter()
             progress(f"validating against PyTorch ({v.samples} sample(s))")
-            report.validation = validate_models(loaded, specs, unfused_path, fused_path, v)
+            report.validation = validate_models(loaded, specs, unfused_path, fp32_path, v)
             report.steps["validate"] = time.perf_counter() - t
+            if opts.quantize:
+                t = time.perf_counter()
+                progress("measuring the quantized model against PyTorch")
+                report.quantized_accuracy = check_quantized_file(loaded, specs, fused_path, v, opts.quantize.kind)
+                report.steps["validate_quantized"] = time.perf_counter() - t
+                if not report.quantized_accuracy.passed:
+                    report.validation.passed = False
+                    report.validation.notes.append("the float graph matches; the quantized model misses its thresholds: " + "; ".join(report.quantized_accuracy.failures))
         if b and not b.record.runs(target):
             report.notes.append(f"not benchmarked: {target.name} nodes run only on --backend {_runs_on(target)}")
         elif b:
@@ -205,6 +223,36 @@ def _export_and_fuse(loaded, specs, workdir: Path, name: str, opts: ConvertOptio
     save_onnx(model, fused_path)
     report.steps["fuse"] = time.perf_counter() - t
     return unfused_path, fused_path
+
+
+def _quantize_file(src: Path, dst: Path, opts: ConvertOptions, report: ConvertReport, progress: Progress) -> Path:
+    from normexport.quantize import quantize_model
+
+    t = time.perf_counter()
+    progress(f"quantizing the weight MatMuls to {opts.quantize.kind} (onnxruntime's MatMulNBitsQuantizer)")
+    quantized, report.quantization = quantize_model(load_onnx(src), opts.quantize)
+    save_onnx(quantized, dst)
+    report.steps["quantize"] = time.perf_counter() - t
+    return dst
+
+
+def check_quantized_file(loaded: LoadedModel, specs: list[InputSpec], quantized: Path, opts: ValidateOptions, kind: str):
+    """The quantized model's outputs against PyTorch's on ``opts.samples`` seeded draws, row by
+    row along the last axis (quant_check), and its fused norms alone (stress check)."""
+    from normexport.quant_check import QuantizedAccuracy, check_quantized_outputs
+    from normexport.runners import TorchRunner, make_onnx_runner
+    from normexport.runners.torch_runner import to_numpy
+    from normexport.stress import stress_check
+
+    result = QuantizedAccuracy(opts.quant_thresholds.resolved(kind))
+    with make_onnx_runner(quantized, opts.record, optimize=True, threads=opts.threads) as runner:
+        with TorchRunner(loaded.module, [s.name for s in specs], runner.output_names, threads=opts.threads) as torch_runner:
+            for i in range(opts.samples):
+                feed = {k: to_numpy(v) for k, v in make_inputs(specs, opts.seed + i).items()}
+                check_quantized_outputs(torch_runner.infer(feed), runner.infer(feed), result)
+    result.notes.append(f"{opts.samples} seeded draws; each output's rows along its last axis compared as logits")
+    result.stress = stress_check(quantized, None, opts, opts.seed)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -625,6 +625,15 @@ CONVERT_GIVEN = {  # option -> (its command-line words, where convert's folder p
     "gen_tokens": (["--gen-tokens", "9"], lambda o, hf, rep: hf["gen_tokens"] == 9),
     "attention_fusion": (["--no-attention-fusion"], lambda o, hf, rep: hf["attention_fusion"] is False),
     "trust_remote_code": (["--trust-remote-code"], lambda o, hf, rep: hf["trust_remote_code"] is True),
+    "quantize": (["--quantize", "int8"], lambda o, hf, rep: o.quantize.kind == "int8"),
+    "quant_block_size": (["--quantize", "int4", "--quant-block-size", "64"], lambda o, hf, rep: o.quantize.block_size == 64),
+    "quant_accuracy_level": (["--quantize", "int4", "--quant-accuracy-level", "1"], lambda o, hf, rep: o.quantize.accuracy_level == 1),
+    "quantize_lm_head": (["--quantize", "int4", "--no-quantize-lm-head"], lambda o, hf, rep: o.quantize.lm_head is False),
+    "quantize_embeddings": (["--quantize", "int4", "--quantize-embeddings"], lambda o, hf, rep: o.quantize.embeddings is True),
+    "min_top1": (["--quantize", "int4", "--min-top1", "0.5"], lambda o, hf, rep: o.validate.quant_thresholds.min_top1 == 0.5),
+    "min_top5": (["--quantize", "int4", "--min-top5", "0.5"], lambda o, hf, rep: o.validate.quant_thresholds.min_top5 == 0.5),
+    "max_kl": (["--quantize", "int4", "--max-kl", "0.5"], lambda o, hf, rep: o.validate.quant_thresholds.max_kl == 0.5),
+    "min_cosine": (["--quantize", "int4", "--min-cosine", "0.5"], lambda o, hf, rep: o.validate.quant_thresholds.min_cosine == 0.5),
 }
 
 

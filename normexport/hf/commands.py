@@ -27,18 +27,25 @@ FOLDER_ACTS = {
         "no_validate": "skips the generation check", "no_bench": "nothing is timed (as without it)", "keep_failed": "writes OUTDIR when the check fails",
         "report_path": "the report", "force": "replaces a report normexport did not write", "task": "what is exported", "gen_tokens": "tokens checked per prompt",
         "attention_fusion": "onnxruntime's attention fusions", "trust_remote_code": "the folder's modeling code",
+        "quantize": "the decoder's weight MatMuls quantized after the fusion", "quant_block_size": "the quantizer's block",
+        "quant_accuracy_level": "MatMulNBits' accuracy level", "quantize_lm_head": "whether the logits' MatMul is quantized",
+        "quantize_embeddings": "whether the embedding table is quantized", "min_top1": "the quantized check's bound",
+        "min_top5": "the quantized check's bound", "max_kl": "the quantized check's bound", "min_cosine": "the quantized check's bound",
     },
     "validate": {
         "model": "the folder", "fused": "OUTDIR", "trust_pickle": "pickled (.bin) weights in the folder", "dtype": "the dtype transformers loads in",
         "seed": "the prompts' token ids", "threads": "onnxruntime's and PyTorch's threads", "atol": "the tolerance of the compared logits",
         "rtol": "the tolerance of the compared logits", "samples": "prompts checked", "stress": "each fused norm of OUTDIR alone on --backend",
         "backend": "where the decoder runs", "report_path": "the report", "force": "replaces a report normexport did not write",
+        "min_top1": "the quantized check's bound", "min_top5": "the quantized check's bound", "max_kl": "the quantized check's bound",
+        "min_cosine": "the quantized check's bound",
     },
     "bench": {
         "model": "the folder", "fused": "OUTDIR", "trust_pickle": "pickled (.bin) weights in the folder", "dtype": "the dtype transformers loads in",
         "seed": "the prompt's token ids", "threads": "onnxruntime's and PyTorch's threads", "backend": "where the decoders run",
         "report_path": "the report", "force": "replaces a report normexport did not write",
         "prompt_len": "prompt tokens of the prefill", "new_tokens": "decode steps timed", "rounds": "interleaved rounds",
+        "others": "more folders timed beside OUTDIR", "builder": "onnxruntime-genai's builder's folder timed beside it",
     },
 }
 FOLDER_REFUSES = {
@@ -140,6 +147,8 @@ def hf_bench_options(fn):
             click.option("--prompt-len", type=click.IntRange(1, 100000), default=64, show_default=True, help="Hugging Face folders: prompt tokens of the timed prefill."),
             click.option("--new-tokens", type=click.IntRange(2, 100000), default=16, show_default=True, help="Hugging Face folders: tokens generated after it (decode ms/token is their mean, past from the prompt length on)."),
             click.option("--rounds", type=click.IntRange(1, 10000), default=5, show_default=True, help="Hugging Face folders: interleaved rounds (medians reported)."),
+            click.option("--with", "others", multiple=True, type=click.Path(path_type=Path), help="Hugging Face folders: another folder `convert DIR` wrote to time beside OUTDIR (e.g. the fp32 one beside --quantize int4's; repeatable)."),
+            click.option("--builder", type=click.Choice(("none", "auto", "fp32", "int4", "int8")), default="none", show_default=True, help="Hugging Face folders: also build DIR with onnxruntime-genai's model builder at this precision (auto: OUTDIR's) and time it and OUTDIR on onnxruntime-genai (needs onnxruntime-genai)."),
         ]
     ):
         fn = deco(fn)
@@ -155,6 +164,13 @@ def validate_hf(model: Path, fused: Path, load, opts, report_path: Path | None):
     from normexport.report import print_stress
 
     result = validate_folder(model, fused, load, opts, gen_tokens=32)
+    if hasattr(result, "thresholds"):  # the quantized check
+        from normexport.quant_check import print_quantized
+
+        print_quantized(report.console(), None, result)
+        if report_path:
+            report.write_json({"model": str(model), "fused": str(fused), "quantized_accuracy": result.to_json()}, report_path)
+        return result
     c = report.console()
     print_generation(c, result.generation)
     print_stress(c, result.stress)
@@ -171,21 +187,29 @@ def bench_hf(model: Path, fused: Path, load, opts, report_path: Path | None, hf:
     from normexport import report
     from normexport.hf.tools import bench_folder
 
-    result = bench_folder(model, fused, load, opts, hf["prompt_len"], hf["new_tokens"], hf["rounds"])
+    result = bench_folder(model, fused, load, opts, hf["prompt_len"], hf["new_tokens"], hf["rounds"], tuple(hf.get("others") or ()), hf.get("builder") or "none")
     t = Table(title=f"{escape(str(model))}: prefill of {result['prompt_tokens']} tokens, decode with past {result['decode_past']}, {result['backend']}, {result['threads']} thread(s), median of {result['rounds']} rounds")
-    for col in ("variant", "prefill ms", "decode ms/token", "greedy tokens = transformers"):
+    for col in ("variant", "prefill ms", "decode ms/token", "model MB", "greedy tokens = transformers"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for v in result["variants"]:
-        t.add_row(escape(v["variant"]), f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", "yes" if v["tokens_equal_reference"] else "[red]no[/red]")
-    report.console().print(t)
+        if v["tokens_equal_reference"]:
+            same = "yes"
+        else:
+            same = f"no ({v['quantized']}: see the quantized check)" if v.get("quantized") else "[red]no[/red]"
+        size = f"{v['size_mb']:.1f}" if "size_mb" in v else "-"
+        t.add_row(escape(v["variant"]), f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", size, same)
+    c = report.console()
+    c.print(t)
+    for note in result["notes"]:
+        c.print(f"[dim]note: {note}[/dim]")
     if report_path:
         report.write_json(result, report_path)
 
 
-_DEFAULTS = {"task": None, "gen_tokens": 32, "attention_fusion": None, "trust_remote_code": False, "prompt_len": 64, "new_tokens": 16, "rounds": 5}
+_DEFAULTS = {"task": None, "gen_tokens": 32, "attention_fusion": None, "trust_remote_code": False, "prompt_len": 64, "new_tokens": 16, "rounds": 5, "others": (), "builder": "none"}
 
 
-_FLAGS = {"attention_fusion": "--attention-fusion/--no-attention-fusion"}
+_FLAGS = {"attention_fusion": "--attention-fusion/--no-attention-fusion", "others": "--with"}
 
 
 def refuse_folder_options(hf: dict) -> None:

@@ -15,6 +15,7 @@ from normexport import outputs
 from normexport.errors import NormexportError
 from normexport.hf.folder import HFModel, load_folder
 from normexport.options import ValidateOptions
+from normexport.quantize import check_quantize
 from normexport.runners import require_onnxruntime, residual_layout
 
 REPORT_NAME = "normexport_report.json"
@@ -47,8 +48,10 @@ class HFConvertReport:
     rmsnorm_modules: int = 0
     fusion: object = None  # FuseReport
     attention: object = None  # ort_attention.AttentionFusion
-    generation: object = None  # GenerationReport
+    generation: object = None  # GenerationReport (the fp32 graph; before quantization where quantized)
     stress: object = None  # stress.StressReport: each fused norm alone on --backend
+    quantization: object = None  # quantize.QuantizeReport
+    quantized_accuracy: object = None  # quant_check.QuantizedAccuracy
     outputs: list = field(default_factory=list)  # OutputComparison (tasks without a cache)
     inputs: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
@@ -62,13 +65,14 @@ class HFConvertReport:
 
     @property
     def checked(self) -> bool:
-        return self.generation is not None or bool(self.outputs) or self.stress is not None
+        return self.generation is not None or self.quantized_accuracy is not None or bool(self.outputs) or self.stress is not None
 
     @property
     def passed(self) -> bool:
         gen_ok = self.generation is None or self.generation.passed
         stress_ok = self.stress is None or self.stress.passed
-        return gen_ok and stress_ok and all(c.passed for c in self.outputs)
+        quant_ok = self.quantized_accuracy is None or self.quantized_accuracy.passed
+        return gen_ok and stress_ok and quant_ok and all(c.passed for c in self.outputs)
 
     def _outputs_json(self) -> list[dict]:
         """Each compared output: a task without a cache, its outputs; a decoder, its logits per
@@ -94,6 +98,8 @@ class HFConvertReport:
             "attention_fusion": self.attention.to_json() if self.attention else None,
             "generation": self.generation.to_json() if self.generation else None,
             "stress": self.stress.to_json() if self.stress else None,
+            "quantization": self.quantization.to_json() if self.quantization else None,
+            "quantized_accuracy": self.quantized_accuracy.to_json() if self.quantized_accuracy else None,
             "validation": {"passed": self.passed, "outputs": self._outputs_json()} if self.checked else None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
             "notes": self.notes,
@@ -132,6 +138,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     if hf_opts.attention_fusion and not target.onnxruntime_ops:
         runs_with = ", ".join(t.name for t in RECORDS if t.onnxruntime_ops)
         raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {target.name}", f"use --target {runs_with}, or drop --attention-fusion")
+    check_quantize(opts)
     t = time.perf_counter()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.load.dtype, opts.load.trust_pickle, hf_opts.trust_remote_code)
@@ -149,15 +156,29 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     try:
         staged = work / "out"
         staged.mkdir()
-        _export_and_fuse(hf, opts, report, staged / MODEL_NAME, progress, attention_wanted(opts, hf_opts))
+        fused = work / "fp32" / MODEL_NAME if opts.quantize else staged / MODEL_NAME
+        model = _export_and_fuse(hf, opts, report, fused, progress, attention_wanted(opts, hf_opts))
+        if not opts.quantize:
+            model = None  # written: the memory goes back before the check
         if opts.validate:
             t = time.perf_counter()
             progress("checking generation against transformers")
-            _validate(hf, opts.validate, hf_opts, report, staged / MODEL_NAME)
-            _stress(opts.validate, report, staged / MODEL_NAME, progress)
+            _validate(hf, opts.validate, hf_opts, report, fused)
+            _stress(opts.validate, report, fused, progress)
             report.steps["validate"] = time.perf_counter() - t
         else:
             report.notes.append("not validated (--no-validate): nothing was compared with transformers")
+        if opts.quantize:
+            _quantize(model, opts, report, staged / MODEL_NAME, progress)
+            del model
+            remove(fused.parent)
+            if opts.validate and hf.task == "text-generation-with-past":
+                t = time.perf_counter()
+                progress("measuring the quantized decoder against transformers (fp32)")
+                _check_quantized(hf, opts.validate, hf_opts, report, staged / MODEL_NAME, opts.quantize.kind)
+                report.steps["validate_quantized"] = time.perf_counter() - t
+            elif opts.validate:
+                report.notes.append(f"the quantized {hf.task} model is not compared with transformers (the quantized check runs on KV-cache decoders)")
         if report.passed or opts.keep_failed:
             _write_folder(hf, staged, report, out)
         else:
@@ -167,11 +188,40 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     return report
 
 
+def _quantize(model, opts, report: HFConvertReport, dst: Path, progress) -> None:
+    from normexport.fuse import save_onnx
+    from normexport.quantize import quantize_model
+
+    t = time.perf_counter()
+    progress(f"quantizing the weight MatMuls to {opts.quantize.kind} (onnxruntime's MatMulNBitsQuantizer)")
+    quantized, report.quantization = quantize_model(model, opts.quantize)
+    save_onnx(quantized, dst)
+    report.steps["quantize"] = time.perf_counter() - t
+
+
+def _check_quantized(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HFConvertReport, model_path: Path, kind: str) -> None:
+    """The quantized decoder against transformers in fp32 (statistics, thresholds), and every
+    fused norm of the quantized graph alone against a float64 RMSNorm."""
+    import torch
+
+    from normexport.hf.generation import OnnxDecoder
+    from normexport.quant_check import check_quantized_decoder
+    from normexport.stress import stress_check
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record)
+    thresholds = opts.quant_thresholds.resolved(kind)
+    result = check_quantized_decoder(hf.module, decoder, hf_opts.gen_tokens, opts.seed, thresholds)
+    result.stress = stress_check(model_path, None, opts, opts.seed)
+    report.quantized_accuracy = result
+
+
 def attention_wanted(opts, hf_opts: HFOptions) -> bool:
     return opts.fuse.record.onnxruntime_ops if hf_opts.attention_fusion is None else hf_opts.attention_fusion
 
 
-def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False) -> None:
+def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False):
     from normexport.fuse import fuse_model, save_onnx
     from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
     from normexport.fuse.report import require_norms
@@ -196,6 +246,7 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
         _check_loads(exp.model, fusion)
     save_onnx(exp.model, dst)
     report.steps["fuse"] = time.perf_counter() - t
+    return exp.model
 
 
 def _check_loads(model, fusion) -> None:

@@ -277,7 +277,7 @@ class StepComparison:
 
 def json_float(v):
     """A float JSON can hold: NaN and +/-Inf become the strings "nan", "inf", "-inf"."""
-    from normexport.report import strict
+    from normexport.jsonvalues import strict
 
     return strict(v)
 

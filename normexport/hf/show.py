@@ -53,6 +53,10 @@ def print_hf_convert(c: Console, r) -> None:
         print_generation(c, r.generation)
     if r.stress is not None:
         print_stress(c, r.stress)
+    if r.quantization is not None:
+        from normexport.quant_check import print_quantized
+
+        print_quantized(c, r.quantization, r.quantized_accuracy)
     for o in r.outputs:
         c.print(f"{escape(o.name)} (sample {o.sample}): max abs {_fmt(o.max_abs)}, cosine {o.cosine:.6f}: " + ("[green]passed[/green]" if o.passed else "[red]FAILED[/red]"))
     for note in r.notes:

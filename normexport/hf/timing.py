@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 Run = tuple[float, float, list[int]]
@@ -55,10 +56,54 @@ def run_ort(decoder, prompt: list[int], new: int) -> Run:
     return prefill, (time.perf_counter() - t) / max(1, new - 1), tokens
 
 
+def run_genai(og, model, prompt: list[int], new: int) -> Run:
+    """onnxruntime-genai's greedy loop (its own KV-cache handling) over ``model`` (og.Model)."""
+    import numpy as np
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + new, min_length=len(prompt) + new)
+    gen = og.Generator(model, params)
+    t = time.perf_counter()
+    gen.append_tokens(np.asarray([prompt], dtype=np.int32))  # the prompt's forward runs here
+    gen.generate_next_token()
+    prefill = time.perf_counter() - t
+    tokens = [int(gen.get_next_tokens()[0])]
+    t = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return prefill, (time.perf_counter() - t) / max(1, len(tokens) - 1), tokens
+
+
+def genai_view(folder, threads: int, work) -> Path:
+    """A folder onnxruntime-genai loads as ``folder`` with ``threads`` intra-op threads: its
+    files linked, genai_config.json copied with the session options set (``folder`` untouched)."""
+    import json
+    import os
+
+    view = Path(work) / f"genai-{Path(folder).name}"
+    view.mkdir(parents=True)
+    for f in Path(folder).iterdir():
+        if f.name != "genai_config.json":
+            os.symlink(f.resolve(), view / f.name)
+    cfg = json.loads((Path(folder) / "genai_config.json").read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    opts["intra_op_num_threads"], opts["inter_op_num_threads"] = threads, 1
+    (view / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    return view
+
+
+def folder_bytes(folder) -> int:
+    """Bytes of a decoder folder's model files (.onnx and external data)."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and (f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data")))
+
+
 @dataclass
 class Timing:
     name: str
     runs: list[Run] = field(default_factory=list)
+    quantized: str | None = None  # int4 / int8: its tokens are not expected to equal the reference
+    size_bytes: int | None = None  # the model files, where the variant is a folder
 
     @property
     def prefill_ms(self) -> float:
@@ -75,6 +120,10 @@ class Timing:
         out = {"variant": self.name, "prefill_ms": round(self.prefill_ms, 4), "decode_ms_per_token": round(self.decode_ms, 4), "rounds": len(self.runs)}
         if reference is not None:
             out["tokens_equal_reference"] = self.tokens_equal(reference)
+        if self.quantized:
+            out["quantized"] = self.quantized
+        if self.size_bytes is not None:
+            out["size_mb"] = round(self.size_bytes / 1e6, 2)
         return out
 
 

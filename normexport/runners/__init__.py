@@ -42,9 +42,9 @@ def _make_trt(record: Backend, model, optimize: bool, threads: int | None, dtype
 
 _GPU_FOLD = "the fused kernel reads the residual sum once (GPU kernels gain from it)"
 BACKEND_RECORDS = (
-    Backend("ort-cpu", _make_ort, "onnxruntime, CPU", providers=("CPUExecutionProvider",), cpu=True, fold_residual=False,
+    Backend("ort-cpu", _make_ort, "onnxruntime, CPU", providers=("CPUExecutionProvider",), cpu=True, contrib_ops=True, fold_residual=False,
             residual_why="onnxruntime's CPU kernel of the folded op runs slower than Add + the norm (docs/BENCHMARKS.md)"),
-    Backend("ort-cuda", _make_ort, "onnxruntime, CUDA", providers=("CUDAExecutionProvider", "CPUExecutionProvider"), residual_why=_GPU_FOLD),
+    Backend("ort-cuda", _make_ort, "onnxruntime, CUDA", providers=("CUDAExecutionProvider", "CPUExecutionProvider"), contrib_ops=True, residual_why=_GPU_FOLD),
     Backend("ort-trt", _make_ort, "onnxruntime's TensorRT provider",
             providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), residual_why=_GPU_FOLD),
     Backend("trt", _make_trt, "TensorRT itself (runs trt-plugin nodes)", plugin_targets=("trt-plugin",), residual_why=_GPU_FOLD),

@@ -55,6 +55,7 @@ class Backend:
     plugin_targets: tuple[str, ...] = ()  # targets only backends naming them run (beside every portable one)
     fold_residual: bool = True  # folding a residual Add into the fused norm pays off here
     residual_why: str = ""  # why (the report shows it when ``--residual-fusion auto`` chose)
+    contrib_ops: bool = False  # runs onnxruntime's com.microsoft ops (MatMulNBits, GatherBlockQuantized: --quantize)
     cpu: bool = False  # runs on the host CPU (onnxruntime's CPU kernels: the profiler's view of the unfused model is the CPU's)
 
     @property
