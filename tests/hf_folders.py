@@ -2,7 +2,8 @@
 
 Each entry: transformers config class, model class and config overrides on a shared decoder
 (hidden 64, 2 layers, 4 heads of 16 with 2 KV heads, vocabulary 1000). Norm weights are drawn
-away from 1 so that a fusion that dropped the scale would show.
+away from 1 so that a fusion that dropped the scale would show, and Linear biases (Qwen2's
+q/k/v) away from 0 so that a dropped bias would.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ DECODER = dict(
 
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rms_norm_eps=1e-5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rms_norm_eps=1e-6)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rms_norm_eps=1e-5, sliding_window=8)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rms_norm_eps=1e-6)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=16)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=16)),
@@ -29,9 +32,8 @@ FAMILIES = {
 
 # More families, for the onnxruntime-genai run on every kind of folder normexport writes (genai
 # knows some of these model types and runs the others as its generic "decoder"); MoE ones too.
+# Mistral and Qwen2 are in FAMILIES (GroupQueryAttention), whose genai run is in test_hf.
 MORE_FAMILIES = {
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rms_norm_eps=1e-5, sliding_window=None)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rms_norm_eps=1e-6)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, decoder_sparse_step=1)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     "helium": ("HeliumConfig", "HeliumForCausalLM", dict(rms_norm_eps=1e-8)),
@@ -59,6 +61,8 @@ def save_tiny(family: str, folder: Path, seed: int = 0, attn: str | None = None,
             for m in model.modules():
                 if type(m).__name__.endswith("RMSNorm") and getattr(m, "weight", None) is not None:
                     m.weight.normal_(0.0 if "Gemma" in type(m).__name__ else 1.0, 0.2)
+                if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                    m.bias.normal_(0.0, 0.02)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     return folder

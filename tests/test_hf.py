@@ -23,7 +23,8 @@ from normexport.hf.kv_export import cache_kwarg, output_cache  # noqa: E402
 
 FUSED_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
 NEW_TOKENS = 32
-FAST = {"llama"}  # the others run in CI's slow set (each export takes 10-40 s)
+FAST = {"llama", "qwen2", "mistral"}  # the others run in CI's slow set (each export takes 10-40 s)
+GQA_FAMILIES = {"llama", "qwen2", "mistral"}  # --attention auto: one GroupQueryAttention per layer
 
 
 
@@ -55,7 +56,8 @@ def test_convert_writes_a_kv_decoder_folder(converted):
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     layers = transformers.AutoConfig.from_pretrained(str(folder)).num_hidden_layers
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask", "position_ids", *past]
+    positions = [] if family in GQA_FAMILIES else ["position_ids"]  # GroupQueryAttention takes them from the mask
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask", *positions, *past]
     assert [o.name for o in m.graph.output] == ["logits", *[f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
     assert dims["input_ids"] == ["batch", "sequence"] and dims["attention_mask"] == ["batch", "total_sequence"]
@@ -63,12 +65,21 @@ def test_convert_writes_a_kv_decoder_folder(converted):
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_hidden_layers"] == layers
     assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert ("position_ids" in genai["model"]["decoder"]["inputs"]) == bool(positions)
+    assert genai["search"]["past_present_share_buffer"] == (family in GQA_FAMILIES)
     report = json.loads(rep.read_text())
     assert report["generation"]["passed"] and all(p["tokens_equal"] for p in report["generation"]["prompts"])
     own = json.loads((out / "normexport_report.json").read_text())  # the folder's own report: the same facts
     logits = own["validation"]["outputs"]
     assert own["validation"]["passed"] and len(logits) == len(report["generation"]["prompts"])
     assert all(o["name"] == "logits" and o["passed"] and o["steps"] == 8 and 0.99 < o["cosine"] <= 1.0 + 1e-6 for o in logits)
+    steps = {"load", "export", "fuse", "validate: transformers", "validate"}
+    assert set(report["steps_cpu_s"]) == set(report["peak_rss_mib_after"]) == steps and all(v > 0 for v in report["peak_rss_mib_after"].values())
+    if family in GQA_FAMILIES:
+        assert report["attention_op"] == "GroupQueryAttention"
+    else:  # left on the generic graph, with the reason
+        assert report["attention_op"] == "generic"
+        assert any(n.startswith("generic attention graph, not GroupQueryAttention: ") for n in report["notes"]), report["notes"]
 
 
 def test_every_rmsnorm_module_is_fused(converted):
@@ -93,7 +104,7 @@ def test_greedy_tokens_equal_transformers(converted):
         assert ours == torch_generate(model, prompt, NEW_TOKENS), family
 
 
-ROTARY_FAMILIES = {"llama", "qwen3"}  # RotaryEmbedding must fuse for these (query and key of every layer)
+ROTARY_FAMILIES = {"qwen3"}  # generic attention graph: RotaryEmbedding must fuse (query and key of every layer)
 
 
 def _ops(path: Path) -> dict[str, int]:
@@ -109,6 +120,9 @@ def test_attention_and_rotary_fusions_are_counted(converted):
     family, folder, out, rep, result = converted
     assert result.exit_code == 0, result.output + result.stderr
     attention = json.loads(rep.read_text())["attention_fusion"]
+    if family in GQA_FAMILIES:  # nothing left for the pass: it does not run unless --attention-fusion
+        assert attention is None and "attention/rotary fusions" not in result.output
+        return
     ops = _ops(out / "model.onnx")
     assert attention["ops_after"] == ops
     assert attention["nodes_after"] == sum(ops.values()) < attention["nodes_before"]
@@ -117,6 +131,110 @@ def test_attention_and_rotary_fusions_are_counted(converted):
         layers = transformers.AutoConfig.from_pretrained(str(folder)).num_hidden_layers
         assert ops["RotaryEmbedding"] == 2 * layers, (family, ops)
         assert "RotaryEmbedding x" in result.output
+
+
+def _attr(node, name):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def test_group_query_attention_graph(converted):
+    """One GroupQueryAttention per layer, fed by one packed Q/K/V MatMul (its bias kept where it
+    is not zero: Qwen2), the rotary embedding inside it from cos/sin caches equal to the model's
+    own rotary module, seqlens_k/total_sequence_length from attention_mask; no attention, rotary
+    or mask ops left; every norm fused."""
+    family, folder, out, rep, result = converted
+    assert result.exit_code == 0, result.output + result.stderr
+    from onnx import numpy_helper
+
+    model = load_torch(folder)
+    cfg = model.config
+    m = onnx.load(str(out / "model.onnx"))
+    ops = _ops(out / "model.onnx")
+    gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    if family not in GQA_FAMILIES:  # the generic graph: no GroupQueryAttention, positions an input
+        assert not gqa and "position_ids" in [i.name for i in m.graph.input]
+        return
+    assert len(gqa) == cfg.num_hidden_layers and all(n.domain == "com.microsoft" for n in gqa)
+    window = cfg.sliding_window if family == "mistral" else -1
+    for n in gqa:
+        assert (_attr(n, "num_heads"), _attr(n, "kv_num_heads"), _attr(n, "do_rotary"), _attr(n, "rotary_interleaved")) == (4, 2, 1, 0)
+        assert _attr(n, "scale") == pytest.approx(16 ** -0.5) and _attr(n, "local_window_size") == window
+        assert n.input[1] == n.input[2] == ""  # packed Q/K/V in the query input
+    for op in ("Softmax", "RotaryEmbedding", "MultiHeadAttention", "Expand", "Transpose", "Concat", "Where", "Range", "ReduceMean"):
+        assert op not in ops, (family, op, ops)
+    assert ops["MatMul"] == 5 * cfg.num_hidden_layers + 1  # per layer Q/K/V (packed), O, gate, up, down; the LM head
+    assert ops.get("Add", 0) >= (2 * cfg.num_hidden_layers if family == "qwen2" else 0)
+    assert _fused_norms(ops) == 2 * cfg.num_hidden_layers + 1
+    inits = {t.name: t for t in m.graph.initializer}
+    cos, sin = (numpy_helper.to_array(inits[gqa[0].input[i]]) for i in (7, 8))
+    pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)
+    freqs = pos[:, None] * (cfg.rope_parameters["rope_theta"] ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16))[None]
+    np.testing.assert_allclose(cos, freqs.cos().numpy(), atol=1e-5)
+    np.testing.assert_allclose(sin, freqs.sin().numpy(), atol=1e-5)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    assert producers[producers[producers[gqa[0].input[5]].input[0]].input[0]].op_type == "ReduceSum"  # Cast(Sub(ReduceSum(mask), 1))
+
+
+def test_right_padded_batch_matches_transformers(converted):
+    """GroupQueryAttention's contract (the generic graph's too): rows of different lengths, right-padded; each row's
+    prefill logits equal transformers' on that row alone, and so does the next decode step of
+    the full row."""
+    family, folder, out, rep, result = converted
+    model = load_torch(folder)
+    decoder = OnnxDecoder(out)
+    rng = np.random.default_rng(33)
+    ids = rng.integers(3, 1000, size=(2, 9))
+    mask = np.ones((2, 9), dtype=np.int64)
+    mask[1, 5:] = 0
+    feed = {"input_ids": ids, "attention_mask": mask, **decoder.empty_past(2)}
+    if "position_ids" in decoder.inputs:  # the generic graph
+        feed["position_ids"] = np.broadcast_to(np.arange(9), (2, 9)).copy()
+    outs = dict(zip(decoder.output_names, decoder.session.run(None, feed)))
+    for row, length in ((0, 9), (1, 5)):
+        with torch.inference_mode():
+            ref = model(input_ids=torch.tensor(ids[row : row + 1, :length])).logits[0].numpy()
+        np.testing.assert_allclose(outs["logits"][row, :length], ref, atol=1e-4, rtol=1e-3)
+    nxt = outs["logits"][:, -1].argmax(-1)[:, None]
+    logits, _ = decoder.step(nxt[:1], {p: outs[p.replace("past_key_values.", "present.", 1)][:1] for p in decoder.past_names}, 9)
+    with torch.inference_mode():
+        ref = model(input_ids=torch.tensor(np.concatenate([ids[:1], nxt[:1]], axis=1))).logits[0, -1].numpy()
+    np.testing.assert_allclose(logits[0, -1], ref, atol=1e-4, rtol=1e-3)
+
+
+def test_packed_qkv_drops_only_zero_biases():
+    from normexport.hf.gqa import packed_qkv
+
+    torch.manual_seed(0)
+    attn = torch.nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    attn.double()
+    expected = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+    packed = packed_qkv(attn)
+    assert packed.bias is not None and torch.equal(packed(x), expected)
+    with torch.no_grad():
+        for p in (attn.q_proj, attn.k_proj, attn.v_proj):
+            p.bias.zero_()
+    packed = packed_qkv(attn)
+    assert packed.bias is None and torch.equal(packed(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
+    with torch.no_grad():
+        attn.v_proj.bias[3] = -0.0 + 1e-30  # one non-zero entry keeps the whole bias
+    assert packed_qkv(attn).bias is not None
+
+
+@pytest.mark.parametrize("family,args,words", [
+    ("qwen3", ("--attention", "gqa"), ("--attention gqa", "Qwen3Attention")),
+    ("llama", ("--attention", "gqa", "--target", "onnx"), ("--attention gqa", "--target onnx")),
+    ("llama", ("--attention", "gqa", "--task", "text-generation"), ("--attention gqa", "KV cache")),
+])
+def test_attention_gqa_refused_where_it_does_not_fit(tmp_path, family, args, words):
+    folder = save_tiny(family, tmp_path / family)
+    result = invoke("convert", folder, "-o", tmp_path / "out", *args)
+    assert result.exit_code == 2, result.output + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error:") and lines[1].startswith("hint:")
+    assert all(w in lines[0] for w in words), lines
+    assert not (tmp_path / "out").exists()
 
 
 def _fused_norms(ops: dict[str, int]) -> int:
@@ -140,7 +258,7 @@ def test_attention_fusion_options(tmp_path, flags):
     if flags == ("--no-attention-fusion",):
         assert report["attention_fusion"] is None and "RotaryEmbedding" not in ops
     else:
-        assert ops["RotaryEmbedding"] == 4 and "SkipSimplifiedLayerNormalization" not in ops
+        assert ops["GroupQueryAttention"] == 2 and "SkipSimplifiedLayerNormalization" not in ops
         assert ops["SimplifiedLayerNormalization"] == modules
 
 
@@ -200,10 +318,32 @@ def test_batch_and_past_are_dynamic(llama):
     assert past["past_key_values.0.key"].shape == (3, 2, 8, 16)
 
 
-def test_left_padded_batch_matches_transformers(llama):
+@pytest.fixture(scope="module")
+def llama_generic(tmp_path_factory):
+    """--attention generic: the attention as plain ops, the rotary fused, position_ids an input."""
+    tmp = tmp_path_factory.mktemp("llama-generic")
+    folder = save_tiny("llama", tmp / "llama", seed=3)
+    out, rep = tmp / "out", tmp / "report.json"
+    result = invoke("convert", folder, "-o", out, "--gen-tokens", 8, "--attention", "generic", "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    return folder, out, json.loads(rep.read_text())
+
+
+def test_generic_attention_option(llama_generic):
+    folder, out, report = llama_generic
+    ops = _ops(out / "model.onnx")
+    assert report["attention_op"] == "generic" and report["generation"]["passed"]
+    assert "GroupQueryAttention" not in ops and ops["RotaryEmbedding"] == 4 and _fused_norms(ops) == 5
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert "position_ids" in [i.name for i in m.graph.input]
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["inputs"]["position_ids"] == "position_ids" and genai["search"]["past_present_share_buffer"] is False
+
+
+def test_left_padded_batch_matches_transformers(llama_generic):
     """A left-padded row (attention_mask 0, positions from its first real token) through the
-    rotary/attention-fused graph: prefill and a decode step equal transformers' where attended."""
-    folder, out = llama
+    generic rotary/attention-fused graph: prefill and a decode step equal transformers' where attended."""
+    folder, out, _ = llama_generic
     model = load_torch(folder)
     decoder = OnnxDecoder(out)
     rng = np.random.default_rng(21)
@@ -528,7 +668,7 @@ def test_validate_fails_for_another_models_output(llama, tmp_path):
 def test_bench_folder_reports_every_variant(llama, tmp_path):
     folder, out = llama
     rep = tmp_path / "b.json"
-    result = invoke("bench", folder, out, "--prompt-len", 12, "--new-tokens", 4, "--rounds", 2, "--threads", 1, "--report", rep)
+    result = invoke("bench", folder, out, "--prompt-len", 12, "--new-tokens", 4, "--rounds", 2, "--report", rep)  # one thread by default
     assert result.exit_code == 0, result.output + result.stderr
     report = json.loads(rep.read_text())
     assert [v["variant"] for v in report["variants"]] == ["torch eager (cache)", "onnx unfused", f"onnx fused ({out.name})"]
@@ -536,6 +676,7 @@ def test_bench_folder_reports_every_variant(llama, tmp_path):
         assert v["prefill_ms"] > 0 and v["decode_ms_per_token"] > 0 and v["rounds"] == 2
         assert v["tokens_equal_reference"], v
     assert report["prompt_tokens"] == 12 and report["decode_past"] == "12..14"
+    assert report["threads"] == 1
 
 
 @pytest.mark.slow
@@ -625,6 +766,7 @@ CONVERT_GIVEN = {  # option -> (its command-line words, where convert's folder p
     "gen_tokens": (["--gen-tokens", "9"], lambda o, hf, rep: hf["gen_tokens"] == 9),
     "attention_fusion": (["--no-attention-fusion"], lambda o, hf, rep: hf["attention_fusion"] is False),
     "trust_remote_code": (["--trust-remote-code"], lambda o, hf, rep: hf["trust_remote_code"] is True),
+    "attention": (["--attention", "generic"], lambda o, hf, rep: hf["attention"] == "generic"),
     "quantize": (["--quantize", "int8"], lambda o, hf, rep: o.quantize.kind == "int8"),
     "quant_block_size": (["--quantize", "int4", "--quant-block-size", "64"], lambda o, hf, rep: o.quantize.block_size == 64),
     "quant_accuracy_level": (["--quantize", "int4", "--quant-accuracy-level", "1"], lambda o, hf, rep: o.quantize.accuracy_level == 1),
@@ -687,3 +829,33 @@ def test_folder_backend_onnxruntime_lacks_is_exit_2_before_any_work(llama, tmp_p
         result = invoke(*args, "--backend", backend)
         assert result.exit_code == 2 and words in (result.stderr.splitlines()[0] + result.stderr), (args, result.stderr)
         assert not (tmp_path / "o").exists()
+ROPE_SCALINGS = {
+    "llama3": dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
+    "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64),
+    "dynamic": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPE_SCALINGS))
+def test_group_query_attention_rope_scaling(tmp_path, rope):
+    """Scaled rotary embeddings whose cos/sin depend on the position alone go into
+    GroupQueryAttention's caches (checked past original_max_position_embeddings: 60-token
+    prompts, 40 new tokens); one that depends on the sequence length (dynamic) stays generic."""
+    from hf_folders import DECODER
+
+    from normexport.fuse import save_onnx
+    from normexport.hf.folder import load_folder
+    from normexport.hf.generation import check_generation
+    from normexport.hf.gqa import gqa_plan
+    from normexport.hf.kv_export import export_decoder
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER, rope_parameters=ROPE_SCALINGS[rope])).save_pretrained(tmp_path / "m")
+    hf = load_folder(tmp_path / "m")
+    plan, reason = gqa_plan(hf)
+    if rope == "dynamic":
+        assert plan is None and "dynamic" in reason
+        return
+    save_onnx(export_decoder(hf, tmp_path, gqa=plan).model, tmp_path / "out" / "model.onnx")
+    report = check_generation(hf.module, OnnxDecoder(tmp_path / "out"), "float32", 40, seed=2, prompt_len=60)
+    assert report.passed and max(s.max_abs for p in report.prompts for s in p.steps) < 1e-4

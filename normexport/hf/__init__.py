@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 CONFIG_NAME = "config.json"
+ATTENTION_CHOICES = ("auto", "gqa", "generic")  # --attention: auto is GroupQueryAttention for --target ort where the model fits
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

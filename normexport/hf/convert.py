@@ -13,6 +13,7 @@ from pathlib import Path
 
 from normexport import outputs
 from normexport.errors import NormexportError
+from normexport.hf import ATTENTION_CHOICES
 from normexport.hf.folder import HFModel, load_folder
 from normexport.options import ValidateOptions
 from normexport.quantize import check_quantize
@@ -36,6 +37,7 @@ class HFOptions:
     gen_tokens: int = 32
     trust_remote_code: bool = False
     attention_fusion: bool | None = None  # None: on for --target ort
+    attention: str = "auto"  # one of normexport.hf.ATTENTION_CHOICES
 
 
 @dataclass
@@ -48,6 +50,7 @@ class HFConvertReport:
     rmsnorm_modules: int = 0
     fusion: object = None  # FuseReport
     attention: object = None  # ort_attention.AttentionFusion
+    attention_op: str = ""  # "GroupQueryAttention" or "generic"
     generation: object = None  # GenerationReport (the fp32 graph; before quantization where quantized)
     stress: object = None  # stress.StressReport: each fused norm alone on --backend
     quantization: object = None  # quantize.QuantizeReport
@@ -55,7 +58,9 @@ class HFConvertReport:
     outputs: list = field(default_factory=list)  # OutputComparison (tasks without a cache)
     inputs: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
-    steps: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)  # wall seconds per step
+    steps_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (all threads) per step
+    peak_rss: dict[str, float] = field(default_factory=dict)  # the process's peak RSS (MiB) at the end of each step
     notes: list[str] = field(default_factory=list)
     written: bool = False
 
@@ -88,6 +93,15 @@ class HFConvertReport:
             for i, p in enumerate(self.generation.prompts) if p.steps
         ]
 
+    def step(self, name: str, since: tuple[float, float]) -> None:
+        """Record the step that began at ``since`` (a ``clock()``)."""
+        import resource
+
+        wall, cpu = clock()
+        self.steps[name] = wall - since[0]
+        self.steps_cpu[name] = cpu - since[1]
+        self.peak_rss[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
     def to_json(self) -> dict:
         return {
             "model": self.model, "target": self.target, "output": self.output if self.written else None,
@@ -95,6 +109,7 @@ class HFConvertReport:
             "inputs": self.inputs, "outputs": self.output_names,
             "rmsnorm_modules": self.rmsnorm_modules,
             "fusion": self.fusion.to_json() if self.fusion else None,
+            "attention_op": self.attention_op or None,
             "attention_fusion": self.attention.to_json() if self.attention else None,
             "generation": self.generation.to_json() if self.generation else None,
             "stress": self.stress.to_json() if self.stress else None,
@@ -102,8 +117,14 @@ class HFConvertReport:
             "quantized_accuracy": self.quantized_accuracy.to_json() if self.quantized_accuracy else None,
             "validation": {"passed": self.passed, "outputs": self._outputs_json()} if self.checked else None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
+            "steps_cpu_s": {k: round(v, 3) for k, v in self.steps_cpu.items()},
+            "peak_rss_mib_after": {k: round(v, 1) for k, v in self.peak_rss.items()},
             "notes": self.notes,
         }
+
+
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
 def default_output(path: Path, target: str) -> Path:
@@ -139,14 +160,20 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
         runs_with = ", ".join(t.name for t in RECORDS if t.onnxruntime_ops)
         raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {target.name}", f"use --target {runs_with}, or drop --attention-fusion")
     check_quantize(opts)
-    t = time.perf_counter()
+    if hf_opts.attention not in ATTENTION_CHOICES:
+        raise NormexportError(f"unknown --attention '{hf_opts.attention}'", f"one of {', '.join(ATTENTION_CHOICES)}")
+    if hf_opts.attention == "gqa" and not target.onnxruntime_ops:
+        runs_with = ", ".join(t.name for t in RECORDS if t.onnxruntime_ops)
+        raise NormexportError(f"--attention gqa makes onnxruntime's GroupQueryAttention; it does not apply to --target {target.name}", f"use --target {runs_with}, or --attention generic")
+    t = clock()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.load.dtype, opts.load.trust_pickle, hf_opts.trust_remote_code)
     from normexport.norm_modules import refuse_without_rmsnorm
 
     refuse_without_rmsnorm(hf.module, f"{path} ({hf.architecture})", path)  # before any export
     report = HFConvertReport(str(path), opts.fuse.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
-    report.steps["load"] = time.perf_counter() - t
+    report.step("load", t)
+    gqa = choose_attention(hf, opts, hf_opts, report)
     from normexport.hf.kv_export import fresh_workdir, remove
 
     try:
@@ -157,15 +184,15 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
         staged = work / "out"
         staged.mkdir()
         fused = work / "fp32" / MODEL_NAME if opts.quantize else staged / MODEL_NAME
-        model = _export_and_fuse(hf, opts, report, fused, progress, attention_wanted(opts, hf_opts))
+        model = _export_and_fuse(hf, opts, report, fused, progress, attention_wanted(opts, hf_opts, gqa is not None), gqa)
         if not opts.quantize:
             model = None  # written: the memory goes back before the check
         if opts.validate:
-            t = time.perf_counter()
+            t = clock()
             progress("checking generation against transformers")
-            _validate(hf, opts.validate, hf_opts, report, fused)
+            _validate(hf, opts.validate, hf_opts, report, fused, keep_module=opts.quantize is not None)
             _stress(opts.validate, report, fused, progress)
-            report.steps["validate"] = time.perf_counter() - t
+            report.step("validate", t)
         else:
             report.notes.append("not validated (--no-validate): nothing was compared with transformers")
         if opts.quantize:
@@ -173,14 +200,14 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
             del model
             remove(fused.parent)
             if opts.validate and hf.task == "text-generation-with-past":
-                t = time.perf_counter()
+                t = clock()
                 progress("measuring the quantized decoder against transformers (fp32)")
                 _check_quantized(hf, opts.validate, hf_opts, report, staged / MODEL_NAME, opts.quantize.kind)
-                report.steps["validate_quantized"] = time.perf_counter() - t
+                report.step("validate_quantized", t)
             elif opts.validate:
                 report.notes.append(f"the quantized {hf.task} model is not compared with transformers (the quantized check runs on KV-cache decoders)")
         if report.passed or opts.keep_failed:
-            _write_folder(hf, staged, report, out)
+            _write_folder(hf, staged, report, out, gqa is not None)
         else:
             report.notes.append(f"validation failed: {out} not written (--keep-failed writes it anyway)")
     finally:
@@ -192,11 +219,11 @@ def _quantize(model, opts, report: HFConvertReport, dst: Path, progress) -> None
     from normexport.fuse import save_onnx
     from normexport.quantize import quantize_model
 
-    t = time.perf_counter()
+    t = clock()
     progress(f"quantizing the weight MatMuls to {opts.quantize.kind} (onnxruntime's MatMulNBitsQuantizer)")
     quantized, report.quantization = quantize_model(model, opts.quantize)
     save_onnx(quantized, dst)
-    report.steps["quantize"] = time.perf_counter() - t
+    report.step("quantize", t)
 
 
 def _check_quantized(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HFConvertReport, model_path: Path, kind: str) -> None:
@@ -217,21 +244,45 @@ def _check_quantized(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, rep
     report.quantized_accuracy = result
 
 
-def attention_wanted(opts, hf_opts: HFOptions) -> bool:
-    return opts.fuse.record.onnxruntime_ops if hf_opts.attention_fusion is None else hf_opts.attention_fusion
+def attention_wanted(opts, hf_opts: HFOptions, gqa: bool = False) -> bool:
+    """onnxruntime's fusion pass: by default for --target ort on the generic attention graph (a
+    GroupQueryAttention graph has no attention or rotary left for it; --attention-fusion still
+    runs it there, packing the gate/up MatMuls)."""
+    if hf_opts.attention_fusion is not None:
+        return hf_opts.attention_fusion
+    return opts.fuse.record.onnxruntime_ops and not gqa
 
 
-def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False):
+def choose_attention(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertReport):
+    """A normexport.hf.gqa.GQAPlan when the decoder is exported with GroupQueryAttention, else
+    None (the generic attention graph; with auto, the reason is noted)."""
+    from normexport.hf.gqa import gqa_plan
+
+    report.attention_op = "generic"
+    if hf_opts.attention == "generic" or not opts.fuse.record.onnxruntime_ops:
+        return None
+    plan, reason = gqa_plan(hf)
+    if plan is None and hf_opts.attention == "gqa":
+        raise NormexportError(f"--attention gqa: {hf.architecture} does not fit GroupQueryAttention ({reason})", "use --attention generic (or auto) for this model")
+    if plan is None:
+        if hf.task == "text-generation-with-past":
+            report.notes.append(f"generic attention graph, not GroupQueryAttention: {reason}")
+        return None
+    report.attention_op = "GroupQueryAttention"
+    return plan
+
+
+def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False, gqa=None):
     from normexport.fuse import fuse_model, save_onnx
     from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
     from normexport.fuse.report import require_norms
 
-    t = time.perf_counter()
-    progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx")
-    exp = export_decoder(hf, dst.parent.parent, attention_form=attention)
+    t = clock()
+    progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx" + (", attention as GroupQueryAttention" if gqa else ""))
+    exp = export_decoder(hf, dst.parent.parent, attention_form=attention and gqa is None, gqa=gqa, in_place=True)  # the staging folder goes at the end
     report.inputs, report.output_names = exp.input_names, exp.output_names
-    report.steps["export"] = time.perf_counter() - t
-    t = time.perf_counter()
+    report.step("export", t)
+    t = clock()
     progress(f"fusing RMSNorm for target {opts.fuse.target}")
     fold, layout = residual_layout(opts.fuse.residual, opts.backend, opts.fuse.record)
     report.notes.append(layout)
@@ -245,7 +296,7 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
         _fuse_attention(exp.model, report, progress, opts.fuse.target, fold)
         _check_loads(exp.model, fusion)
     save_onnx(exp.model, dst)
-    report.steps["fuse"] = time.perf_counter() - t
+    report.step("fuse", t)
     return exp.model
 
 
@@ -281,15 +332,23 @@ def _fuse_attention(model, report: HFConvertReport, progress, target: str, fold:
         raise AssertionError(f"the attention fusions unfused norms: {norms} fused before, {fused_norms(report.attention.after)} after")
 
 
-def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HFConvertReport, model_path: Path) -> None:
+def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HFConvertReport, model_path: Path, keep_module: bool = False) -> None:
     import torch
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
     dtype = opts.dtype or "float32"
     if hf.task == "text-generation-with-past":
-        from normexport.hf.generation import OnnxDecoder, check_generation
+        import gc
 
+        from normexport.hf.generation import OnnxDecoder, compare_generation, reference_generation
+
+        t = clock()
+        references = reference_generation(hf.module, hf_opts.gen_tokens, opts.seed, prompts=opts.samples)
+        report.step("validate: transformers", t)
+        if not keep_module:  # transformers' side is done: its weights go before onnxruntime loads the export's
+            hf.module = None
+            gc.collect()
         try:
             decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record)
         except NormexportError as e:
@@ -298,7 +357,7 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
                 f"onnxruntime ({opts.backend}) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
                 "convert in float32 or float16, or pass --no-validate to write it unchecked",
             ) from None
-        report.generation = check_generation(hf.module, decoder, dtype, hf_opts.gen_tokens, opts.seed, prompts=opts.samples, atol=opts.atol, rtol=opts.rtol)
+        report.generation = compare_generation(references, decoder, dtype, hf_opts.gen_tokens, atol=opts.atol, rtol=opts.rtol)
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
 
@@ -334,7 +393,7 @@ def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
     return results
 
 
-def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path) -> None:
+def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path, gqa: bool = False) -> None:
     from normexport.hf.genai_config import genai_config
     from normexport.report import write_json
 
@@ -343,7 +402,7 @@ def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path)
         if src.is_file():
             shutil.copyfile(src, staged / name)
     if hf.task == "text-generation-with-past":
-        (staged / GENAI_CONFIG).write_text(json.dumps(genai_config(hf), indent=4))
+        (staged / GENAI_CONFIG).write_text(json.dumps(genai_config(hf, gqa), indent=4))
     report.written = True
     write_json(report.to_json(), staged / REPORT_NAME)  # marked as normexport's: a rerun may replace the folder
     outputs.install_folder(staged, out, OUTPUT_FILES)  # the folder appears whole or not at all

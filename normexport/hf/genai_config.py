@@ -1,6 +1,9 @@
 """genai_config.json in onnxruntime-genai's format (the fields its model builder writes), for
-the decoder normexport exports: past and present are separate buffers that grow by
-concatenation, so ``past_present_share_buffer`` is false."""
+the decoder normexport exports. The generic attention graph takes position_ids and its past and
+present are separate buffers that grow by concatenation (``past_present_share_buffer`` false);
+a GroupQueryAttention graph takes no position_ids and appends in place into one buffer of the
+context length (``past_present_share_buffer`` true), as the builder's GroupQueryAttention
+models do."""
 
 from __future__ import annotations
 
@@ -36,11 +39,14 @@ def _token_id(value, default):
     return default if value is None else value
 
 
-def genai_config(hf: HFModel) -> dict:
+def genai_config(hf: HFModel, gqa: bool = False) -> dict:
     cfg = hf.text_config
     layout = kv_layout(cfg)
     context = getattr(cfg, "max_position_embeddings", None) or 2048
     eos = _token_id(getattr(cfg, "eos_token_id", None), 0)
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids"}
+    if gqa:
+        del inputs["position_ids"]
     return {
         "model": {
             "bos_token_id": _token_id(getattr(cfg, "bos_token_id", None), 0),
@@ -51,9 +57,7 @@ def genai_config(hf: HFModel) -> dict:
                 "head_size": layout.head_dim,
                 "hidden_size": cfg.hidden_size,
                 "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                    **inputs,
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -81,7 +85,7 @@ def genai_config(hf: HFModel) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": gqa,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

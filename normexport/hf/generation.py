@@ -61,7 +61,7 @@ class OnnxDecoder:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in self.inputs]
+        missing = [n for n in ("input_ids", "attention_mask") if n not in self.inputs]
         if missing or not self.past_names or "logits" not in self.output_names:
             raise NormexportError(f"{path} is not a decoder with a KV cache (no {', '.join(missing) or 'past_key_values.*'} input)", "convert with --task text-generation-with-past")
         self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
@@ -77,12 +77,9 @@ class OnnxDecoder:
     def step(self, ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One forward of ``ids`` [batch, seq] after ``past_len`` cached positions."""
         batch, seq = ids.shape
-        feed = {
-            "input_ids": ids.astype(np.int64),
-            "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
-            **past,
-        }
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64), **past}
+        if "position_ids" in self.inputs:  # a GroupQueryAttention graph takes the positions from the mask
+            feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
         outs = dict(zip(self.output_names, self.session.run(None, feed)))
         return outs["logits"], {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
 
@@ -384,29 +381,53 @@ def logits_tolerances(dtype: str, atol=None, rtol=None) -> tuple[float, float]:
     return tolerance_for(atol, "logits", d_atol), tolerance_for(rtol, "logits", d_rtol)
 
 
+@dataclass
+class Reference:
+    """transformers' side of the check: per prompt, ``steps`` greedy tokens (past EOS) with the
+    raw logits of the prefill and of every decode step; the EOS ids and the generation_config
+    settings the check does not apply."""
+
+    prompts: list[tuple[list[int], list[int], list[np.ndarray]]]
+    eos: frozenset
+    ignored: list[str]
+
+
+def reference_generation(module, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7, prompt_ids: list[list[int]] | None = None) -> Reference:
+    """transformers' greedy decoding on seeded prompts across the vocabulary (or ``prompt_ids``):
+    after it the model is no longer needed (a caller may free it before onnxruntime loads the
+    export)."""
+    from normexport.hf.folder import quiet_transformers
+
+    vocab = module.config.get_text_config(decoder=True).vocab_size
+    with quiet_transformers():
+        runs = [(prompt, *torch_greedy(module, prompt, new_tokens)) for prompt in prompt_ids or random_prompts(vocab, prompts, prompt_len, seed)]
+    return Reference(runs, model_eos_ids(module), ignored_processors(module))
+
+
 def check_generation(module, decoder: OnnxDecoder, dtype: str, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7, atol=None, rtol=None, prompt_ids: list[list[int]] | None = None) -> GenerationReport:
     """Per-step logits (enforced) and free-running greedy tokens up to EOS, ONNX vs
     transformers. ``prompt_ids``: these prompts instead of random ones."""
-    from normexport.hf.folder import quiet_transformers
-
-    with quiet_transformers():
-        return _check_generation(module, decoder, dtype, new_tokens, seed, prompts, prompt_len, logits_tolerances(dtype, atol, rtol), prompt_ids)
+    return compare_generation(reference_generation(module, new_tokens, seed, prompts, prompt_len, prompt_ids), decoder, dtype, new_tokens, atol, rtol)
 
 
-def _check_generation(module, decoder, dtype, new_tokens, seed, prompts, prompt_len, tolerances, prompt_ids) -> GenerationReport:
+def compare_generation(reference: Reference, decoder: OnnxDecoder, dtype: str, new_tokens: int, atol=None, rtol=None) -> GenerationReport:
+    """The ONNX decoder against ``reference``: teacher-forced on transformers' tokens, every
+    step's logits within the tolerances; and its own greedy loop up to EOS. Where the forced
+    run's argmax already is transformers' token at every step up to EOS, the free-running loop
+    would feed the very same inputs, so it is not run again."""
     from normexport.validate import DEFAULT_TOLERANCES
 
-    vocab = decoder.session.get_outputs()[0].shape[-1]
-    vocab = vocab if isinstance(vocab, int) else module.config.get_text_config(decoder=True).vocab_size
     margin_tol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))[0] * 10 if dtype != "float32" else 0.0
-    eos = model_eos_ids(module)
-    atol, rtol = tolerances
-    report = GenerationReport(dtype, new_tokens, margin_tol, atol, rtol, sorted(eos), ignored_processors(module))
-    for prompt in prompt_ids or random_prompts(vocab, prompts, prompt_len, seed):
-        full_tokens, ref_logits = torch_greedy(module, prompt, new_tokens)
+    eos = reference.eos
+    atol, rtol = logits_tolerances(dtype, atol, rtol)
+    report = GenerationReport(dtype, new_tokens, margin_tol, atol, rtol, sorted(eos), reference.ignored)
+    for prompt, full_tokens, ref_logits in reference.prompts:
         ref_tokens = until_eos(full_tokens, eos)
         _, forced_logits = decoder.generate(prompt, new_tokens, forced=full_tokens)
-        onnx_tokens, _ = decoder.generate(prompt, new_tokens, eos=eos)
+        if all(int(np.argmax(forced_logits[i])) == t for i, t in enumerate(ref_tokens)):
+            onnx_tokens = list(ref_tokens)
+        else:
+            onnx_tokens, _ = decoder.generate(prompt, new_tokens, eos=eos)
         steps = [compare_step(i, r, g, atol, rtol) for i, (r, g) in enumerate(zip(ref_logits, forced_logits))]
         result = PromptResult(prompt, ref_tokens, onnx_tokens, steps)
         diff = next((i for i, (a, b) in enumerate(zip(ref_tokens, onnx_tokens)) if a != b), None)

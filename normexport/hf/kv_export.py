@@ -121,15 +121,23 @@ def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: in
     return feed
 
 
-def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False) -> DecoderExport:
+def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False, gqa=None, in_place: bool = False) -> DecoderExport:
     """torch.onnx (dynamo) export of the task's wrapper; batch, sequence and past dynamic.
-    ``attention_form``: SDPA exported the way onnxruntime's attention fusions match it."""
+    ``attention_form``: SDPA exported the way onnxruntime's attention fusions match it.
+    ``gqa`` (a normexport.hf.gqa.GQAPlan): every attention layer one GroupQueryAttention, no
+    position_ids input (normexport.hf.gqa).
+    ``in_place``: the export's files stay in a new folder under ``workdir`` (the caller removes
+    ``workdir``) and the weights stay memory-mapped from them instead of being read into memory."""
     from torch.export import Dim
 
     start = time.perf_counter()
     layout = kv_layout(hf.text_config)
     with_past = hf.task == "text-generation-with-past"
-    if with_past:
+    patch = contextlib.nullcontext()
+    if gqa is not None:
+        wrapper, outputs = gqa.decoder(hf.module), ["logits", *layout.present_names]
+        patch = wrapper.patched()
+    elif with_past:
         wrapper, outputs = DecoderWithPast(hf.module), ["logits", *layout.present_names]
     elif hf.task == "text-generation":
         wrapper, outputs = DecoderNoCache(hf.module, "logits"), ["logits"]
@@ -139,21 +147,25 @@ def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False) -> 
     feed = example_inputs(layout, dtype, with_past=with_past)
     d = Dim.DYNAMIC
     shapes = ({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d})
+    if gqa is not None:
+        del feed["position_ids"]
+        shapes = shapes[:2]
     if with_past:
         shapes = (*shapes, tuple({0: d, 2: d} for _ in layout.past_names))
     workdir = fresh_workdir(workdir)
     from normexport.hf.ort_attention import export_patches
 
     try:
-        with export_patches() if attention_form else contextlib.nullcontext():
-            model = _run_export(wrapper, feed, outputs, shapes, workdir / "export.onnx", hf)
+        with export_patches() if attention_form else contextlib.nullcontext(), patch:
+            model = _run_export(wrapper, feed, outputs, shapes, workdir / "export.onnx", hf, in_memory=not in_place)
     finally:
-        remove(workdir)
+        if not in_place:
+            remove(workdir)
     name_dims(model, with_past)
     return DecoderExport(model, list(feed), outputs, layout, time.perf_counter() - start)
 
 
-def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path: Path, hf: HFModel) -> ir.Model:
+def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path: Path, hf: HFModel, in_memory: bool = True) -> ir.Model:
     from normexport.export import _quiet, _raise_export_error
 
     with _quiet() as err:
@@ -168,6 +180,8 @@ def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path
                 "this architecture does not export with torch.onnx today; try --task text-generation (no cache) or another transformers version",
             )
     model = ir.load(str(path))
+    if not in_memory:
+        return model
     for v in model.graph.initializers.values():  # the temp folder goes away
         if isinstance(v.const_value, ir.ExternalTensor):
             v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)

@@ -47,6 +47,8 @@ def print_hf_convert(c: Console, r) -> None:
     if r.fusion:
         print_fusion(c, r.fusion)
         c.print(f"RMSNorm modules in PyTorch: {r.rmsnorm_modules}; fused norms: {r.fusion.fused}")
+    if r.attention_op == "GroupQueryAttention":
+        c.print("attention: one GroupQueryAttention per layer (rotary inside, positions from attention_mask; no position_ids input)")
     if r.attention is not None:
         c.print(f"attention/rotary fusions: {escape(r.attention.summary())}")
     if r.generation is not None:

@@ -1,0 +1,81 @@
+"""What converting a Hugging Face folder costs: `normexport convert DIR` (load, export, fuse,
+generation check against transformers, write) against onnxruntime-genai's model builder
+(`-p fp32 -e cpu`, which writes without checking anything), each in its own process under
+``/usr/bin/time -v``: CPU seconds (user + system), wall seconds and peak RSS. normexport's
+report adds CPU seconds and the peak RSS reached by the end of each step.
+
+The folder has Qwen2-0.5B's shapes with random weights (bench/qwen05_folder.py); nothing is
+downloaded. Bounds checked: CPU <= 3x the builder's, peak RSS <= 1.5x the fp32 weights + 1 GiB.
+
+    nice python bench/bench_convert_cost.py [--work DIR] [--skip-builder]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine_line  # noqa: E402
+from qwen05_folder import save_qwen05  # noqa: E402
+
+
+def timed(cmd: list[str], env: dict) -> dict:
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed ({r.returncode}): {r.stderr.strip().splitlines()[-3:]}")
+    field = lambda name: re.search(rf"{name}: (.+)", r.stderr).group(1).strip()  # noqa: E731
+    wall = field(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\)").split(":")
+    return {
+        "cpu_s": float(field("User time \\(seconds\\)")) + float(field("System time \\(seconds\\)")),
+        "wall_s": sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall))),
+        "peak_rss_gib": int(field("Maximum resident set size \\(kbytes\\)")) / 2**20,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, help="where the folder and the outputs go (default: a temp folder, removed)")
+    p.add_argument("--skip-builder", action="store_true")
+    a = p.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench-convert-cost-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    try:
+        folder = save_qwen05(work / "qwen05")
+        weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
+        load = os.getloadavg()
+        rows = {}
+        for out in ("normexport", "builder"):
+            shutil.rmtree(work / out, ignore_errors=True)
+        rep = work / "normexport.json"
+        rows["normexport convert (fp32, --target ort, checked)"] = timed([sys.executable, "-m", "normexport.cli", "convert", str(folder), "-o", str(work / "normexport"), "--report", str(rep)], env)
+        report = json.loads(rep.read_text())
+        if not a.skip_builder:
+            rows["onnxruntime-genai builder (fp32, cpu, unchecked)"] = timed([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(work / "builder"), "-p", "fp32", "-e", "cpu", "-c", str(work / "builder-cache")], env)
+        print(f"\n{machine_line(1)}; load average at the start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, at the end " + "%.1f/%.1f/%.1f" % os.getloadavg())
+        print(f"Qwen2-0.5B shapes, random weights: {weights:.2f} GiB of fp32 weights; RSS bound 1.5 x {weights:.2f} + 1 = {1.5 * weights + 1:.2f} GiB\n")
+        print("| convert | CPU s | wall s | peak RSS GiB |")
+        print("|---|---:|---:|---:|")
+        for name, r in rows.items():
+            print(f"| {name} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} |")
+        print("\nnormexport's steps (its report): " + ", ".join(f"{k} {report['steps_s'][k]:.1f} s wall / {report['steps_cpu_s'][k]:.1f} s CPU, peak RSS by then {report['peak_rss_mib_after'][k] / 1024:.2f} GiB" for k in report["steps_s"]))
+        print(f"generation check passed: {report['generation']['passed']}; attention: {report['attention_op']}")
+        if len(rows) == 2:
+            ours, builder = rows.values()
+            print(f"\nCPU ratio {ours['cpu_s'] / builder['cpu_s']:.2f}x the builder's (bound 3x); peak RSS {ours['peak_rss_gib']:.2f} GiB (bound {1.5 * weights + 1:.2f})")
+    finally:
+        if a.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
