@@ -24,14 +24,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_decoder import print_ops  # noqa: E402
 from common import machine_line  # noqa: E402
+
+from normexport.hf.timing import run_genai  # noqa: E402
 
 
 def save_folder(folder: Path, a) -> None:
@@ -88,41 +90,6 @@ def set_genai_threads(folder: Path, threads: int) -> None:
     opts["intra_op_num_threads"] = threads
     opts["inter_op_num_threads"] = 1
     path.write_text(json.dumps(cfg, indent=2))
-
-
-def run_genai(og, model, prompt, new):
-    import numpy as np
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new, min_length=len(prompt) + new)
-    gen = og.Generator(model, params)
-    t = time.perf_counter()
-    gen.append_tokens(np.asarray([prompt], dtype=np.int32))  # the prompt's forward runs here
-    gen.generate_next_token()
-    prefill = time.perf_counter() - t
-    tokens = [int(gen.get_next_tokens()[0])]
-    t = time.perf_counter()
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return prefill, (time.perf_counter() - t) / max(1, len(tokens) - 1), tokens
-
-
-def print_ops(graphs: dict[str, Path]) -> None:
-    """Each graph's nodes by op type (the ops it runs per step)."""
-    import onnx
-
-    from normexport.hf.ort_attention import op_counts
-
-    import onnx_ir as ir
-
-    counts = {name: op_counts(ir.from_proto(onnx.load(str(path), load_external_data=False))) for name, path in graphs.items()}
-    ops = sorted({op for c in counts.values() for op in c}, key=lambda op: -max(c.get(op, 0) for c in counts.values()))
-    print("\n| op | " + " | ".join(counts) + " |")
-    print("|---|" + "---:|" * len(counts))
-    print("| **nodes** | " + " | ".join(str(sum(c.values())) for c in counts.values()) + " |")
-    for op in ops:
-        print(f"| {op} | " + " | ".join(str(c.get(op, 0)) for c in counts.values()) + " |")
 
 
 def main() -> None:

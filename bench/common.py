@@ -171,11 +171,12 @@ def profile_norm_ops(path, feeds: list[dict], threads: int, iters: int, skip: in
     A breakdown beside ``normexport.bench.norm_share``, which profiles from the first call."""
     import json
 
+    from normexport.runners import DEFAULT_BACKEND, backend_record
     from normexport.runners.ort import OrtRunner
 
     chain = chain or set()
     with tempfile.TemporaryDirectory() as tmp:
-        runner = OrtRunner(path, optimize=True, threads=threads, profile_prefix=os.path.join(tmp, "prof"))
+        runner = OrtRunner(path, backend_record(DEFAULT_BACKEND), optimize=True, threads=threads, profile_prefix=os.path.join(tmp, "prof"))
         with runner:
             for i in range(skip + iters):
                 runner.infer(feeds[i % len(feeds)])

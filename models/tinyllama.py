@@ -101,11 +101,12 @@ class TinyLlama(nn.Module):
         self.norm = RMSNorm(cfg["hidden"], cfg["eps"])
         self.lm_head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logits by name, as transformers' causal LMs return them: the ONNX output is named so."""
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x)
-        return self.lm_head(self.norm(x))
+        return {"logits": self.lm_head(self.norm(x))}
 
 
 def build(seed: int = 0) -> TinyLlama:

@@ -90,15 +90,17 @@ def interleaved(runners: dict[str, Runner], feeds: list[dict], warmup: int, iter
     return {k: Latency.of(v) for k, v in samples.items()}
 
 
-def norm_share(model, feeds: list[dict], threads: int, iters: int, norm_nodes: set[str] | None = None, warmup: int = 2) -> float:
+def norm_share(model, feeds: list[dict], threads: int, iters: int, norm_nodes: set[str] | None = None, warmup: int = 2, backend=None) -> float:
     """Fraction of onnxruntime's summed node time spent in normalization, from its profiler,
-    over ``iters`` runs after ``warmup`` runs. A node counts as normalization if its op is a
-    norm op or its name is in ``norm_nodes`` (the primitive ops of an unfused norm)."""
+    over ``iters`` runs after ``warmup`` runs on ``backend`` (an onnxruntime backend's record;
+    None: the default backend). A node counts as normalization if its op is a norm op or its
+    name is in ``norm_nodes`` (the primitive ops of an unfused norm)."""
+    from normexport.runners import DEFAULT_BACKEND, backend_record
     from normexport.runners.ort import OrtRunner
 
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "prof")
-        runner = OrtRunner(model, optimize=True, threads=threads, profile_prefix=prefix)
+        runner = OrtRunner(model, backend or backend_record(DEFAULT_BACKEND), optimize=True, threads=threads, profile_prefix=prefix)
         with runner:
             for i in range(warmup + iters):
                 runner.infer(feeds[i % len(feeds)])
@@ -126,10 +128,11 @@ def unfused_norm_node_names(model_path) -> set[str]:
     import onnx_ir as ir
 
     from normexport.fuse import fuse_model
+    from normexport.fuse.registry import PLAIN_TARGET
 
     before = ir.load(str(model_path))
     names_before = {n.name for n in before.graph}
-    fuse_model(before, "ort", residual=False)  # the residual Adds are not norm time
+    fuse_model(before, PLAIN_TARGET, residual=False)  # the residual Adds are not norm time
     names_after = {n.name for n in before.graph}
     return names_before - names_after
 
@@ -140,19 +143,23 @@ def feeds_numpy(feeds) -> list[dict[str, np.ndarray]]:
     return [{k: to_numpy(v) for k, v in f.items()} for f in feeds]
 
 
-def ort_norm_ops(model_path) -> dict[str, int]:
+def ort_norm_ops(model_path, backend=None) -> dict[str, int]:
     """The normalization ops onnxruntime runs for a model after its own graph optimizer
-    (default level): shows when onnxruntime already fuses an 'unfused' export itself."""
+    (default level) on ``backend`` (an onnxruntime backend's record; None: the default
+    backend): shows when onnxruntime already fuses an 'unfused' export itself."""
     from collections import Counter
 
     import onnx
     import onnxruntime as ort
 
+    from normexport.runners import DEFAULT_BACKEND, backend_record
+
+    providers = list((backend or backend_record(DEFAULT_BACKEND)).providers)
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         so.log_severity_level = 3
-        ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(model_path), so, providers=providers)
         m = onnx.load(so.optimized_model_filepath, load_external_data=False)
     return dict(Counter(n.op_type for n in m.graph.node if n.op_type in NORM_OPS))

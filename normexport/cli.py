@@ -11,11 +11,11 @@ import click
 from rich.markup import escape
 
 from normexport import __version__
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 from normexport.fuse.registry import TARGETS, targets_help
 from normexport.options import DTYPES, EXPORTERS, ITERS, OPSET, SAMPLES, SEED, THREADS, WARMUP
 from normexport.hf import route_folder
-from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, validate_hf
+from normexport.hf.commands import bench_hf, convert_hf, generate_command, hf_bench_options, hf_convert_options, refuse_folder_options, refuse_for_folder, validate_hf
 from normexport.runners import BACKENDS, DEFAULT_BACKEND, RESIDUAL_CHOICES, backends_help
 
 
@@ -55,7 +55,7 @@ def _handle_errors(fn):
         except Exception as e:  # a bug, not the user's doing
             if debug:
                 traceback.print_exception(e)
-            first = _one_line(str(e).strip().splitlines()[0])[:300] if str(e).strip() else ""
+            first = _one_line(first_line(e, 300))
             click.echo(f"internal error: {type(e).__name__}: {first}", err=True)
             click.echo("hint: rerun with --debug for the traceback, and report it", err=True)
             sys.exit(3)
@@ -296,6 +296,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
     if folder:
         from normexport.hf.convert import default_output as folder_output, output_folder
 
+        refuse_for_folder("convert")
         out = output_folder(output or folder_output(model, target))
     else:
         if model.is_dir():
@@ -309,7 +310,7 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
         fuse=pipeline.FuseOptions(target=target, residual=residual),
         validate=None if no_validate else pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress, quant_thresholds=thresholds),
         bench=None if no_bench else pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype),
-        quantize=quantize, output=output, keep_failed=keep_failed,
+        quantize=quantize, output=output if folder else out.path, keep_failed=keep_failed,  # a file's default output, resolved once
     )
     err = report.console(stderr=True)
     # Progress only on an interactive terminal: piped, the only stderr lines are errors.
@@ -335,12 +336,13 @@ def convert(model, output, target, residual, opset, exporter, inputs, factory, t
 @_handle_errors
 def fuse(model, output, target, residual, report_path, allow_none, force):
     """Fuse every RMSNorm subgraph of an ONNX MODEL for a target runtime."""
-    from normexport import pipeline, report
+    from normexport import report
+    from normexport.fuse import fuse_file
     from normexport.outputs import Output, check
 
     out = output or model.with_name(f"{model.stem}.{target}.onnx")
     check([model], [Output("-o", out, "onnx"), Output("--report", report_path, "report")], force)
-    result = pipeline.fuse_file(model, out, target, residual=residual, allow_none=allow_none)
+    result = fuse_file(model, out, target, residual=residual, allow_none=allow_none)
     c = report.console()
     report.print_fusion(c, result)
     c.print(f"wrote [bold]{escape(str(out))}[/bold]")
@@ -392,7 +394,8 @@ def validate(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, 
     load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
     opts = pipeline.ValidateOptions(backend=backend, atol=atol, rtol=rtol, samples=samples, seed=seed, threads=threads, dtype=dtype, stress=stress, quant_thresholds=thresholds)
     if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
-        return validate_hf(model, fused, load, opts, unfused, report_path)
+        refuse_for_folder("validate")
+        return validate_hf(model, fused, load, opts, report_path)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")
     loaded, specs = pipeline.prepare_model_for(model, fused, load)
@@ -438,7 +441,8 @@ def bench(model, fused, unfused, inputs, factory, trust_pickle, dtype, seed, thr
     load = pipeline.LoadOptions(inputs=inputs, factory=factory, trust_pickle=trust_pickle, dtype=dtype)
     opts = pipeline.BenchOptions(backend=backend, warmup=warmup, iters=iters, threads=threads, seed=seed, dtype=dtype)
     if route_folder(model):  # a Hugging Face folder and the folder `convert DIR` wrote
-        return bench_hf(model, fused, load, opts, unfused, report_path, plot, hf)
+        refuse_for_folder("bench")
+        return bench_hf(model, fused, load, opts, report_path, hf)
     refuse_folder_options(hf)
     if unfused is not None:
         pipeline.require_regular_file(unfused, "ONNX")

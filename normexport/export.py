@@ -84,8 +84,56 @@ def export_onnx(loaded: LoadedModel, inputs: dict, opset: int | None = None, wor
         shutil.rmtree(tmp, ignore_errors=True)
     if model.opset_imports.get("", opset) != opset:
         notes.append(f"the exporter wrote opset {model.opset_imports.get('')} (asked {opset})")
+    _name_outputs(model, output_names_of(loaded, inputs), notes)
     outs = [o.name for o in model.graph.outputs]
     return ExportResult(model, exporter, model.opset_imports.get("", opset), dynamic, outs, time.perf_counter() - start, notes)
+
+
+def output_names_of(loaded: LoadedModel, inputs: dict) -> list[str] | None:
+    """The model's own names for its outputs, where it gives them: the keys of a dict (or a
+    transformers ModelOutput) of tensors, a NamedTuple's fields. None for a bare tensor or a
+    plain tuple (the exporter's names stay). Read from a torch.export archive's output spec,
+    else from one forward on the example inputs."""
+    import torch
+
+    ep = loaded.exported_program
+    if ep is not None:
+        spec = ep.call_spec.out_spec
+        children = (spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs) if spec is not None else []
+        if spec is not None and spec.type is dict and all(c.num_children == 0 for c in children):
+            return [str(k) for k in spec.context]
+        return None
+    from normexport.inputs import call_module
+    from normexport.load import _forward_arg_names
+
+    try:
+        with torch.inference_mode():
+            out = call_module(loaded.module, inputs, positional=not _forward_arg_names(loaded.module))
+    except Exception:
+        return None  # the export has run this forward already: its error is reported there
+    if hasattr(out, "to_tuple") and hasattr(out, "keys"):  # transformers' ModelOutput: its set fields
+        return [str(k) for k in out.keys()] if all(isinstance(v, torch.Tensor) for v in out.values()) else None
+    if isinstance(out, dict):
+        return [str(k) for k in out] if all(isinstance(v, torch.Tensor) for v in out.values()) else None
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return list(out._fields) if all(isinstance(v, torch.Tensor) for v in out) else None
+    return None
+
+
+def _name_outputs(model: ir.Model, names: list[str] | None, notes: list[str]) -> None:
+    """Rename the graph's outputs to the model's own names (where they are as many, distinct,
+    and free in the graph)."""
+    outputs = list(model.graph.outputs)
+    if not names or len(names) != len(outputs) or [o.name for o in outputs] == names:
+        return
+    taken = {v.name for n in model.graph for v in (*n.inputs, *n.outputs) if v is not None} | {v.name for v in model.graph.inputs}
+    taken |= set(model.graph.initializers)
+    clash = [n for n, o in zip(names, outputs) if n in taken and n != o.name]
+    if len(set(names)) != len(names) or clash:
+        notes.append(f"outputs keep the exporter's names: the model's own ({', '.join(names)}) clash with values in the graph")
+        return
+    for o, n in zip(outputs, names):
+        o.name = n
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import threading
 from importlib.machinery import PathFinder
 from pathlib import Path
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 
 
 def call_factory(factory: str):
@@ -50,7 +50,7 @@ def call_factory(factory: str):
         except NormexportError:
             raise
         except Exception as e:
-            raise NormexportError(f"--factory {factory} raised {type(e).__name__}: {_first_line(e)}", "fix the factory (call it in Python to see the traceback)") from e
+            raise NormexportError(f"--factory {factory} raised {type(e).__name__}: {first_line(e)}", "fix the factory (call it in Python to see the traceback)") from e
     finally:
         sys.path[:] = saved_path  # nothing imported later comes from the working folder
     example = None
@@ -119,7 +119,7 @@ def _own_exits(what: str):
 
         if signalled or isinstance(e, Terminated):
             raise
-        detail = f" ({e.code})" if isinstance(e, SystemExit) and e.code is not None else f": {_first_line(e)}" if str(e) else ""
+        detail = f" ({e.code})" if isinstance(e, SystemExit) and e.code is not None else f": {first_line(e)}" if str(e) else ""
         raise NormexportError(f"{what} raised {type(e).__name__}{detail}", "a factory returns the module (or (module, inputs)); it must not exit or interrupt") from None
     finally:
         if restore is not None:
@@ -130,7 +130,7 @@ def _import_factory_module(mod_name: str):
     """Import the factory's module (a dotted name, or a .py file); its failures are one line."""
     try:
         if mod_name.endswith(".py"):
-            from normexport.load import require_regular_file
+            from normexport.paths import require_regular_file
 
             file = require_regular_file(mod_name, "factory .py")
             spec = importlib.util.spec_from_file_location(file.stem, file)
@@ -146,9 +146,4 @@ def _import_factory_module(mod_name: str):
         where = f"{Path(e.filename).name}:{e.lineno}" if e.filename else mod_name
         raise NormexportError(f"--factory: '{mod_name}' has a syntax error ({where}: {e.msg})", "fix the factory's source") from None
     except Exception as e:
-        raise NormexportError(f"--factory: importing '{mod_name}' raised {type(e).__name__}: {_first_line(e)}", "fix the factory's module (import it in Python to see the traceback)") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+        raise NormexportError(f"--factory: importing '{mod_name}' raised {type(e).__name__}: {first_line(e)}", "fix the factory's module (import it in Python to see the traceback)") from e

@@ -47,9 +47,10 @@ def _is_onnx(path: Path) -> bool:
 
 def inspect_onnx(path: Path) -> dict:
     from normexport.fuse import fuse_model, load_onnx
+    from normexport.fuse.registry import PLAIN_TARGET
 
     model = load_onnx(path)
-    report = fuse_model(model, "ort")
+    report = fuse_model(model, PLAIN_TARGET)
     return {
         "model": str(path),
         "kind": "onnx",
@@ -82,9 +83,10 @@ def inspect_torch(path: Path, factory: str | None, trust_pickle: bool) -> dict:
         return result
     from normexport.export import export_onnx
     from normexport.fuse import fuse_model
+    from normexport.fuse.registry import PLAIN_TARGET
 
     exp = export_onnx(loaded, make_inputs(loaded.input_specs, 0))
-    report = fuse_model(exp.model, "ort")
+    report = fuse_model(exp.model, PLAIN_TARGET)
     result["norms"] = [_norm_json(f) for f in report.fused_norms]
     result["near_misses"] = [asdict(s) for s in report.skipped]
     fused_modules = {f.module for f in report.fused_norms if f.module}
@@ -104,5 +106,5 @@ def inspect_torch(path: Path, factory: str | None, trust_pickle: bool) -> dict:
             m["status"], m["reason"] = "not an RMSNorm", "LayerNorm subtracts the mean (`normexport ln2rms` converts Pre-LN models)"
         else:
             m["status"] = "not found in the export" if fused_modules else "unknown (the exporter recorded no module names)"
-    result["notes"].append(f"exported with the {exp.exporter} exporter at opset {exp.opset} and fused on a copy (target ort)")
+    result["notes"].append(f"exported with the {exp.exporter} exporter at opset {exp.opset} and fused on a copy (target {PLAIN_TARGET.name})")
     return result

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 from normexport.factory import call_factory  # noqa: F401 (load.call_factory is public)
+from normexport.paths import check_member_sizes, require_regular_file, require_usable_path  # noqa: F401 (the file gates, used by load and its callers)
 from normexport.inputs import DTYPES, INPUT_SYNTAX, InputSpec, make_inputs, parse_input_spec, spec_of, torch_dtype  # noqa: F401 (the API load.py has always had)
 
 METADATA_NAME = "normexport.json"  # extra file in our TorchScript archives / key in checkpoints
@@ -110,67 +111,6 @@ class LoadedModel:
 # Detection
 
 
-def require_usable_path(path: str | os.PathLike) -> Path:
-    """A path the file system can look up: a name or a depth past its limits, a loop of
-    symlinks or a file used as a folder is the user's error (a missing path is left to the
-    caller, which says what it expected there)."""
-    path = Path(path)
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        shown = str(path) if len(str(path)) <= 60 else f"{str(path)[:30]}...{str(path)[-30:]}"
-        raise NormexportError(f"{shown}: {e.strerror}", "check the path") from None
-    return path
-
-
-def require_regular_file(path: str | os.PathLike, what: str = "MODEL") -> Path:
-    """The one gate every input file passes before it is opened: it must exist and be a
-    regular file (after symlinks). A FIFO, device, socket or directory is refused from its
-    ``os.stat`` alone, never opened (a FIFO blocks, /dev/zero never ends)."""
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise NormexportError(f"{path}: no such file", "check the path") from None
-    except OSError as e:
-        raise NormexportError(f"{path}: cannot read it ({e.strerror})", "check the path and its permissions") from None
-    if stat.S_ISREG(mode):
-        return path
-    if stat.S_ISDIR(mode):
-        raise NormexportError(f"{path} is a directory, not a file", f"pass the {what} file itself")
-    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
-    raise NormexportError(f"{path} is {kind}, not a regular file", f"pass the {what} as a regular file (copy it into one)")
-
-
-MAX_INFLATION = 100  # deflate's best is ~1000:1; weights and pickles compress far less
-SMALL_MEMBER = 64 << 20
-
-
-def check_member_sizes(path: Path, infos: list, memory: int | None = None) -> None:
-    """Before any member is inflated: a compressed member must not inflate past MAX_INFLATION
-    times its stored size (unless small), and all members together must fit in the memory
-    available (what torch's readers allocate, by the sizes the archive declares)."""
-    from normexport.hf.config_checks import available_memory
-
-    total = 0
-    for info in infos:
-        total += info.file_size
-        if info.compress_type != zipfile.ZIP_STORED and info.file_size > SMALL_MEMBER and info.file_size > MAX_INFLATION * max(info.compress_size, 1):
-            raise NormexportError(
-                f"{path}: archive member {info.filename} declares {info.file_size} bytes from {info.compress_size} stored "
-                f"(x{info.file_size // max(info.compress_size, 1)}); not inflated",
-                "PyTorch writes its archives uncompressed: save the model again with torch.save / torch.export.save",
-            )
-    memory = available_memory() if memory is None else memory
-    if memory is not None and total > memory:
-        raise NormexportError(
-            f"{path}: the archive's members declare {total} bytes in all, more than the {memory} bytes of memory available; not read",
-            "load it on a machine with more memory, or check the file (a truncated or hostile archive)",
-        )
-
-
 def detect_kind(path: Path) -> str:
     """Tell the model kind from the file's bytes. Raises NormexportError for anything else."""
     from normexport.hf import is_hf_folder
@@ -248,7 +188,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
         module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
     except Exception as e:
         foreign = _foreign_pickle_global(data)
-        cause = f"archive member '{foreign[0]}' references {foreign[1]}, which is not a TorchScript type" if foreign else _first_line(e)
+        cause = f"archive member '{foreign[0]}' references {foreign[1]}, which is not a TorchScript type" if foreign else first_line(e)
         raise NormexportError(
             f"{path}: TorchScript archive fails to load ({cause})",
             "re-save it with torch.jit.save (TorchScript archives never run Python pickles; --trust-pickle does not change that)",
@@ -282,7 +222,7 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> LoadedModel:
     except NormexportError:
         raise
     except Exception as e:
-        raise NormexportError(f"{path}: torch.export archive fails to load ({_first_line(e)})", "re-save it with torch.export.save") from None
+        raise NormexportError(f"{path}: torch.export archive fails to load ({first_line(e)})", "re-save it with torch.export.save") from None
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     specs = None
     if ep.example_inputs is not None:
@@ -334,19 +274,18 @@ def _signature_names_from_ep(ep) -> list[str] | None:
     return None
 
 
-_UNSAFE_MARKERS = ("Unsupported global", "Unsupported operand", "Weights only load failed")
-
-
 def _load_pickle(path: Path, factory: str | None, trust_pickle: bool) -> LoadedModel:
     import pickle
 
     import torch
 
+    from normexport.pt2 import unpickling_reason
+
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
         safe = True
     except pickle.UnpicklingError as e:
-        reason = _unpickling_reason(e)
+        reason = unpickling_reason(e)
         if not trust_pickle:
             raise NormexportError(
                 f"{path}: refusing to unpickle it, it needs code to load ({reason})",
@@ -355,10 +294,10 @@ def _load_pickle(path: Path, factory: str | None, trust_pickle: bool) -> LoadedM
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as e2:
-            raise NormexportError(f"{path}: trusted pickle fails to load ({_first_line(e2)})", "is the module's class importable from here?") from None
+            raise NormexportError(f"{path}: trusted pickle fails to load ({first_line(e2)})", "is the module's class importable from here?") from None
         safe = False
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise NormexportError(f"{path}: corrupt or truncated torch.save file ({_first_line(e)})", "re-save or re-download the model file") from None
+        raise NormexportError(f"{path}: corrupt or truncated torch.save file ({first_line(e)})", "re-save or re-download the model file") from None
 
     meta = _checkpoint_metadata(obj, path)
     if isinstance(obj, torch.nn.Module):
@@ -383,19 +322,6 @@ def _load_pickle(path: Path, factory: str | None, trust_pickle: bool) -> LoadedM
     specs = [InputSpec.from_json(d) for d in meta["inputs"]] if meta else None
     notes = [] if safe else ["loaded with --trust-pickle (code in the file was executed)"]
     return LoadedModel(module, kind, path, names, specs, notes=notes)
-
-
-def _unpickling_reason(e: Exception) -> str:
-    text = str(e)
-    for line in text.splitlines():
-        line = line.strip()
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", line)
-        if m:
-            return f"it references {m.group(1)}"
-    for line in text.splitlines():
-        if "WeightsUnpickler error" in line:
-            return line.split("WeightsUnpickler error:", 1)[-1].strip()
-    return "it holds objects other than tensors"
 
 
 def _metadata_json(text, path) -> object:
@@ -463,7 +389,7 @@ def _load_state(module, state: dict, path: Path) -> None:
     except RuntimeError as e:  # shape mismatches raise even with strict=False
         sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
         raise NormexportError(
-            f"{path}: weights do not fit the factory's module ({sizes[0] if sizes else _first_line(e)})",
+            f"{path}: weights do not fit the factory's module ({sizes[0] if sizes else first_line(e)})",
             "does the factory build the same architecture and sizes the weights were saved from?",
         ) from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
@@ -495,23 +421,8 @@ def _forward_arg_names(module, required_only: bool = False) -> list[str]:
     return [p.name for p in sig.parameters.values() if p.kind in kinds and not (required_only and p.default is not p.empty)]
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
 # ---------------------------------------------------------------------------------------------
 # Saving our own archives
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so a failure leaves no partial file
-    (normexport.outputs: a fresh temp beside ``path``, fsynced, then ``os.replace``)."""
-    from normexport import outputs
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    outputs.write_with(path, write)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -123,7 +123,8 @@ def pair_norms(norms: list[tuple[object, str]], torch_outs: list[tuple[str, np.n
 
 
 def localize(loaded, input_names: list[str], fused_path: Path, feed: dict[str, np.ndarray], opts) -> tuple[list[NormDivergence], NormDivergence | None]:
-    from normexport.runners import OrtRunner, onnxruntime_backend
+    from normexport.runners import onnxruntime_backend
+    from normexport.runners.ort import OrtRunner
 
     model = ir.load(str(fused_path))
     norms = norm_output_values(model)
@@ -140,7 +141,7 @@ def localize(loaded, input_names: list[str], fused_path: Path, feed: dict[str, n
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
         ir.save(model, str(path))
-        with OrtRunner(path, onnxruntime_backend(opts.backend), optimize=False, threads=opts.threads) as r:
+        with OrtRunner(path, onnxruntime_backend(opts.record), optimize=False, threads=opts.threads) as r:
             got = r.infer(feed)
     results = []
     for i, ((value, _), (ref_name, ref)) in enumerate(zip(norms, refs)):

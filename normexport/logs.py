@@ -1,9 +1,11 @@
-"""Quieting the libraries normexport drives: their warnings and fallbacks are not the user's news."""
+"""The libraries normexport drives, set for one block and restored after it: their loggers' levels
+(their warnings and fallbacks are not the user's news) and the environment variables they read."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 
 @contextlib.contextmanager
@@ -18,3 +20,23 @@ def quiet_loggers(names: tuple[str, ...], level: int = logging.ERROR):
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+
+
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str | None]):
+    """Set (a string) or unset (None) the environment variables in ``values`` for the block,
+    then restore each as it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        _set_environ(values)
+        yield
+    finally:
+        _set_environ(saved)
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -4,6 +4,10 @@
 Each options object checks its values when it is made (a ``NormexportError`` naming the
 option): the command line and the Python API build the same objects, so both refuse the same
 values. The command line's option types take their ranges and choices from here.
+
+A stage's target or backend is given by name (or as its record) and resolved here, once, into
+its registry record (``FuseOptions.record``, ``ValidateOptions.record``, ``BenchOptions.record``):
+an unknown name is the user's error when the options are made, and the stages read the record.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normexport.errors import NormexportError
+from normexport.fuse.registry import DEFAULT_TARGET, TARGETS, Target, target_record
 from normexport.inputs import InputSpec
-from normexport.runners import BACKENDS, DEFAULT_BACKEND, RESIDUAL_CHOICES
+from normexport.runners import BACKENDS, DEFAULT_BACKEND, RESIDUAL_CHOICES, Backend, backend_record
 
 DTYPES = ("float32", "float16", "bfloat16")
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -75,6 +80,11 @@ def check_tolerance(name: str, value):
     return check_tolerance_value(name, value)
 
 
+def check_backend(value) -> Backend:
+    """A backend's name (or its record) as its record."""
+    return value if isinstance(value, Backend) else backend_record(check_choice("backend", value, BACKENDS))
+
+
 def check_path(name: str, value, optional: bool = True):
     if value is None and optional:
         return None
@@ -115,15 +125,15 @@ class ExportOptions:
 
 @dataclass
 class FuseOptions:
-    target: str = "ort"
+    target: str = DEFAULT_TARGET
     residual: str | bool = "auto"  # fold residual Adds into the fused op where one feeds a norm: on, off, auto (the backend's record says)
+    record: Target = field(init=False, repr=False)
 
     def __post_init__(self):
-        from normexport.fuse import target_record
-
-        if not isinstance(self.target, str):
-            raise NormexportError(f"target={self.target!r}: must be a target's name", "e.g. target='ort'")
-        target_record(self.target)  # an unknown target: the user's error
+        if not isinstance(self.target, (str, Target)):
+            raise NormexportError(f"target={self.target!r}: must be a target's name", f"e.g. target='{DEFAULT_TARGET}' (one of {', '.join(TARGETS)})")
+        self.record = target_record(self.target)  # an unknown target: the user's error
+        self.target = self.record.name
         if not isinstance(self.residual, bool):
             check_choice("residual", self.residual, RESIDUAL_CHOICES)
 
@@ -140,9 +150,11 @@ class ValidateOptions:
     localize: bool = True
     stress: bool | None = None  # each fused norm alone on large rows; None: on for fp16/bf16 norms
     quant_thresholds: Thresholds = field(default_factory=Thresholds)  # a quantized model's pass/fail (None fields: the kind's defaults)
+    record: Backend = field(init=False, repr=False)
 
     def __post_init__(self):
-        check_choice("backend", self.backend, BACKENDS)
+        self.record = check_backend(self.backend)
+        self.backend = self.record.name
         check_tolerance("atol", self.atol)
         check_tolerance("rtol", self.rtol)
         check_int("samples", self.samples, SAMPLES)
@@ -161,9 +173,11 @@ class BenchOptions:
     threads: int | None = None
     seed: int = 0
     dtype: str | None = None
+    record: Backend = field(init=False, repr=False)
 
     def __post_init__(self):
-        check_choice("backend", self.backend, BACKENDS)
+        self.record = check_backend(self.backend)
+        self.backend = self.record.name
         check_int("warmup", self.warmup, WARMUP)
         check_int("iters", self.iters, ITERS)
         check_int("threads", self.threads, THREADS, optional=True)
@@ -193,3 +207,9 @@ class ConvertOptions:
                 raise NormexportError(f"{name}={value!r}: must be a {kind.__name__} or None", f"build it with normexport.options.{kind.__name__}")
         check_path("output", self.output)
         check_flag("keep_failed", self.keep_failed)
+
+    @property
+    def backend(self) -> Backend:
+        """The backend the converted model is meant for: validation's, else the bench's, else the default."""
+        stage = self.validate or self.bench
+        return stage.record if stage is not None else backend_record(DEFAULT_BACKEND)

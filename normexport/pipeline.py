@@ -17,9 +17,10 @@ from typing import Callable
 from normexport import outputs
 from normexport.errors import NormexportError
 from normexport.fuse import FuseReport, fuse_model, load_onnx, save_onnx
+from normexport.fuse.report import require_norms  # noqa: F401 (the API refuses through it too)
 from normexport.load import InputSpec, LoadedModel, load_model, make_inputs, require_regular_file
 from normexport.options import BenchOptions, ConvertOptions, ExportOptions, FuseOptions, LoadOptions, ValidateOptions  # noqa: F401 (the stages' options)
-from normexport.runners import BACKENDS, DEFAULT_BACKEND, backend_record, residual_layout
+from normexport.runners import DEFAULT_BACKEND, backends_running, residual_layout
 
 DEFAULT_BENCH_THREADS = 1  # PyTorch's and onnxruntime's thread count unless --threads: see docs/BENCHMARKS.md
 LARGE_INPUT_SCALE = 300.0  # fp16/bf16 draws whose squares overflow fp16 (300² > 65504)
@@ -119,7 +120,7 @@ def convert(path: str | os.PathLike, opts: ConvertOptions, progress: Progress = 
         return convert_folder(path, opts, progress=progress)
     out = Path(opts.output) if opts.output else default_output(path, opts.fuse.target)
     outputs.check_distinct([path], [outputs.Output("-o", out, "onnx")])
-    check_target(opts.fuse.target)
+    check_runnable(opts)
     from normexport.quantize import check_quantize
 
     check_quantize(opts)
@@ -131,45 +132,35 @@ def convert(path: str | os.PathLike, opts: ConvertOptions, progress: Progress = 
     return convert_loaded(loaded, specs, out, opts, report, progress)
 
 
-def check_target(target: str) -> None:
-    """An unknown target is the user's error (exit 2), found before any work."""
-    from normexport.fuse import target_record
-
-    target_record(target)
-
-
-def _runs_on(target: str) -> str:
-    return ", ".join(b for b in BACKENDS if backend_record(b).runs(target))
+def check_runnable(opts: ConvertOptions) -> None:
+    """A target no backend runs is the user's error (exit 2) where a stage needs one to run it:
+    validation, the bench, or --residual-fusion auto (which asks the backend)."""
+    if opts.validate or opts.bench or opts.fuse.residual == "auto":
+        backends_running(opts.fuse.record)
 
 
-def stage_backend(opts: ConvertOptions) -> str:
-    """The backend the converted model is meant for: validation's, else the bench's, else the default."""
-    stage = opts.validate or opts.bench
-    return stage.backend if stage is not None else DEFAULT_BACKEND
-
-
-def require_norms(fusion: FuseReport, source: str | os.PathLike, hint: str) -> None:
-    """The one refusal of a model in which no RMSNorm was fused (convert and fuse)."""
-    if fusion.fused:
-        return
-    reasons = "; ".join(sorted({s.reason for s in fusion.skipped}))[:300]
-    near = f" ({len(fusion.skipped)} near-miss(es): {reasons})" if fusion.skipped else ""
-    raise NormexportError(f"no RMSNorm found in {source}{near}", f"normexport fuses x / sqrt(mean(x²) + eps) · g; {hint}")
+def _runs_on(target) -> str:
+    return ", ".join(b.name for b in backends_running(target))
 
 
 def convert_loaded(loaded: LoadedModel, specs: list[InputSpec], out: Path, opts: ConvertOptions, report: ConvertReport, progress: Progress = _noop) -> ConvertReport:
     """Export, fuse, validate and time a loaded model; install the fused model at ``out``
     (through normexport.outputs) when it validates, or with ``opts.keep_failed``."""
+    from normexport.norm_modules import refuse_without_rmsnorm
+
     report.notes += loaded.notes
     report.inputs = [s.to_json() for s in specs]
+    target = opts.fuse.record
+    check_runnable(opts)
+    refuse_without_rmsnorm(loaded.module, report.model, loaded.path, opts.load.factory)  # before any export
     with outputs.work_dir() as workdir:
         unfused_path, fused_path = _export_and_fuse(loaded, specs, workdir, out.name, opts, report, progress)
         fp32_path = fused_path
         if opts.quantize:
             fused_path = _quantize_file(fp32_path, workdir / "quantized" / out.name, opts, report, progress)
         v, b = opts.validate, opts.bench
-        if v and not backend_record(v.backend).runs(opts.fuse.target):
-            report.notes.append(f"not validated: {opts.fuse.target} nodes run only on --backend {_runs_on(opts.fuse.target)} (on a machine that has it)")
+        if v and not v.record.runs(target):
+            report.notes.append(f"not validated: {target.name} nodes run only on --backend {_runs_on(target)} (on a machine that has it)")
         elif v:
             t = time.perf_counter()
             progress(f"validating against PyTorch ({v.samples} sample(s))")
@@ -183,8 +174,8 @@ def convert_loaded(loaded: LoadedModel, specs: list[InputSpec], out: Path, opts:
                 if not report.quantized_accuracy.passed:
                     report.validation.passed = False
                     report.validation.notes.append("the float graph matches; the quantized model misses its thresholds: " + "; ".join(report.quantized_accuracy.failures))
-        if b and not backend_record(b.backend).runs(opts.fuse.target):
-            report.notes.append(f"not benchmarked: {opts.fuse.target} nodes run only on --backend {_runs_on(opts.fuse.target)}")
+        if b and not b.record.runs(target):
+            report.notes.append(f"not benchmarked: {target.name} nodes run only on --backend {_runs_on(target)}")
         elif b:
             t = time.perf_counter()
             progress(f"benchmarking ({b.iters} runs each)")
@@ -198,6 +189,15 @@ def convert_loaded(loaded: LoadedModel, specs: list[InputSpec], out: Path, opts:
         else:
             report.notes.append(f"validation failed: {out} not written (--keep-failed writes it anyway)")
     return report
+
+
+def _no_norm_hint(loaded: LoadedModel, opts: ConvertOptions) -> str:
+    """Where the model has LayerNorms, how to convert it; else how to see what normexport sees."""
+    from normexport.norm_modules import layer_norm_paths, ln2rms_hint
+
+    if loaded.exported_program is None and layer_norm_paths(loaded.module):
+        return ln2rms_hint(loaded.path, opts.load.factory)
+    return "run `normexport inspect` to see what it sees"
 
 
 def _export_and_fuse(loaded, specs, workdir: Path, name: str, opts: ConvertOptions, report: ConvertReport, progress: Progress) -> tuple[Path, Path]:
@@ -216,9 +216,9 @@ def _export_and_fuse(loaded, specs, workdir: Path, name: str, opts: ConvertOptio
     t = time.perf_counter()
     progress(f"fusing RMSNorm for target {opts.fuse.target}")
     model = load_onnx(unfused_path)
-    fold, report.residual = residual_layout(opts.fuse.residual, stage_backend(opts), opts.fuse.target)
-    report.fusion = fuse_model(model, opts.fuse.target, residual=fold)
-    require_norms(report.fusion, report.model, "run `normexport inspect` to see what it sees")
+    fold, report.residual = residual_layout(opts.fuse.residual, opts.backend, opts.fuse.record)
+    report.fusion = fuse_model(model, opts.fuse.record, residual=fold)
+    require_norms(report.fusion, report.model, _no_norm_hint(loaded, opts))
     fused_path = workdir / "fused" / name  # named as the output: its external data file too
     save_onnx(model, fused_path)
     report.steps["fuse"] = time.perf_counter() - t
@@ -245,28 +245,13 @@ def check_quantized_file(loaded: LoadedModel, specs: list[InputSpec], quantized:
     from normexport.stress import stress_check
 
     result = QuantizedAccuracy(opts.quant_thresholds.resolved(kind))
-    with make_onnx_runner(quantized, opts.backend, optimize=True, threads=opts.threads) as runner:
+    with make_onnx_runner(quantized, opts.record, optimize=True, threads=opts.threads) as runner:
         with TorchRunner(loaded.module, [s.name for s in specs], runner.output_names, threads=opts.threads) as torch_runner:
             for i in range(opts.samples):
                 feed = {k: to_numpy(v) for k, v in make_inputs(specs, opts.seed + i).items()}
                 check_quantized_outputs(torch_runner.infer(feed), runner.infer(feed), result)
     result.notes.append(f"{opts.samples} seeded draws; each output's rows along its last axis compared as logits")
     result.stress = stress_check(quantized, None, opts, opts.seed)
-    return result
-
-
-def fuse_file(model: Path, out: Path, target: str, residual: str | bool = "auto", allow_none: bool = False) -> FuseReport:
-    """Fuse the ONNX file ``model`` into ``out``; refuse a model with no RMSNorm unless
-    ``allow_none`` (or the target emits primitive ops only: it takes any model). With no
-    backend to ask, ``residual`` auto folds."""
-    from normexport.fuse import target_record
-
-    require_regular_file(model, "ONNX")
-    m = load_onnx(model)
-    result = fuse_model(m, target, residual=residual if isinstance(residual, bool) else residual != "off")
-    if not allow_none and target_record(target).ops:
-        require_norms(result, model, "run `normexport inspect` to see what normexport sees (--allow-none writes the model anyway)")
-    save_onnx(m, out)
     return result
 
 
@@ -288,7 +273,7 @@ def validate_models(loaded: LoadedModel, specs: list[InputSpec], unfused: Path |
     fused_acc, unfused_acc, cross_acc = {}, {}, {}
     feeds = []
     with contextlib.ExitStack() as stack:
-        fused_runner = stack.enter_context(make_onnx_runner(fused, opts.backend, optimize=False, threads=opts.threads, dtype=opts.dtype))
+        fused_runner = stack.enter_context(make_onnx_runner(fused, opts.record, optimize=False, threads=opts.threads, dtype=opts.dtype))
         unfused_runner = stack.enter_context(make_onnx_runner(unfused, DEFAULT_BACKEND, optimize=False, threads=opts.threads)) if unfused else None
         torch_runner = stack.enter_context(TorchRunner(loaded.module, [s.name for s in specs], fused_runner.output_names, threads=opts.threads))
         for i, (seed, scale) in enumerate(draws):
@@ -346,13 +331,13 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
     report = BenchReport(threads=threads, warmup=opts.warmup, iters=opts.iters, input_sets=len(feeds))
     if not opts.threads:
         report.notes.append(f"{threads} thread(s) for PyTorch and onnxruntime by default: the steadiest timings on a shared machine (--threads N for more)")
-    backend = backend_record(opts.backend)
+    backend = opts.record
     runners = {}
     if loaded is not None:
         runners["torch"] = TorchRunner(loaded.module, list(feeds[0]), threads=threads)
     if unfused is not None:
-        runners["onnx_unfused"] = make_onnx_runner(unfused, opts.backend, optimize=True, threads=threads, dtype=opts.dtype)
-    runners["onnx_fused"] = make_onnx_runner(fused, opts.backend, optimize=True, threads=threads, dtype=opts.dtype)
+        runners["onnx_unfused"] = make_onnx_runner(unfused, backend, optimize=True, threads=threads, dtype=opts.dtype)
+    runners["onnx_fused"] = make_onnx_runner(fused, backend, optimize=True, threads=threads, dtype=opts.dtype)
     entered = []
     try:
         for r in runners.values():
@@ -365,18 +350,18 @@ def bench_models(loaded: LoadedModel | None, unfused: Path | None, fused: Path, 
     if backend.onnxruntime:  # onnxruntime's profiler measures the norm share
         prof_iters = max(5, min(opts.iters, 20))
         if unfused is not None:
-            report.norm_share["onnx_unfused"] = norm_share(unfused, np_feeds, threads, prof_iters, unfused_norm_node_names(unfused))
+            report.norm_share["onnx_unfused"] = norm_share(unfused, np_feeds, threads, prof_iters, unfused_norm_node_names(unfused), backend=backend)
             if backend.cpu:
-                own = ort_norm_ops(unfused)
+                own = ort_norm_ops(unfused, backend)
                 if own:
                     report.notes.append(
                         "onnxruntime's own optimizer already fuses norms of the unfused model ("
                         + ", ".join(f"{n}x {op}" for op, n in own.items())
                         + "): the unfused baseline runs fused norms too"
                     )
-        report.norm_share["onnx_fused"] = norm_share(fused, np_feeds, threads, prof_iters)
+        report.norm_share["onnx_fused"] = norm_share(fused, np_feeds, threads, prof_iters, backend=backend)
         ratio = report.ratio("onnx_fused", "onnx_unfused")
-        folded = sorted(RESIDUAL_OPS & set(ort_norm_ops(fused)))
+        folded = sorted(RESIDUAL_OPS & set(ort_norm_ops(fused, backend)))
         if not backend.fold_residual and ratio is not None and ratio > 1.0 and folded:
             report.notes.append(f"{', '.join(folded)} on {backend.name}: {backend.residual_why}; convert with --residual-fusion auto (or off)")
     report.notes.append("onnxruntime with its default graph optimizations (as deployed); PyTorch eager in inference_mode")
@@ -406,26 +391,43 @@ def bench_onnx(loaded: LoadedModel, specs: list[InputSpec], fused: Path, unfused
         return bench_models(loaded, unfused, fused, feeds, opts)
 
 
-def check_inputs_cover(model_path: Path, specs: list[InputSpec]) -> None:
-    """The ONNX model's inputs must all have a spec of its dtype and of its static dims
-    (validate/bench on a given ONNX file)."""
+def onnx_inputs(model_path: Path) -> list[tuple[str, str | None, list[int | None] | None]]:
+    """The ONNX model's graph inputs (initializers aside): name, dtype name (None: not stated)
+    and dims (None for a dim without a fixed size; None for all: no shape stated)."""
     import onnx
 
     m = onnx.load_model(str(model_path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
-    graph_inputs = [i for i in m.graph.input if i.name not in inits]
+    found = []
+    for i in m.graph.input:
+        if i.name in inits:
+            continue
+        t = i.type.tensor_type
+        if not t.elem_type:
+            dtype = None
+        elif t.elem_type == onnx.TensorProto.BFLOAT16:
+            dtype = "bfloat16"
+        else:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim] if t.HasField("shape") else None
+        found.append((i.name, dtype, dims))
+    return found
+
+
+def check_inputs_cover(model_path: Path, specs: list[InputSpec]) -> None:
+    """The ONNX model's inputs must all have a spec of its dtype and of its static dims
+    (validate/bench on a given ONNX file)."""
+    graph_inputs = onnx_inputs(model_path)
     by_name = {s.name: s for s in specs}
-    missing = [i.name for i in graph_inputs if i.name not in by_name]
+    missing = [name for name, _, _ in graph_inputs if name not in by_name]
     if missing:
         raise NormexportError(f"{model_path} takes input(s) {', '.join(missing)} that have no spec", "name them as the ONNX model does with --input NAME:DTYPE:SHAPE")
-    for i in graph_inputs:
-        s, t = by_name[i.name], i.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type and t.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16"
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] if t.HasField("shape") else None
+    for name, dtype, dims in graph_inputs:
+        s = by_name[name]
         fits = dims is None or (len(dims) == len(s.shape) and all(d is None or d == n for d, n in zip(dims, s.shape)))
         if dtype != s.dtype or not fits:
             want = "x".join("?" if d is None else str(d) for d in dims) if dims is not None else "any shape"
             raise NormexportError(
-                f"input '{i.name}' is {s.dtype}:{'x'.join(map(str, s.shape))} here, but {model_path} takes {dtype}:{want}",
+                f"input '{name}' is {s.dtype}:{'x'.join(map(str, s.shape))} here, but {model_path} takes {dtype}:{want}",
                 "give --input shapes and dtypes that match the ONNX model (or the ONNX model of this MODEL)",
             )

@@ -25,11 +25,10 @@ import json
 import keyword
 import logging
 import operator
-import os
 import re
 from dataclasses import dataclass
 
-from normexport.logs import quiet_loggers
+from normexport.logs import quiet_loggers, scoped_environ
 
 TRUST_HINT = "loading it could run code from the file; only if you trust the file, pass --trust-pickle"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -54,7 +53,7 @@ def load_exported(data: bytes, trusted: bool = False):
 
     import torch
 
-    from normexport.load import check_member_sizes
+    from normexport.paths import check_member_sizes
 
     with zipfile.ZipFile(io.BytesIO(data)) as z:  # declared sizes, before torch inflates anything
         check_member_sizes("the archive", z.infolist())
@@ -298,21 +297,14 @@ def _weights_only_loads(data: bytes):
         try:
             return original(f, *args, **kwargs)
         except pickle.UnpicklingError as e:
-            raise UnsafeMember(_member_holding(data, f), f"needs unpickling beyond tensors ({_unpickling_reason(e)})") from None
+            raise UnsafeMember(_member_holding(data, f), f"needs unpickling beyond tensors ({unpickling_reason(e)})") from None
 
-    saved_env = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with scoped_environ({"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": None}):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
 
 
 def _member_holding(data: bytes, f) -> str:
@@ -328,7 +320,8 @@ def _member_holding(data: bytes, f) -> str:
     return "(unknown member)"
 
 
-def _unpickling_reason(e: Exception) -> str:
+def unpickling_reason(e: Exception) -> str:
+    """Why torch's weights-only unpickler refused: the global it met, or its own words."""
     text = str(e)
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if m:

@@ -19,10 +19,14 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx_ir as ir
 
 from normexport.errors import NormexportError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 KINDS = {"int4": 4, "int8": 8}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -30,7 +34,6 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0: unset (the op's own default), 1 fp32, 2 
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
-QUANTIZE_TARGETS = ("ort", "onnx")  # fused norms onnxruntime runs beside its MatMulNBits
 
 
 @dataclass
@@ -63,13 +66,20 @@ def check_quantize(opts) -> None:
     if not opts.quantize:
         return
     opts.quantize.check()
-    if opts.fuse.target not in QUANTIZE_TARGETS:
-        raise NormexportError(f"--quantize makes onnxruntime's MatMulNBits; it does not apply to --target {opts.fuse.target}", f"use --target {' or '.join(QUANTIZE_TARGETS)}, or drop --quantize")
+    from normexport.fuse.registry import RECORDS
+    from normexport.runners import BACKEND_RECORDS
+
+    targets = [t.name for t in RECORDS if t.portable and t.ops]  # fused norms onnxruntime runs beside its MatMulNBits
+    if opts.fuse.record.name not in targets:
+        raise NormexportError(f"--quantize makes onnxruntime's MatMulNBits; it does not apply to --target {opts.fuse.target}", f"use --target {' or '.join(targets)}, or drop --quantize")
     if opts.load.dtype not in (None, "float32"):
         raise NormexportError(f"--quantize quantizes float32 weights; --dtype {opts.load.dtype} does not combine with it", "drop --dtype (the activations stay fp32)")
-    backends = {stage.backend for stage in (opts.validate, opts.bench) if stage is not None}
-    if backends & {"trt", "ort-trt"}:
-        raise NormexportError("TensorRT does not run onnxruntime's MatMulNBits: --quantize does not combine with --backend trt or ort-trt", "drop --backend, or give ort-cpu or ort-cuda")
+    refused = [stage.record.name for stage in (opts.validate, opts.bench) if stage is not None and not stage.record.contrib_ops]
+    if refused:
+        others = [b.name for b in BACKEND_RECORDS if not b.contrib_ops]
+        runs = [b.name for b in BACKEND_RECORDS if b.contrib_ops]
+        raise NormexportError(f"--backend {refused[0]} does not run onnxruntime's MatMulNBits: --quantize does not combine with --backend {' or '.join(others)}",
+                              f"drop --backend, or give {' or '.join(runs)}")
 
 
 @dataclass
@@ -139,6 +149,8 @@ def lm_head_node(model: ir.Model) -> ir.Node | None:
 
 
 def embedding_nodes(model: ir.Model) -> list[ir.Node]:
+    import onnx_ir as ir
+
     """Gathers of rows from a constant 2-D float table by token ids from a graph input."""
     inputs = {v.name for v in model.graph.inputs}
     found = []
@@ -165,6 +177,8 @@ def _name_nodes(model: ir.Model) -> None:
 
 
 def quantize_model(model: ir.Model, opts: QuantizeOptions) -> tuple[ir.Model, QuantizeReport]:
+    import onnx_ir as ir
+
     """The model with its weight MatMuls (and, per ``opts``, LM head and embeddings) quantized
     by onnxruntime's MatMulNBitsQuantizer; the fused norms must all survive."""
     import time

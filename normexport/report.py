@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from normexport import __version__, outputs
+from normexport.jsonvalues import strict
 from normexport.outputs import REPORT_MARKER
 
 
@@ -31,26 +32,6 @@ def plain(data):
         return {k: plain(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
         return [plain(v) for v in data]
-    return data
-
-
-def strict(data):
-    """``data`` as strict JSON values: NaN and +/-Inf become the strings "nan", "inf", "-inf"
-    (JSON has no such numbers), numpy scalars and arrays become Python numbers and lists."""
-    import math
-
-    import numpy as np
-
-    if isinstance(data, dict):
-        return {str(k): strict(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [strict(v) for v in data]
-    if isinstance(data, np.ndarray):
-        return strict(data.tolist())
-    if isinstance(data, np.generic):
-        data = data.item()
-    if isinstance(data, float) and not math.isfinite(data):
-        return "nan" if math.isnan(data) else ("inf" if data > 0 else "-inf")
     return data
 
 

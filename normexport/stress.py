@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 from normexport.fuse.registry import FUSED_OPS, RESIDUAL_OPS
 from normexport.runners import DEFAULT_BACKEND
 from normexport.validate import OutputComparison, compare_arrays, default_tolerance
@@ -180,12 +180,12 @@ def norm_params(sub: onnx.ModelProto) -> NormParams:
     """eps, axis, scale and bias of the one norm in ``sub``: fused again for onnxruntime with
     the residual kept apart, which turns any spelling (fused op, primitive ops) into one node
     of the default target's plain op whose attributes and initializers say them."""
-    from normexport.fuse import TARGETS, fuse_model, target_record
+    from normexport.fuse import fuse_model
+    from normexport.fuse.registry import PLAIN_TARGET as plain
     from normexport.fuse.targets import fold_constant
 
     model = ir.serde.deserialize_model(sub)
-    plain = target_record(TARGETS[0])
-    report = fuse_model(model, plain.name, residual=False)
+    report = fuse_model(model, plain, residual=False)
     nodes = [n for n in model.graph if n.op_type == plain.ops[0]]
     if report.fused != 1 or len(nodes) != 1:
         raise ValueError(f"normexport finds {report.fused} RMSNorm(s) in it, not one")
@@ -298,7 +298,7 @@ def _input_types(sub: onnx.ModelProto, names: list[str]) -> tuple[list, object, 
     return shape, dtype.numpy(), np.dtype(dtype.numpy()).name
 
 
-def _run(sub: onnx.ModelProto, backend: str, feed: dict, output: str, opts, tmp: Path, name: str) -> np.ndarray:
+def _run(sub: onnx.ModelProto, backend, feed: dict, output: str, opts, tmp: Path, name: str) -> np.ndarray:
     from normexport.runners import make_onnx_runner
 
     path = tmp / f"{name}.onnx"
@@ -309,7 +309,7 @@ def _run(sub: onnx.ModelProto, backend: str, feed: dict, output: str, opts, tmp:
         except NormexportError:
             raise
         except Exception as e:  # the runtime's own failure on this one norm: reported, not ours
-            raise NormexportError(f"{backend} could not run it alone: {str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}", "") from None
+            raise NormexportError(f"{runner.name} could not run it alone: {first_line(e, 200)}", "") from None
 
 
 def check_site(site: NormSite, fused_ext, unfused_ext, opts, tmp: Path, seed: int) -> NormStress:
@@ -329,7 +329,7 @@ def check_site(site: NormSite, fused_ext, unfused_ext, opts, tmp: Path, seed: in
     if site.skip_bias:
         skip_bias = next(onnx.numpy_helper.to_array(t) for t in sub.graph.initializer if t.name == site.skip_bias)
     ref = reference(feed, params, skip_bias)
-    got = _run(sub, opts.backend, feed, site.output, opts, tmp, f"fused_{site.index}")
+    got = _run(sub, opts.record, feed, site.output, opts, tmp, f"fused_{site.index}")
     atol, rtol = default_tolerance(got.dtype)
     atol, rtol = opts.atol if opts.atol is not None else atol, opts.rtol if opts.rtol is not None else rtol
     rows = int(np.prod(shape[: params.axis % len(shape)]))

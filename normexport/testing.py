@@ -3,14 +3,14 @@
     from normexport.testing import assert_onnx_matches
 
     def test_export_matches(model, tmp_path):
-        result = normexport.convert(model, {"input_ids": ids}, output=tmp_path / "m.onnx")
-        assert_onnx_matches(model, result.output, {"input_ids": ids})
+        result = normexport.convert(model, (ids,), output=tmp_path / "m.onnx")
+        assert_onnx_matches(model, result.output)  # inputs drawn from the ONNX model's signature
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping
+from typing import Any
 
 
 def validation_text(report) -> str:
@@ -25,10 +25,11 @@ def validation_text(report) -> str:
     return buf.getvalue().rstrip()
 
 
-def assert_onnx_matches(module: Any, onnx_model: Any, inputs: Mapping[str, Any] | None = None, *, atol: float | dict | None = None, rtol: float | dict | None = None, **kwargs) -> None:
+def assert_onnx_matches(module: Any, onnx_model: Any, inputs: Any = None, *, atol: float | dict | None = None, rtol: float | dict | None = None, **kwargs) -> None:
     """Assert that the ONNX model computes what ``module`` computes, output by output, on
-    seeded random draws shaped like ``inputs`` (a dict of tensors by input name; see
-    ``normexport.validate``, which takes the same keywords). Raises ``AssertionError`` whose
+    seeded random draws shaped like ``inputs`` (a dict of tensors by input name, or a tuple by
+    position; without them, the ONNX model's own input signature where it fixes every dim and
+    dtype; see ``normexport.validate``, which takes the same keywords). Raises ``AssertionError`` whose
     message is the per-output table and the first diverging norm (its module path)."""
     from normexport.api import validate
 

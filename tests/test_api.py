@@ -255,3 +255,92 @@ def test_cli_exit_code_is_1_for_every_failed_validation_and_0_otherwise():
     assert [exit_code(HFConvertReport("m", "ort", "o", outputs=[c])) for c in (ok, off)] == [0, 1]
     assert exit_code(BenchReport(threads=1, warmup=0, iters=1, input_sets=1)) == 0
     assert exit_code(None) == 0
+
+
+def _with_static_inputs(path: Path, dst: Path, shape=SHAPE) -> Path:
+    """The model with its input's dims fixed (normexport's exports keep batch and sequence dynamic)."""
+    proto = onnx.load(path)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    for d, n in zip(dims, shape):
+        d.ClearField("dim_param")
+        d.dim_value = n
+    onnx.save(proto, dst)
+    return dst
+
+
+def test_assert_onnx_matches_without_inputs_draws_from_the_onnx_signature(converted, tmp_path):
+    """No inputs given: the draws come from the ONNX model's input signature (ids across the
+    whole embedding), and they are real draws: the perturbed norm is found by them."""
+    module, result = converted
+    static = _with_static_inputs(result.output, tmp_path / "static.onnx")
+    report = normexport.validate(module, static)
+    assert report.passed and report.outputs and report.samples == 2
+    assert_onnx_matches(module, static)
+    bad = _with_static_inputs(perturbed_copy(result.output, PERTURBED, tmp_path / "bad.onnx"), tmp_path / "bad_static.onnx")
+    with pytest.raises(AssertionError, match=f"first diverging norm: #3 {PERTURBED}"):
+        assert_onnx_matches(module, bad)
+    from normexport import api
+
+    loaded, specs = api.load(module, onnx_path=static)
+    assert [(s.name, s.dtype, s.shape, s.low, s.high) for s in specs] == [("input_ids", "int64", SHAPE, 0.0, float(VOCAB))]
+
+
+def test_assert_onnx_matches_without_inputs_refuses_an_open_signature(converted):
+    module, result = converted
+    with pytest.raises(NormexportError, match=r"input 'input_ids' has shape \?x\?: its draws need every dim fixed") as info:
+        assert_onnx_matches(module, result.output)
+    assert "tuple" in info.value.hint
+
+
+def test_inputs_as_a_tuple_bind_by_position(tmp_path):
+    """As torch.onnx.export(model, args): a tuple binds to forward's parameters in order."""
+    import own_model
+
+    module = own_model.build(3)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(4))
+    bias = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(5))
+    result = normexport.convert(module, (ids, bias), output=tmp_path / "own.onnx")
+    assert result.passed and [i["name"] for i in result.report.inputs] == ["input_ids", "bias"]
+    assert result.report.inputs[0]["high"] == 100.0  # ids across the whole embedding
+    ref_module = copy.deepcopy(module).double()
+    ids2 = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(40))
+    bias2 = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(50))
+    with torch.no_grad():
+        ref = ref_module(ids2, bias2.double()).numpy()
+    (got,) = ort_helper.run(result.output, {"input_ids": ids2.numpy(), "bias": bias2.numpy()})
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-3)
+    assert normexport.validate(module, result.output, (ids, bias)).passed
+    tiny = tiny_lm()
+    with pytest.raises(NormexportError, match="2 inputs given by position"):
+        normexport.validate(tiny, result.output, (token_ids(1), token_ids(2)))
+
+
+def test_a_tuple_for_forward_star_args_is_refused():
+    class StarArgs(nn.Module):
+        def forward(self, *xs):
+            return xs[0]
+
+    with pytest.raises(NormexportError, match=r"\*args"):
+        normexport.api.load(StarArgs(), (torch.zeros(2),))
+
+
+def test_a_layer_norm_model_is_refused_from_its_modules_before_any_export(tmp_path, monkeypatch):
+    """A Pre-LN model in memory: refused with the ln2rms hint before torch.onnx runs."""
+    from models.gpt2_style import gpt2_small
+
+    from normexport import export
+
+    def no_export(*a, **k):
+        raise AssertionError("exported a model that has no RMSNorm")
+
+    monkeypatch.setattr(export, "export_onnx", no_export)
+    module, example = gpt2_small()
+    with pytest.raises(NormexportError, match=r"no RMSNorm in GPT2Style \(in memory\): its 5 norm module\(s\) are LayerNorms") as info:
+        normexport.convert(module, example, output=tmp_path / "g.onnx")
+    assert "normexport.ln2rms(module, example_inputs)" in info.value.hint
+    assert list(tmp_path.iterdir()) == []
+    # the same model converted by ln2rms has RMSNorms: not refused from its modules
+    from normexport.norm_modules import may_hold_rmsnorm
+
+    rms, _ = normexport.ln2rms(module, example)
+    assert may_hold_rmsnorm(rms)

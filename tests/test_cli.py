@@ -65,8 +65,9 @@ def test_shipped_fused_output_matches_pytorch_on_fresh_inputs_and_other_shapes(s
     for shape in ((1, 7), (3, 40)):  # dynamic batch and sequence
         ids = torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(sum(shape)))
         with torch.no_grad():
-            ref = module(ids).double().numpy()
+            ref = module(ids)["logits"].double().numpy()
         got = ort_helper.run(out, {"input_ids": ids.numpy()})[0]
+        assert [o.name for o in onnx.load(out, load_external_data=False).graph.output] == ["logits"]  # the model's own name
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 

@@ -135,3 +135,15 @@ def test_exported_archive_given_a_wrong_dtype_is_exit_2(monkeypatch, tmp_path):
     r = _run(["convert", str(HERE.parent / "models" / "tinyllama.pt"), "--no-bench", "--no-validate", "--input", "input_ids:float32:2x8", "-o", str(out)], monkeypatch)
     assert not out.exists()
     assert "cannot run on inputs" in assert_user_error(r)
+
+
+def test_first_line_of_any_exception_text():
+    """The one helper that puts an exception into a one-line message: no IndexError on empty
+    or blank text, the first non-blank line, capped."""
+    from normexport.errors import first_line
+
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert first_line(RuntimeError("\n  \n")) == "RuntimeError"
+    assert first_line(ValueError("\n  bad shape  \nsecond line")) == "bad shape"
+    assert first_line(ValueError("x" * 500), 40) == "x" * 40
+    assert first_line("") == "" and first_line("  \n b") == "b"

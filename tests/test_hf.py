@@ -69,6 +69,10 @@ def test_convert_writes_a_kv_decoder_folder(converted):
     assert genai["search"]["past_present_share_buffer"] == (family in GQA_FAMILIES)
     report = json.loads(rep.read_text())
     assert report["generation"]["passed"] and all(p["tokens_equal"] for p in report["generation"]["prompts"])
+    own = json.loads((out / "normexport_report.json").read_text())  # the folder's own report: the same facts
+    logits = own["validation"]["outputs"]
+    assert own["validation"]["passed"] and len(logits) == len(report["generation"]["prompts"])
+    assert all(o["name"] == "logits" and o["passed"] and o["steps"] == 8 and 0.99 < o["cosine"] <= 1.0 + 1e-6 for o in logits)
     steps = {"load", "export", "fuse", "validate: transformers", "validate"}
     assert set(report["steps_cpu_s"]) == set(report["peak_rss_mib_after"]) == steps and all(v > 0 for v in report["peak_rss_mib_after"].values())
     if family in GQA_FAMILIES:
@@ -495,7 +499,7 @@ def _assert_clean_failure(result, out: Path, *words):
 def test_hub_id_is_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", "Qwen/Qwen3-0.6B", "-o", out), out, "downloads nothing", "download it first")
+    _assert_clean_failure(invoke("convert", "Qwen/Qwen3-0.6B", "-o", out), out, "downloads nothing", "download it first", "`HF_HUB_OFFLINE=0 hf download Qwen/Qwen3-0.6B --local-dir ./Qwen3-0.6B`")
 
 
 def test_folder_without_config(tmp_path):
@@ -615,6 +619,7 @@ def test_inspect_folder_lists_every_rmsnorm_module_fused(llama):
     assert [m["module"] for m in report["modules"]] == names and len(names) == 5
     assert all(m["status"] == "fused" and m["class"] == "LlamaRMSNorm" for m in report["modules"])
     assert len(report["norms"]) == len(names)
+    assert sorted(n["module"] for n in report["norms"]) == sorted(names)  # both tables name modules alike
 
 
 @pytest.mark.parametrize(
@@ -697,6 +702,133 @@ def test_onnxscript_fallback_without_transformers_exporters(tmp_path, monkeypatc
     assert check_generation(hf.module, OnnxDecoder(tmp_path / "out"), "float32", NEW_TOKENS, seed=4).passed
 
 
+# ---------------------------------------------------------------------------------------------
+# Every option of convert / validate / bench acts on a folder or is refused there (exit 2)
+
+REFUSED_VALUES = {"opset": "18", "exporter": "dynamo", "inputs": "input_ids:int64:1x4", "factory": "mod:f", "warmup": "1", "iters": "2",
+                  "unfused": "{out}/model.onnx", "plot": "{tmp}/p.png"}
+
+
+def _flag(param) -> str:
+    return max(param.opts, key=len)
+
+
+@pytest.mark.parametrize("command", ["convert", "validate", "bench"])
+def test_every_option_is_classified_for_folders(command):
+    """A new option must say what it does for a folder, or why a folder refuses it."""
+    from normexport.cli import main
+    from normexport.hf.commands import FOLDER_ACTS, FOLDER_REFUSES
+
+    names = {p.name for p in main.commands[command].params}
+    acts, refuses = set(FOLDER_ACTS[command]), set(FOLDER_REFUSES[command])
+    assert not acts & refuses
+    assert names == acts | refuses, f"unclassified: {sorted(names - acts - refuses)}; stale: {sorted((acts | refuses) - names)}"
+
+
+@pytest.mark.parametrize("command", ["convert", "validate", "bench"])
+def test_refused_folder_options_are_exit_2_naming_them(llama, tmp_path, command):
+    from normexport.cli import main
+    from normexport.hf.commands import FOLDER_REFUSES
+
+    folder, out = llama
+    params = {p.name: p for p in main.commands[command].params}
+    for name, why in FOLDER_REFUSES[command].items():
+        value = REFUSED_VALUES[name].format(out=out, tmp=tmp_path)
+        target = [folder, tmp_path / "o"] if command == "convert" else [folder, out]
+        args = [command, target[0]] + (["-o", target[1]] if command == "convert" else [target[1]]) + [_flag(params[name]), value]
+        result = invoke(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2, (name, result.output, result.stderr)
+        assert lines[0] == f"error: {_flag(params[name])} does not apply to a Hugging Face folder: {why}", lines
+        assert not (tmp_path / "o").exists() and not (tmp_path / "p.png").exists()
+
+
+CONVERT_GIVEN = {  # option -> (its command-line words, where convert's folder path receives it)
+    "output": (["-o", "{tmp}/o"], lambda o, hf, rep: str(o.output).endswith("/o")),
+    "target": (["--target", "onnx"], lambda o, hf, rep: o.fuse.record.name == "onnx"),
+    "residual": (["--residual-fusion", "on"], lambda o, hf, rep: o.fuse.residual == "on"),
+    "no_residual": (["--no-residual-fusion"], lambda o, hf, rep: o.fuse.residual == "off"),
+    "trust_pickle": (["--trust-pickle"], lambda o, hf, rep: o.load.trust_pickle),
+    "dtype": (["--dtype", "float16"], lambda o, hf, rep: o.load.dtype == "float16" and o.validate.dtype == "float16"),
+    "seed": (["--seed", "7"], lambda o, hf, rep: o.validate.seed == 7),
+    "threads": (["--threads", "3"], lambda o, hf, rep: o.validate.threads == 3),
+    "atol": (["--atol", "0.5"], lambda o, hf, rep: o.validate.atol == {None: 0.5}),
+    "rtol": (["--rtol", "0.25"], lambda o, hf, rep: o.validate.rtol == {None: 0.25}),
+    "samples": (["--samples", "5"], lambda o, hf, rep: o.validate.samples == 5),
+    "stress": (["--stress"], lambda o, hf, rep: o.validate.stress is True),
+    "backend": (["--backend", "ort-cuda"], lambda o, hf, rep: o.validate.record.name == "ort-cuda" and o.backend.name == "ort-cuda"),
+    "no_validate": (["--no-validate"], lambda o, hf, rep: o.validate is None),
+    "no_bench": (["--no-bench"], lambda o, hf, rep: o.bench is None),
+    "keep_failed": (["--keep-failed"], lambda o, hf, rep: o.keep_failed),
+    "report_path": (["--report", "{tmp}/r.json"], lambda o, hf, rep: str(rep).endswith("r.json")),
+    "force": (["--force"], lambda o, hf, rep: True),  # read by the output guard before the folder path (tests/test_hostile_outputs.py)
+    "task": (["--task", "feature-extraction"], lambda o, hf, rep: hf["task"] == "feature-extraction"),
+    "gen_tokens": (["--gen-tokens", "9"], lambda o, hf, rep: hf["gen_tokens"] == 9),
+    "attention_fusion": (["--no-attention-fusion"], lambda o, hf, rep: hf["attention_fusion"] is False),
+    "trust_remote_code": (["--trust-remote-code"], lambda o, hf, rep: hf["trust_remote_code"] is True),
+    "attention": (["--attention", "generic"], lambda o, hf, rep: hf["attention"] == "generic"),
+    "quantize": (["--quantize", "int8"], lambda o, hf, rep: o.quantize.kind == "int8"),
+    "quant_block_size": (["--quantize", "int4", "--quant-block-size", "64"], lambda o, hf, rep: o.quantize.block_size == 64),
+    "quant_accuracy_level": (["--quantize", "int4", "--quant-accuracy-level", "1"], lambda o, hf, rep: o.quantize.accuracy_level == 1),
+    "quantize_lm_head": (["--quantize", "int4", "--no-quantize-lm-head"], lambda o, hf, rep: o.quantize.lm_head is False),
+    "quantize_embeddings": (["--quantize", "int4", "--quantize-embeddings"], lambda o, hf, rep: o.quantize.embeddings is True),
+    "min_top1": (["--quantize", "int4", "--min-top1", "0.5"], lambda o, hf, rep: o.validate.quant_thresholds.min_top1 == 0.5),
+    "min_top5": (["--quantize", "int4", "--min-top5", "0.5"], lambda o, hf, rep: o.validate.quant_thresholds.min_top5 == 0.5),
+    "max_kl": (["--quantize", "int4", "--max-kl", "0.5"], lambda o, hf, rep: o.validate.quant_thresholds.max_kl == 0.5),
+    "min_cosine": (["--quantize", "int4", "--min-cosine", "0.5"], lambda o, hf, rep: o.validate.quant_thresholds.min_cosine == 0.5),
+}
+
+
+def test_every_convert_option_a_folder_takes_reaches_the_folder_path(llama, tmp_path, monkeypatch):
+    """Each option FOLDER_ACTS lists for convert arrives, given, in what the folder path reads."""
+    from normexport import cli
+    from normexport.errors import NormexportError
+    from normexport.hf.commands import FOLDER_ACTS
+
+    folder, _ = llama
+    seen = {}
+
+    def capture(model, opts, hf, report_path, progress):
+        seen.update(opts=opts, hf=hf, report=report_path)
+        raise NormexportError("captured", "test")
+
+    monkeypatch.setattr(cli, "convert_hf", capture)
+    assert set(CONVERT_GIVEN) == set(FOLDER_ACTS["convert"]) - {"model"}
+    for name, (words, arrived) in CONVERT_GIVEN.items():
+        seen.clear()
+        words = [w.format(tmp=tmp_path) for w in words]
+        result = invoke("convert", folder, *words, *([] if name == "output" else ["-o", tmp_path / "o"]))
+        assert result.exit_code == 2 and "captured" in result.stderr, (name, result.stderr)
+        assert arrived(seen["opts"], seen["hf"], seen["report"]), name
+
+
+def test_validate_folder_on_the_backend_with_stress_and_samples(llama, tmp_path):
+    """--stress, --samples and --backend act on validate DIR OUTDIR: each fused norm alone on
+    that backend against float64, on as many prompts as asked."""
+    folder, out = llama
+    rep = tmp_path / "v.json"
+    result = invoke("validate", folder, out, "--stress", "--samples", 1, "--backend", "ort-cpu", "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads(rep.read_text())
+    assert len(data["generation"]["prompts"]) == 1 and data["generation"]["passed"]
+    assert data["stress"]["backend"] == "ort-cpu" and data["stress"]["passed"]
+    assert len(data["stress"]["norms"]) == 5  # every fused norm of the 2-layer decoder, alone
+
+
+@pytest.mark.parametrize("backend, words", [("trt", "runs on onnxruntime"), ("ort-cuda", "onnxruntime-gpu")])
+def test_folder_backend_onnxruntime_lacks_is_exit_2_before_any_work(llama, tmp_path, backend, words):
+    import onnxruntime as ort
+
+    from normexport.runners import backend_record
+
+    record = backend_record(backend)
+    if record.providers and record.providers[0] in ort.get_available_providers():
+        pytest.skip(f"{backend} runs here")
+    folder, out = llama
+    for args in (("convert", folder, "-o", tmp_path / "o"), ("validate", folder, out), ("bench", folder, out)):
+        result = invoke(*args, "--backend", backend)
+        assert result.exit_code == 2 and words in (result.stderr.splitlines()[0] + result.stderr), (args, result.stderr)
+        assert not (tmp_path / "o").exists()
 ROPE_SCALINGS = {
     "llama3": dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
     "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64),

@@ -4,7 +4,6 @@ that cannot be written, interrupts, a full disk, concurrent runs, planted symlin
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import shutil
@@ -23,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import ort_helper
 import own_model
 import rms_graphs
-from cli_helper import invoke
+from cli_helper import invoke, snapshot
 from normexport import outputs, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,18 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under ``folder`` (hidden ones too): a file's sha256, a link's target."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        key = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[key] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:
-            out[key] = "dir"
-    return out
 
 
 def assert_refused(result, folder: Path, before: dict, *words):

@@ -4,9 +4,7 @@ correct result) with the user's files intact; none in exit 3."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -27,7 +25,7 @@ from hypothesis import strategies as st
 import ort_helper
 import own_model
 import rms_graphs
-from cli_helper import invoke
+from cli_helper import invoke, snapshot
 from normexport import outputs
 from normexport.errors import NormexportError
 from normexport.hf.convert import OUTPUT_FILES, REPORT_NAME, output_folder
@@ -37,18 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from normexport.cli import main; main()"]
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under ``folder`` (hidden ones too): a file's sha256, a link's target."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        key = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[key] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:
-            out[key] = "dir"
-    return out
 
 
 def assert_exit2(result, *words):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 
 
 def _tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
@@ -367,7 +367,7 @@ def densify_sparse(model, path, memory: int | None = None) -> int:
                 dense = np.zeros(size, dtype=values.dtype)
                 dense[indices] = values
             except Exception as e:
-                raise NormexportError(f"{path}: sparse initializer '{name}' is not readable ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
+                raise NormexportError(f"{path}: sparse initializer '{name}' is not readable ({first_line(e, 160)})",
                                       "store it as a dense initializer") from None
             g.initializer.append(numpy_helper.from_array(dense.reshape(dims), name))
             count += 1
@@ -422,11 +422,13 @@ def runtime_load_error(data: bytes) -> str | None:
     """Why onnxruntime (CPU, optimizations off) cannot load ``data``; None when it can."""
     import onnxruntime as ort
 
+    from normexport.runners import DEFAULT_BACKEND, backend_record
+
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4
     try:
-        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(data, so, providers=list(backend_record(DEFAULT_BACKEND).providers))
     except Exception as e:
-        return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return first_line(e)
     return None

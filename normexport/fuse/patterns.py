@@ -25,6 +25,10 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from normexport.fuse.scales import reduced_scale
+from normexport.fuse.values import attribute as _attr
+from normexport.fuse.values import const_ints
+
 INTERNAL_DOMAIN = "normexport.internal"
 INTERNAL_OP = "RMSNorm"
 
@@ -58,15 +62,6 @@ def scalar_of(value: ir.Value | None) -> float | None:
     return float(arr.reshape(()))
 
 
-def const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
-        return None
-    return [int(v) for v in tensor.numpy().reshape(-1)]
-
-
 def module_path(node: ir.Node) -> str:
     """The PyTorch module a node was exported from: the dynamo exporter records its name
     scopes in metadata, the TorchScript exporter writes them into the node name."""
@@ -97,11 +92,6 @@ def scope_path(scopes: list[str]) -> str:
         else:
             path = f"{path}.{scope}" if path else scope
     return path
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 @dataclass
@@ -333,8 +323,6 @@ class ImportRule(_RecordsUnknownShapes, pattern.RewriteRuleClassBase):
             # The scale spans dims that are not normalized (the op allows any scale that
             # broadcasts to x): reduced to the normalized shape where it is constant along
             # them, else the op is a norm followed by a Mul by the scale, and stays so.
-            from normexport.fuse.scales import reduced_scale
-
             reduced = reduced_scale(scale, x, axis)
             if reduced is not None:
                 self._scale_form, self._reduced = "reduced", reduced[1]

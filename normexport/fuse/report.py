@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from normexport.errors import NormexportError
 from normexport.fuse.patterns import FusedNorm
 
 
@@ -53,3 +54,12 @@ class FuseReport:
             "seconds": round(self.seconds, 3),
             "notes": self.notes,
         }
+
+
+def require_norms(fusion: FuseReport, source, hint: str) -> None:
+    """The one refusal of a model in which no RMSNorm was fused (convert, fuse, folders)."""
+    if fusion.fused:
+        return
+    reasons = "; ".join(sorted({s.reason for s in fusion.skipped}))[:300]
+    near = f" ({len(fusion.skipped)} near-miss(es): {reasons})" if fusion.skipped else ""
+    raise NormexportError(f"no RMSNorm found in {source}{near}", f"normexport fuses x / sqrt(mean(x²) + eps) · g; {hint}")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from normexport.fuse.patterns import _attr, const_ints
+from normexport.fuse.values import attribute as _attr
+from normexport.fuse.values import const_ints
 
 MAX_REDUCE_ELEMENTS = 1 << 24  # a constant scale larger than this is not read to test it
 

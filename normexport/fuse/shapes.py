@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from normexport.errors import first_line
+
 PLACEHOLDER_BYTES = 1024
 
 
@@ -69,7 +71,7 @@ def infer_shapes(model: ir.Model) -> tuple[str | None, bool]:
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, check_type=strict, strict_mode=strict, data_prop=True)
         except Exception as e:  # onnx's own failure on this graph: reported, never silent
-            why = why or f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            why = why or f"{type(e).__name__}: {first_line(str(e), 200)}"
             continue
         _merge(model, inferred)
         return why, False

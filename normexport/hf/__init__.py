@@ -35,12 +35,12 @@ def looks_like_hub_id(path) -> bool:
 def route_folder(path) -> bool:
     """True for a Hugging Face folder; a hub id that is not on disk is a user error."""
     from normexport.errors import NormexportError
-    from normexport.load import require_usable_path
+    from normexport.paths import require_usable_path
 
     require_usable_path(path)
     if looks_like_hub_id(path):
         raise NormexportError(
             f"{path} is not a local folder; normexport downloads nothing",
-            f"download it first (e.g. `HF_HUB_OFFLINE=0 huggingface-cli download {path} --local-dir ./{Path(str(path)).name}`) and pass that folder",
+            f"download it first (e.g. `HF_HUB_OFFLINE=0 hf download {path} --local-dir ./{Path(str(path)).name}`) and pass that folder",
         )
     return is_hf_folder(path)

@@ -11,6 +11,69 @@ from normexport.hf import ATTENTION_CHOICES
 from normexport.hf.folder import TASKS
 
 
+_TIMES_NOTHING = "convert times nothing for a folder: `normexport bench DIR OUTDIR` times prefill and decode (--prompt-len, --new-tokens, --rounds)"
+_MODEL_FILE = "the folder's config.json defines the model and its inputs"
+
+# How each option of `convert`, `validate` and `bench` acts on a Hugging Face folder. An option
+# under FOLDER_REFUSES is exit 2 when given with a folder, with the reason; every other option of
+# the command is listed under FOLDER_ACTS with what it does there (tests/test_hf.py walks the
+# commands' options and holds each to one of the two).
+FOLDER_ACTS = {
+    "convert": {
+        "model": "the folder", "output": "OUTDIR", "target": "the fused norms' op", "residual": "the residual layout", "no_residual": "the residual layout",
+        "trust_pickle": "pickled (.bin) weights in the folder", "dtype": "the dtype transformers loads and exports in",
+        "seed": "the prompts' token ids", "threads": "onnxruntime's and PyTorch's threads", "atol": "the tolerance of every compared output",
+        "rtol": "the tolerance of every compared output", "samples": "prompts (outputs without a cache: draws) checked",
+        "stress": "each fused norm alone on --backend", "backend": "where the generation check and the stress check run",
+        "no_validate": "skips the generation check", "no_bench": "nothing is timed (as without it)", "keep_failed": "writes OUTDIR when the check fails",
+        "report_path": "the report", "force": "replaces a report normexport did not write", "task": "what is exported", "gen_tokens": "tokens checked per prompt",
+        "attention_fusion": "onnxruntime's attention fusions", "trust_remote_code": "the folder's modeling code",
+        "attention": "GroupQueryAttention or the generic attention graph",
+        "quantize": "the decoder's weight MatMuls quantized after the fusion", "quant_block_size": "the quantizer's block",
+        "quant_accuracy_level": "MatMulNBits' accuracy level", "quantize_lm_head": "whether the logits' MatMul is quantized",
+        "quantize_embeddings": "whether the embedding table is quantized", "min_top1": "the quantized check's bound",
+        "min_top5": "the quantized check's bound", "max_kl": "the quantized check's bound", "min_cosine": "the quantized check's bound",
+    },
+    "validate": {
+        "model": "the folder", "fused": "OUTDIR", "trust_pickle": "pickled (.bin) weights in the folder", "dtype": "the dtype transformers loads in",
+        "seed": "the prompts' token ids", "threads": "onnxruntime's and PyTorch's threads", "atol": "the tolerance of the compared logits",
+        "rtol": "the tolerance of the compared logits", "samples": "prompts checked", "stress": "each fused norm of OUTDIR alone on --backend",
+        "backend": "where the decoder runs", "report_path": "the report", "force": "replaces a report normexport did not write",
+        "min_top1": "the quantized check's bound", "min_top5": "the quantized check's bound", "max_kl": "the quantized check's bound",
+        "min_cosine": "the quantized check's bound",
+    },
+    "bench": {
+        "model": "the folder", "fused": "OUTDIR", "trust_pickle": "pickled (.bin) weights in the folder", "dtype": "the dtype transformers loads in",
+        "seed": "the prompt's token ids", "threads": "onnxruntime's and PyTorch's threads", "backend": "where the decoders run",
+        "report_path": "the report", "force": "replaces a report normexport did not write",
+        "prompt_len": "prompt tokens of the prefill", "new_tokens": "decode steps timed", "rounds": "interleaved rounds",
+        "others": "more folders timed beside OUTDIR", "builder": "onnxruntime-genai's builder's folder timed beside it",
+    },
+}
+FOLDER_REFUSES = {
+    "convert": {"opset": "the decoder is exported at the opset its KV contract needs", "exporter": "the dynamo exporter exports the decoder",
+                "inputs": _MODEL_FILE, "factory": _MODEL_FILE, "warmup": _TIMES_NOTHING, "iters": _TIMES_NOTHING},
+    "validate": {"unfused": "validate DIR OUTDIR checks OUTDIR's generation against transformers", "inputs": _MODEL_FILE, "factory": _MODEL_FILE},
+    "bench": {"unfused": "bench DIR OUTDIR exports the unfused decoder itself", "inputs": _MODEL_FILE, "factory": _MODEL_FILE,
+              "plot": "the folder's table has no chart", "warmup": "a folder is timed in --rounds of prefill and decode",
+              "iters": "a folder is timed in --rounds of prefill and decode"},
+}
+
+
+def refuse_for_folder(command: str) -> None:
+    """The options of ``command`` given on the command line that do not apply to a Hugging Face
+    folder: exit 2 naming them and why, before any work."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name in FOLDER_REFUSES[command]
+             and ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+    if given:
+        p = given[0]
+        flag = max(p.opts, key=len) if p.opts else p.name
+        raise NormexportError(f"{flag} does not apply to a Hugging Face folder: {FOLDER_REFUSES[command][p.name]}", "drop the option")
+
+
 def hf_convert_options(fn):
     for deco in reversed(
         [
@@ -95,13 +158,14 @@ def hf_bench_options(fn):
     return fn
 
 
-def validate_hf(model: Path, fused: Path, load, opts, unfused, report_path: Path | None):
-    """validate DIR OUTDIR: the generation check (the CLI exits 1 when it fails)."""
+def validate_hf(model: Path, fused: Path, load, opts, report_path: Path | None):
+    """validate DIR OUTDIR: the generation check, and the stress check where wanted (the CLI
+    exits 1 when either fails)."""
     from normexport import report
     from normexport.hf.show import print_generation
-    from normexport.hf.tools import refuse_model_file_options, validate_folder
+    from normexport.hf.tools import validate_folder
+    from normexport.report import print_stress
 
-    refuse_model_file_options({"--input": load.inputs, "--factory": load.factory, "--unfused": unfused})
     result = validate_folder(model, fused, load, opts, gen_tokens=32)
     if hasattr(result, "thresholds"):  # the quantized check
         from normexport.quant_check import print_quantized
@@ -110,23 +174,24 @@ def validate_hf(model: Path, fused: Path, load, opts, unfused, report_path: Path
         if report_path:
             report.write_json({"model": str(model), "fused": str(fused), "quantized_accuracy": result.to_json()}, report_path)
         return result
-    print_generation(report.console(), result)
+    c = report.console()
+    print_generation(c, result.generation)
+    print_stress(c, result.stress)
     if report_path:
-        report.write_json({"model": str(model), "fused": str(fused), "generation": result.to_json()}, report_path)
+        report.write_json({"model": str(model), "fused": str(fused), **result.to_json()}, report_path)
     return result
 
 
-def bench_hf(model: Path, fused: Path, load, opts, unfused, report_path: Path | None, plot, hf: dict) -> None:
+def bench_hf(model: Path, fused: Path, load, opts, report_path: Path | None, hf: dict) -> None:
     """bench DIR OUTDIR: prefill and decode latency table."""
     from rich.markup import escape
     from rich.table import Table
 
     from normexport import report
-    from normexport.hf.tools import bench_folder, refuse_model_file_options
+    from normexport.hf.tools import bench_folder
 
-    refuse_model_file_options({"--input": load.inputs, "--factory": load.factory, "--unfused": unfused, "--plot": plot})
     result = bench_folder(model, fused, load, opts, hf["prompt_len"], hf["new_tokens"], hf["rounds"], tuple(hf.get("others") or ()), hf.get("builder") or "none")
-    t = Table(title=f"{escape(str(model))}: prefill of {result['prompt_tokens']} tokens, decode with past {result['decode_past']}, {result['threads']} thread(s), median of {result['rounds']} rounds")
+    t = Table(title=f"{escape(str(model))}: prefill of {result['prompt_tokens']} tokens, decode with past {result['decode_past']}, {result['backend']}, {result['threads']} thread(s), median of {result['rounds']} rounds")
     for col in ("variant", "prefill ms", "decode ms/token", "model MB", "greedy tokens = transformers"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for v in result["variants"]:

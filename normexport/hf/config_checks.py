@@ -25,7 +25,7 @@ import re
 import struct
 from pathlib import Path
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 
 # Fields that give a size: a positive integer, or (per-layer families) a list of them.
 SIZE_FIELDS = (
@@ -118,15 +118,6 @@ def _raw_text(raw: dict) -> dict:
         if isinstance(raw.get(key), dict):
             return raw[key]
     return raw
-
-
-def first_line(e: BaseException) -> str:
-    """The message's first line; a line that ends in ':' (an introduction) with the next."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    text = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
-    return text[:300]
 
 
 # ---------------------------------------------------------------------------------------------

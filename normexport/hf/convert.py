@@ -17,7 +17,7 @@ from normexport.hf import ATTENTION_CHOICES
 from normexport.hf.folder import HFModel, load_folder
 from normexport.options import ValidateOptions
 from normexport.quantize import check_quantize
-from normexport.runners import DEFAULT_BACKEND, residual_layout
+from normexport.runners import require_onnxruntime, residual_layout
 
 REPORT_NAME = "normexport_report.json"
 MODEL_NAME = "model.onnx"
@@ -52,6 +52,7 @@ class HFConvertReport:
     attention: object = None  # ort_attention.AttentionFusion
     attention_op: str = ""  # "GroupQueryAttention" or "generic"
     generation: object = None  # GenerationReport (the fp32 graph; before quantization where quantized)
+    stress: object = None  # stress.StressReport: each fused norm alone on --backend
     quantization: object = None  # quantize.QuantizeReport
     quantized_accuracy: object = None  # quant_check.QuantizedAccuracy
     outputs: list = field(default_factory=list)  # OutputComparison (tasks without a cache)
@@ -69,13 +70,28 @@ class HFConvertReport:
 
     @property
     def checked(self) -> bool:
-        return self.generation is not None or self.quantized_accuracy is not None or bool(self.outputs)
+        return self.generation is not None or self.quantized_accuracy is not None or bool(self.outputs) or self.stress is not None
 
     @property
     def passed(self) -> bool:
         gen_ok = self.generation is None or self.generation.passed
+        stress_ok = self.stress is None or self.stress.passed
         quant_ok = self.quantized_accuracy is None or self.quantized_accuracy.passed
-        return gen_ok and quant_ok and all(c.passed for c in self.outputs)
+        return gen_ok and stress_ok and quant_ok and all(c.passed for c in self.outputs)
+
+    def _outputs_json(self) -> list[dict]:
+        """Each compared output: a task without a cache, its outputs; a decoder, its logits per
+        prompt (the worst step of the generation check)."""
+        if self.outputs or self.generation is None:
+            return [c.to_json() for c in self.outputs]
+        from normexport.hf.generation import json_float
+
+        worst = lambda values, pick: json_float(pick(values, key=lambda v: float("inf") if v != v else v))  # NaN is the worst
+        return [
+            {"name": "logits", "sample": i, "steps": len(p.steps), "max_abs": worst([s.max_abs for s in p.steps], max),
+             "max_rel": worst([s.max_rel for s in p.steps], max), "cosine": json_float(min(s.cosine for s in p.steps)), "passed": p.passed}
+            for i, p in enumerate(self.generation.prompts) if p.steps
+        ]
 
     def step(self, name: str, since: tuple[float, float]) -> None:
         """Record the step that began at ``since`` (a ``clock()``)."""
@@ -96,9 +112,10 @@ class HFConvertReport:
             "attention_op": self.attention_op or None,
             "attention_fusion": self.attention.to_json() if self.attention else None,
             "generation": self.generation.to_json() if self.generation else None,
+            "stress": self.stress.to_json() if self.stress else None,
             "quantization": self.quantization.to_json() if self.quantization else None,
             "quantized_accuracy": self.quantized_accuracy.to_json() if self.quantized_accuracy else None,
-            "validation": {"passed": self.passed, "outputs": [c.to_json() for c in self.outputs]} if self.checked else None,
+            "validation": {"passed": self.passed, "outputs": self._outputs_json()} if self.checked else None,
             "steps_s": {k: round(v, 3) for k, v in self.steps.items()},
             "steps_cpu_s": {k: round(v, 3) for k, v in self.steps_cpu.items()},
             "peak_rss_mib_after": {k: round(v, 1) for k, v in self.peak_rss.items()},
@@ -124,7 +141,7 @@ def output_folder(output, option: str = "-o"):
 
 def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda s: None) -> HFConvertReport:
     """opts: normexport.options.ConvertOptions (fuse, load's dtype, validate, keep_failed, output)."""
-    from normexport.fuse import target_record
+    from normexport.fuse.registry import RECORDS
 
     path = Path(path)
     hf_opts = hf_opts or HFOptions()
@@ -136,17 +153,24 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
             f"{', '.join(unused) or '--exporter torchscript'} does not apply to a Hugging Face folder",
             "the folder's config.json defines the model and its inputs; drop the option",
         )
-    target_record(opts.fuse.target)  # an unknown target: the user's error, before any work
-    if hf_opts.attention_fusion and opts.fuse.target != "ort":
-        raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {opts.fuse.target}", "use --target ort, or drop --attention-fusion")
+    target = opts.fuse.record  # resolved when the options were made: an unknown target never gets here
+    if opts.validate:
+        require_onnxruntime(opts.validate.record, "the generation check of a Hugging Face folder")
+    if hf_opts.attention_fusion and not target.onnxruntime_ops:
+        runs_with = ", ".join(t.name for t in RECORDS if t.onnxruntime_ops)
+        raise NormexportError(f"--attention-fusion makes onnxruntime ops; it does not apply to --target {target.name}", f"use --target {runs_with}, or drop --attention-fusion")
     check_quantize(opts)
     if hf_opts.attention not in ATTENTION_CHOICES:
         raise NormexportError(f"unknown --attention '{hf_opts.attention}'", f"one of {', '.join(ATTENTION_CHOICES)}")
-    if hf_opts.attention == "gqa" and opts.fuse.target != "ort":
-        raise NormexportError(f"--attention gqa makes onnxruntime's GroupQueryAttention; it does not apply to --target {opts.fuse.target}", "use --target ort, or --attention generic")
+    if hf_opts.attention == "gqa" and not target.onnxruntime_ops:
+        runs_with = ", ".join(t.name for t in RECORDS if t.onnxruntime_ops)
+        raise NormexportError(f"--attention gqa makes onnxruntime's GroupQueryAttention; it does not apply to --target {target.name}", f"use --target {runs_with}, or --attention generic")
     t = clock()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.load.dtype, opts.load.trust_pickle, hf_opts.trust_remote_code)
+    from normexport.norm_modules import refuse_without_rmsnorm
+
+    refuse_without_rmsnorm(hf.module, f"{path} ({hf.architecture})", path)  # before any export
     report = HFConvertReport(str(path), opts.fuse.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
     report.step("load", t)
     gqa = choose_attention(hf, opts, hf_opts, report)
@@ -167,6 +191,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
             t = clock()
             progress("checking generation against transformers")
             _validate(hf, opts.validate, hf_opts, report, fused, keep_module=opts.quantize is not None)
+            _stress(opts.validate, report, fused, progress)
             report.step("validate", t)
         else:
             report.notes.append("not validated (--no-validate): nothing was compared with transformers")
@@ -212,7 +237,7 @@ def _check_quantized(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, rep
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    decoder = OnnxDecoder(model_path, threads=opts.threads)
+    decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record)
     thresholds = opts.quant_thresholds.resolved(kind)
     result = check_quantized_decoder(hf.module, decoder, hf_opts.gen_tokens, opts.seed, thresholds)
     result.stress = stress_check(model_path, None, opts, opts.seed)
@@ -225,7 +250,7 @@ def attention_wanted(opts, hf_opts: HFOptions, gqa: bool = False) -> bool:
     runs it there, packing the gate/up MatMuls)."""
     if hf_opts.attention_fusion is not None:
         return hf_opts.attention_fusion
-    return opts.fuse.target == "ort" and not gqa
+    return opts.fuse.record.onnxruntime_ops and not gqa
 
 
 def choose_attention(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertReport):
@@ -234,7 +259,7 @@ def choose_attention(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertRep
     from normexport.hf.gqa import gqa_plan
 
     report.attention_op = "generic"
-    if hf_opts.attention == "generic" or opts.fuse.target != "ort":
+    if hf_opts.attention == "generic" or not opts.fuse.record.onnxruntime_ops:
         return None
     plan, reason = gqa_plan(hf)
     if plan is None and hf_opts.attention == "gqa":
@@ -250,7 +275,7 @@ def choose_attention(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertRep
 def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False, gqa=None):
     from normexport.fuse import fuse_model, save_onnx
     from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
-    from normexport.pipeline import require_norms
+    from normexport.fuse.report import require_norms
 
     t = clock()
     progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx" + (", attention as GroupQueryAttention" if gqa else ""))
@@ -259,9 +284,9 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
     report.step("export", t)
     t = clock()
     progress(f"fusing RMSNorm for target {opts.fuse.target}")
-    fold, layout = residual_layout(opts.fuse.residual, DEFAULT_BACKEND, opts.fuse.target)  # checked on the default backend
+    fold, layout = residual_layout(opts.fuse.residual, opts.backend, opts.fuse.record)
     report.notes.append(layout)
-    fusion = fuse_model(exp.model, opts.fuse.target, residual=fold)
+    fusion = fuse_model(exp.model, opts.fuse.record, residual=fold)
     report.fusion = fusion
     report.rmsnorm_modules = count_rmsnorm_modules(hf.module)
     require_norms(fusion, f"{hf.path} ({hf.architecture})", "this model has none it recognises")
@@ -319,22 +344,32 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
         from normexport.hf.generation import OnnxDecoder, compare_generation, reference_generation
 
         t = clock()
-        references = reference_generation(hf.module, hf_opts.gen_tokens, opts.seed)
+        references = reference_generation(hf.module, hf_opts.gen_tokens, opts.seed, prompts=opts.samples)
         report.step("validate: transformers", t)
         if not keep_module:  # transformers' side is done: its weights go before onnxruntime loads the export's
             hf.module = None
             gc.collect()
         try:
-            decoder = OnnxDecoder(model_path, threads=opts.threads)
+            decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record)
         except NormexportError as e:
             reason = e.message.split("(", 1)[-1].rstrip(")")
             raise NormexportError(
-                f"onnxruntime (CPU) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
+                f"onnxruntime ({opts.backend}) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
                 "convert in float32 or float16, or pass --no-validate to write it unchecked",
             ) from None
         report.generation = compare_generation(references, decoder, dtype, hf_opts.gen_tokens, atol=opts.atol, rtol=opts.rtol)
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
+
+
+def _stress(opts: ValidateOptions, report: HFConvertReport, model_path: Path, progress) -> None:
+    """Each fused norm alone on --backend, as for a model file (--stress, or by default where
+    the norms take fp16/bf16 inputs): the same stage, on the decoder's norms."""
+    from normexport.stress import stress_check, wanted
+
+    if wanted(opts.stress, opts.dtype, model_path):
+        progress("stress-checking each fused norm alone")
+        report.stress = stress_check(model_path, None, opts, opts.seed)
 
 
 def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
@@ -348,7 +383,7 @@ def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
     name = "logits" if hf.task == "text-generation" else "last_hidden_state"
     wrapper = DecoderNoCache(hf.module, name).eval()
     results = []
-    with make_onnx_runner(model_path, DEFAULT_BACKEND, optimize=False, threads=opts.threads) as runner:
+    with make_onnx_runner(model_path, opts.record, optimize=False, threads=opts.threads, dtype=opts.dtype) as runner:
         for i in range(max(1, opts.samples)):
             feed = example_inputs(kv_layout(hf.text_config), torch.float32, seq=9, with_past=False, seed=opts.seed + i)
             with torch.inference_mode():

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 from normexport.hf import CONFIG_NAME
 from normexport.hf import config_checks as checks
 
@@ -48,7 +47,7 @@ def read_config(path: Path) -> dict:
     try:
         data = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NormexportError(f"{cfg_path}: not a readable JSON config ({str(e).splitlines()[0][:200]})", "save the model again with save_pretrained") from None
+        raise NormexportError(f"{cfg_path}: not a readable JSON config ({first_line(e, 200)})", "save the model again with save_pretrained") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise NormexportError(f"{cfg_path} has no model_type: not a transformers config", "save the model with save_pretrained (it writes model_type)")
     return data
@@ -63,7 +62,7 @@ def read_generation_config(path: Path) -> dict | None:
     try:
         data = json.loads(gen_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NormexportError(f"{gen_path}: not a readable JSON file ({str(e).splitlines()[0][:200]})", "fix it, or remove it (the model's config.json then gives the EOS id)") from None
+        raise NormexportError(f"{gen_path}: not a readable JSON file ({first_line(e, 200)})", "fix it, or remove it (the model's config.json then gives the EOS id)") from None
     if not isinstance(data, dict):
         raise NormexportError(f"{gen_path} holds a JSON {type(data).__name__}, not an object of generation settings", "fix it, or remove it (the model's config.json then gives the EOS id)")
     return data
@@ -125,10 +124,11 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
         try:
             module, info = auto.from_pretrained(str(path), **kwargs)
         except (OSError, SafetensorError) as e:
-            raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
+            raise NormexportError(f"transformers cannot build {path}: {first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
         except Exception as e:  # its validation of the config or the weights, in whatever form
-            raise NormexportError(f"transformers cannot build {path}: {_first_line(e)}", "check config.json against the weights (save the model again with save_pretrained)") from None
-    require_checkpoint_weights(path, type(module).__name__, info)
+            raise NormexportError(f"transformers cannot build {path}: {first_line(e)}", "check config.json against the weights (save the model again with save_pretrained)") from None
+    info = {**info, "base_model_prefix": getattr(module, "base_model_prefix", "")}
+    require_checkpoint_weights(path, type(module).__name__, info, head_dropped=task == "feature-extraction")
     module.eval()
     notes = []
     if weights == "pickle":
@@ -140,12 +140,18 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     return HFModel(module, module.config, path, task, arch, weights, notes)
 
 
-def require_checkpoint_weights(path: Path, arch: str, info: dict) -> None:
+def require_checkpoint_weights(path: Path, arch: str, info: dict, head_dropped: bool = False) -> None:
     """Every tensor of the model comes from the folder's weights: transformers' loading info
     lists none missing (which it would initialise at random), none unexpected (weights of
-    another architecture) and none of another shape. Tied weights are not listed as missing."""
+    another architecture) and none of another shape. Tied weights are not listed as missing.
+    ``head_dropped``: the base model of a checkpoint with a head (``--task feature-extraction``
+    of a causal LM); the head's weights (every tensor outside the base model's own prefix,
+    e.g. ``lm_head.weight``) are left out on purpose and are not unexpected."""
     problems = []
     missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if head_dropped:
+        prefix = info.get("base_model_prefix")
+        unexpected = [k for k in unexpected if prefix and k.startswith(f"{prefix}.")]
     mismatched = sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or ())
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):
         if keys:
@@ -167,7 +173,7 @@ def build_config(path: Path, raw: dict, trust_remote_code: bool = False):
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:  # its own validation, in whatever form it raises
-        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {_first_line(e)})", checks.HINT) from None
+        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {first_line(e)})", checks.HINT) from None
     checks.check_built(config, raw, source)
     return config
 
@@ -181,23 +187,17 @@ def meta_shapes(auto, config, trust_remote_code: bool, path: Path) -> dict[str, 
         with torch.device("meta"):
             module = auto.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers' validation of the config, in whatever form it raises
-        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {_first_line(e)})", checks.HINT) from None
+        raise NormexportError(f"transformers cannot build {path} from its {CONFIG_NAME} ({type(e).__name__}: {first_line(e)})", checks.HINT) from None
     return {name: tuple(t.shape) for name, t in module.state_dict().items()}
 
 
 @contextlib.contextmanager
 def offline():
     """HF_HUB_OFFLINE=1 while transformers loads: a missing local file is an error, never a download."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
+    from normexport.logs import scoped_environ
+
+    with scoped_environ({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -219,7 +219,3 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _first_line(e: BaseException) -> str:
-    return checks.first_line(e)

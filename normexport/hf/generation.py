@@ -35,11 +35,14 @@ class OnnxDecoder:
     """An onnxruntime session over the KV contract: ``step`` runs one forward, ``generate``
     the greedy loop (batch 1)."""
 
-    def __init__(self, model: str | Path, threads: int | None = None, optimize: bool = True):
+    def __init__(self, model: str | Path, threads: int | None = None, optimize: bool = True, backend=None):
+        """``backend``: an onnxruntime backend's record or name (default: the default backend)."""
         import onnxruntime as ort
 
-        from normexport.load import require_usable_path
+        from normexport.paths import require_usable_path
+        from normexport.runners import DEFAULT_BACKEND, require_onnxruntime
 
+        record = require_onnxruntime(backend or DEFAULT_BACKEND, "the KV-cache decoder")
         path = require_usable_path(model)
         if path.is_dir():
             path = path / "model.onnx"
@@ -52,9 +55,9 @@ class OnnxDecoder:
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), so, providers=list(record.providers))
         except Exception as e:
-            raise NormexportError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})", "pass a model `normexport convert` wrote") from None
+            raise NormexportError(f"{path}: onnxruntime cannot load it ({first_line(e, 200)})", "pass a model `normexport convert` wrote") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
@@ -271,7 +274,7 @@ class StepComparison:
 
 def json_float(v):
     """A float JSON can hold: NaN and +/-Inf become the strings "nan", "inf", "-inf"."""
-    from normexport.report import strict
+    from normexport.jsonvalues import strict
 
     return strict(v)
 

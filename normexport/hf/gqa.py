@@ -45,6 +45,10 @@ class GQAPlan:
     windows: list[int]  # local_window_size per layer (-1: the whole past)
     max_positions: int
 
+    def decoder(self, model: nn.Module) -> "GQADecoder":
+        """The export wrapper of ``model`` with every attention layer one GroupQueryAttention."""
+        return GQADecoder(model, self)
+
 
 def gqa_plan(hf) -> tuple[GQAPlan | None, str]:
     """(plan, "") where every layer's attention fits GroupQueryAttention exactly, else (None, the reason)."""

@@ -135,9 +135,7 @@ def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False, gqa
     with_past = hf.task == "text-generation-with-past"
     patch = contextlib.nullcontext()
     if gqa is not None:
-        from normexport.hf.gqa import GQADecoder
-
-        wrapper, outputs = GQADecoder(hf.module, gqa), ["logits", *layout.present_names]
+        wrapper, outputs = gqa.decoder(hf.module), ["logits", *layout.present_names]
         patch = wrapper.patched()
     elif with_past:
         wrapper, outputs = DecoderWithPast(hf.module), ["logits", *layout.present_names]

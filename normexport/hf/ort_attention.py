@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from normexport.fuse.registry import target_record
+from normexport.fuse.registry import RECORDS
 from normexport.logs import quiet_loggers
 
 ORT_DOMAIN = "com.microsoft"
-NORM_OPS = target_record("ort").ops  # the fused norms the attention passes must keep
+NORM_OPS = frozenset(op for t in RECORDS if t.onnxruntime_ops for op in t.ops)  # the fused norms the attention passes must keep
 
 
 def op_counts(model: ir.Model, domain: str | None = None) -> dict[str, int]:

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from normexport.report import _fmt, print_fusion
+from normexport.report import _fmt, print_fusion, print_stress
 
 
 def print_generation(c: Console, g) -> None:
@@ -53,6 +53,8 @@ def print_hf_convert(c: Console, r) -> None:
         c.print(f"attention/rotary fusions: {escape(r.attention.summary())}")
     if r.generation is not None:
         print_generation(c, r.generation)
+    if r.stress is not None:
+        print_stress(c, r.stress)
     if r.quantization is not None:
         from normexport.quant_check import print_quantized
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from normexport.errors import NormexportError
-
-MODEL_FILE_OPTIONS = ("--input", "--factory", "--unfused")
 
 
 def refuse_model_file_options(given: dict[str, object]) -> None:
@@ -40,6 +39,7 @@ def written_folder(path: Path) -> Path:
 
 def inspect_folder(path: Path, trust_pickle: bool = False) -> dict:
     from normexport.fuse import fuse_model
+    from normexport.fuse.registry import PLAIN_TARGET
     from normexport.hf.folder import load_folder
     from normexport.hf.kv_export import export_decoder, fresh_workdir, remove
 
@@ -51,18 +51,22 @@ def inspect_folder(path: Path, trust_pickle: bool = False) -> dict:
         exp = export_decoder(hf, work)
     finally:
         remove(work)
-    report = fuse_model(exp.model, "ort")
+    report = fuse_model(exp.model, PLAIN_TARGET)
+    names = [m["module"] for m in modules]
+    for f in report.fused_norms:  # the exporter's scope names carry the wrapper's prefixes: the module's own path
+        f.module = next((n for n in names if f.module == n or f.module.endswith("." + n)), f.module)
+    for s in report.skipped:
+        s.module = next((n for n in names if s.module == n or s.module.endswith("." + n)), s.module)
     result["norms"] = [{"module": f.module, "pattern": f.pattern, "epsilon": f.epsilon, "axis": f.axis, "dtype": f.dtype, "scale": f.scale, "bias": f.bias, "residual": f.residual} for f in report.fused_norms]
     result["near_misses"] = [{"node": s.node, "module": s.module, "reason": s.reason} for s in report.skipped]
-    fused = [f.module for f in report.fused_norms if f.module]
-    for m in modules:  # the exporter's scope names carry the wrapper's prefixes
-        found = any(f == m["module"] or f.endswith("." + m["module"]) for f in fused)
-        m["status"] = "fused" if found else "not found in the export"
+    fused = {f.module for f in report.fused_norms if f.module}
+    for m in modules:
+        m["status"] = "fused" if m["module"] in fused else "not found in the export"
     if any(m["status"] != "fused" for m in modules) and report.fused == len(modules):
         for m in modules:
             m["status"] = "fused"
         result["notes"].append("norm modules paired with fused norms by order (the export recorded partial module names)")
-    result["notes"].append(f"exported ({hf.task}) and fused on a copy (target ort); {report.fused} fused norms for {len(modules)} RMSNorm modules")
+    result["notes"].append(f"exported ({hf.task}) and fused on a copy (target {PLAIN_TARGET.name}); {report.fused} fused norms for {len(modules)} RMSNorm modules")
     return result
 
 
@@ -72,16 +76,44 @@ def _module_json(name: str, m) -> dict:
     return {"module": name, "class": type(m).__name__, "eps": eps, "weight": list(weight.shape) if weight is not None else None, "status": "", "reason": ""}
 
 
+@dataclass
+class FolderValidation:
+    """validate DIR OUTDIR: the generation check, and each fused norm alone (stress) where wanted."""
+
+    generation: object  # GenerationReport
+    stress: object = None  # StressReport
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.generation.passed) and (self.stress is None or bool(self.stress.passed))
+
+    def to_json(self) -> dict:
+        return {"generation": self.generation.to_json(), "stress": self.stress.to_json() if self.stress else None, "passed": self.passed}
+
+
 def validate_folder(path: Path, out: Path, load, opts, gen_tokens: int):
-    """The generation check of OUTDIR's decoder against transformers (returns GenerationReport),
-    or, for a quantized OUTDIR, the quantized check (quant_check.QuantizedAccuracy)."""
+    """The generation check of OUTDIR's decoder against transformers on ``opts.samples``
+    prompts, on ``opts.backend``, then each fused norm alone where ``opts.stress`` wants it
+    (FolderValidation); for a quantized OUTDIR, the quantized check with its own stress check
+    (quant_check.QuantizedAccuracy)."""
+    from normexport.stress import stress_check, wanted
+
+    result = _check_folder_generation(path, out, load, opts, gen_tokens)
+    if hasattr(result, "thresholds"):  # the quantized check
+        return result
+    model = written_folder(out) / "model.onnx"
+    stress = stress_check(model, None, opts, opts.seed) if wanted(opts.stress, opts.dtype, model) else None
+    return FolderValidation(result, stress)
+
+
+def _check_folder_generation(path: Path, out: Path, load, opts, gen_tokens: int):
     import torch
 
     from normexport.hf.folder import load_folder
     from normexport.hf.generation import OnnxDecoder, check_generation
     from normexport.quantize import quantized_kind
 
-    decoder = OnnxDecoder(written_folder(out), threads=opts.threads)
+    decoder = OnnxDecoder(written_folder(out), threads=opts.threads, backend=opts.record)
     kind = quantized_kind(Path(out) / "model.onnx")
     if kind is None and opts.quant_thresholds.given():
         raise NormexportError(f"{', '.join(opts.quant_thresholds.given())} bound the quantized check, but {out} is not quantized", "drop the option (an fp32 decoder is checked token for token)")
@@ -98,7 +130,7 @@ def validate_folder(path: Path, out: Path, load, opts, gen_tokens: int):
         result = check_quantized_decoder(hf.module, decoder, gen_tokens, opts.seed, opts.quant_thresholds.resolved(kind))
         result.stress = stress_check(Path(out) / "model.onnx", None, opts, opts.seed)
         return result
-    return check_generation(hf.module, decoder, dtype, gen_tokens, opts.seed, atol=opts.atol, rtol=opts.rtol)
+    return check_generation(hf.module, decoder, dtype, gen_tokens, opts.seed, prompts=opts.samples, atol=opts.atol, rtol=opts.rtol)
 
 
 def _decoder_dtype(decoder) -> str:
@@ -126,7 +158,7 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     if len(set(names)) < len(names):
         raise NormexportError("two folders to time have the same name", "give folders with distinct names (the table names rows by folder)")
     threads = opts.threads or 1
-    decoders = [OnnxDecoder(f, threads=threads) for f in folders]
+    decoders = [OnnxDecoder(f, threads=threads, backend=opts.record) for f in folders]
     check_length(decoders[0], out, prompt_len, new_tokens)
     hf = load_folder(path, dtype=load.dtype, trust_pickle=load.trust_pickle)
     if hf.task != "text-generation-with-past":
@@ -136,7 +168,7 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     notes = []
     try:
         save_onnx(export_decoder(hf, work).model, work / "unfused" / "model.onnx")
-        unfused = OnnxDecoder(work / "unfused", threads=threads)
+        unfused = OnnxDecoder(work / "unfused", threads=threads, backend=opts.record)
         vocab = hf.text_config.vocab_size
         prompt = np.random.default_rng(opts.seed).integers(min(3, vocab - 1), vocab, size=prompt_len).tolist()
         variants = {
@@ -161,7 +193,7 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
         notes.append("1 thread for PyTorch, onnxruntime and onnxruntime-genai by default (--threads N for more)")
     return {
         "model": str(path), "fused": str(out), "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-        "decode_past": f"{prompt_len}..{prompt_len + new_tokens - 2}", "rounds": rounds, "threads": threads,
+        "decode_past": f"{prompt_len}..{prompt_len + new_tokens - 2}", "rounds": rounds, "threads": threads, "backend": opts.backend,
         "variants": [t.to_json(reference) for t in timings], "notes": notes,
     }
 

@@ -15,6 +15,7 @@ from torch import fx, nn
 from normexport.errors import NormexportError
 from normexport.ln2rms.folds import plan_folds
 from normexport.ln2rms.graph import (
+    Plan,
     ADD,
     DIM_OPS,
     META_USERS,
@@ -28,18 +29,6 @@ from normexport.ln2rms.graph import (
     rank_last,
 )
 from normexport.load import bound_names
-
-
-@dataclass
-class Plan:
-    stream: set = field(default_factory=set)
-    embeddings: dict = field(default_factory=dict)  # id(tensor) -> (fqn, tensor)
-    projections: dict = field(default_factory=dict)  # id(weight) -> (path, weight, bias, out_dim)
-    residual_adds: list = field(default_factory=list)
-    norms: dict = field(default_factory=dict)  # id(LayerNorm) -> (path, module, [ln nodes])
-    untie: list = field(default_factory=list)  # (owner path, owner module, attr, tensor)
-    folds: dict = field(default_factory=dict)  # id(LayerNorm) -> [(path, module, out_dim)]
-    notes: list = field(default_factory=list)
 
 
 @dataclass

@@ -5,20 +5,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from normexport import load
+import click
+
 from normexport.errors import NormexportError, ValidationFailed
-from normexport.ln2rms.archive import export_archive
-from normexport.ln2rms.equivalence import random_inputs
-from normexport.ln2rms.rewrite import Ln2RmsReport
-from normexport.outputs import Output, check
-from normexport.report import console, write_json
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from normexport.ln2rms.rewrite import Ln2RmsReport
 
 
 def _load_for_cli(model_path: str, factory: str | None, trust_pickle: bool) -> tuple[nn.Module, dict]:
+    import torch
+    from torch import nn
+
+    from normexport import load
+
     lm = load.load_model(model_path, factory=factory, trust_pickle=trust_pickle)
     if lm.kind in ("torchscript", "export"):
         raise NormexportError(
@@ -46,6 +50,8 @@ def _load_for_cli(model_path: str, factory: str | None, trust_pickle: bool) -> t
 def _print_table(report: Ln2RmsReport, facts: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
+
+    from normexport.report import console
 
     t = Table(title="ln2rms: Pre-LN -> Pre-RMSNorm", show_header=False)
     t.add_column("", style="bold")
@@ -76,6 +82,8 @@ def _print_table(report: Ln2RmsReport, facts: dict) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing file at -o / --report that normexport did not write. Never an input.")
 def ln2rms_command(model, output, factory, fold_affine, report_path, trust_pickle, force):
     """Convert a Pre-LN transformer into an equivalent Pre-RMSNorm one (Jiang et al. 2023)."""
+    from normexport.outputs import Output, check
+
     try:
         from normexport.factory import factory_source
 
@@ -94,7 +102,10 @@ def ln2rms_command(model, output, factory, fold_affine, report_path, trust_pickl
 
 def _convert_and_write(module: nn.Module, example: dict, payload: dict, report_path: str | None) -> None:
     """Convert, write the checked archive and the report; a failed check writes no archive (exit 1)."""
-    from normexport.ln2rms import ln2rms
+    from normexport.ln2rms.archive import export_archive
+    from normexport.ln2rms.convert import ln2rms
+    from normexport.ln2rms.equivalence import random_inputs
+    from normexport.report import write_json
 
     try:
         converted, report = ln2rms(module, example, fold_affine=payload["fold_affine"])

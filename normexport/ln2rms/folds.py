@@ -7,14 +7,9 @@ keeps the affine on the RMSNorm, with the reason in the report's notes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import fx
 
-from normexport.ln2rms.graph import META_USERS, SCALE_OPS, Projection, TracedModel, aten, describe, passthrough_input
-
-if TYPE_CHECKING:
-    from normexport.ln2rms.analysis import Plan
+from normexport.ln2rms.graph import META_USERS, SCALE_OPS, Plan, Projection, TracedModel, aten, describe, passthrough_input
 
 
 def plan_folds(g: TracedModel, plan: Plan) -> None:

@@ -4,14 +4,14 @@ nodes back to the model's modules and parameters."""
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from normexport.errors import NormexportError
-from normexport.load import _first_line, export_program
+from normexport.errors import NormexportError, first_line
+from normexport.load import export_program
 
 aten = torch.ops.aten
 
@@ -137,7 +137,7 @@ class TracedModel:
                 ep = export_program(model, example_inputs, dynamic=False)
         except Exception as e:  # noqa: BLE001 - any tracing failure becomes a refusal
             raise NormexportError(
-                f"cannot trace the model with torch.export ({type(e).__name__}: {_first_line(e)})",
+                f"cannot trace the model with torch.export ({type(e).__name__}: {first_line(e)})",
                 "ln2rms must see the dataflow: make forward(**example_inputs) exportable "
                 "(no data-dependent Python control flow), or convert a traceable wrapper",
             ) from None
@@ -263,3 +263,17 @@ def describe(g: TracedModel, n: fx.Node) -> str:
     if hasattr(n.target, "name") and callable(n.target.name):
         target = n.target.name()
     return f"{target} in {g.where(n)}"
+
+
+@dataclass
+class Plan:
+    """What ``analysis`` found and ``rewrite`` changes: the stream, its sources, the norms, the folds."""
+
+    stream: set = field(default_factory=set)
+    embeddings: dict = field(default_factory=dict)  # id(tensor) -> (fqn, tensor)
+    projections: dict = field(default_factory=dict)  # id(weight) -> (path, weight, bias, out_dim)
+    residual_adds: list = field(default_factory=list)
+    norms: dict = field(default_factory=dict)  # id(LayerNorm) -> (path, module, [ln nodes])
+    untie: list = field(default_factory=list)  # (owner path, owner module, attr, tensor)
+    folds: dict = field(default_factory=dict)  # id(LayerNorm) -> [(path, module, out_dim)]
+    notes: list = field(default_factory=list)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx, nn
 
-from normexport.ln2rms.analysis import Plan
+from normexport.ln2rms.graph import Plan
 from normexport.ln2rms.equivalence import REL_TOL
 from normexport.ln2rms.graph import TracedModel, passthrough_input
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from normexport.errors import NormexportError
-from normexport.fuse.targets import TRT_PLUGIN_NAME as PLUGIN_NAME  # one definition, shared with the ONNX node
-from normexport.fuse.targets import TRT_PLUGIN_NAMESPACE as PLUGIN_NAMESPACE
-from normexport.fuse.targets import TRT_PLUGIN_VERSION as PLUGIN_VERSION
+from normexport.fuse.ops import TRT_PLUGIN_NAME as PLUGIN_NAME  # one definition, shared with the ONNX node
+from normexport.fuse.ops import TRT_PLUGIN_NAMESPACE as PLUGIN_NAMESPACE
+from normexport.fuse.ops import TRT_PLUGIN_VERSION as PLUGIN_VERSION
 from normexport.plugin.building import find_plugin_library
 
 

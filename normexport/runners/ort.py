@@ -6,26 +6,23 @@ from pathlib import Path
 
 import numpy as np
 
-from normexport.errors import NormexportError
-from normexport.runners.base import Runner
+from normexport.errors import NormexportError, first_line
+from normexport.runners.base import Backend, Runner
 
 
 class OrtRunner(Runner):
     """``optimize=False`` disables onnxruntime's graph optimizations, so that its own fusions
     can neither hide nor fake ours (validation); ``True`` is what a user deploys (bench)."""
 
-    def __init__(self, model: str | Path | bytes, backend: str | None = None, optimize: bool = True, threads: int | None = None,
-                 profile_prefix: str | None = None, providers: tuple[str, ...] | None = None):
-        """``backend``: a backend record's name (default: the default backend); ``providers``
-        its execution providers (default: the record's)."""
-        if backend is None or providers is None:
-            from normexport.runners import DEFAULT_BACKEND, backend_record
-
-            backend = backend or DEFAULT_BACKEND
-            providers = providers or backend_record(backend).providers
+    def __init__(self, model: str | Path | bytes, backend: Backend, optimize: bool = True, threads: int | None = None,
+                 profile_prefix: str | None = None):
+        """``backend``: an onnxruntime backend's record (its execution providers, in order)."""
+        if not backend.onnxruntime:
+            raise NormexportError(f"backend {backend.name} is not onnxruntime", "use make_onnx_runner, which builds each backend's own runner")
         self.model = model
-        self.backend = backend
-        self.providers = list(providers)
+        self.backend = backend.name
+        self.record = backend
+        self.providers = list(backend.providers)
         self.optimize = optimize
         self.threads = threads
         self.profile_prefix = profile_prefix
@@ -35,13 +32,8 @@ class OrtRunner(Runner):
     def activate(self) -> None:
         import onnxruntime as ort
 
+        self.record.check_available()
         wanted = self.providers
-        available = ort.get_available_providers()
-        if wanted[0] not in available:
-            raise NormexportError(
-                f"backend {self.backend} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks (it has {', '.join(available)})",
-                "install onnxruntime-gpu in place of onnxruntime (pip uninstall onnxruntime && pip install 'normexport[gpu]')",
-            )
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if self.threads:
@@ -55,9 +47,9 @@ class OrtRunner(Runner):
         try:
             self.session = ort.InferenceSession(model, so, providers=wanted)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             hint = "check the target matches your runtime (--target decompose for runtimes without the fused op)"
-            if "NOT_IMPLEMENTED" in msg and wanted == ["CPUExecutionProvider"]:
+            if "NOT_IMPLEMENTED" in msg and self.record.cpu:
                 hint = "onnxruntime's CPU provider lacks kernels for this dtype (bfloat16 has almost none): validate on a GPU --backend, or pass --no-validate --no-bench"
             raise NormexportError(f"onnxruntime ({self.backend}) cannot load the model: {msg}", hint) from None
 
@@ -86,6 +78,6 @@ class OrtRunner(Runner):
             text = str(e).strip()
             if "INVALID_ARGUMENT" not in text and "Unexpected input data type" not in text:
                 raise
-            msg = text.splitlines()[0].split("] ", 1)[-1][:300]
+            msg = first_line(text).split("] ", 1)[-1]
             raise NormexportError(f"onnxruntime rejects the inputs: {msg}", "give --input shapes and dtypes that match the ONNX model's inputs") from e
         return dict(zip(self.output_names, outs))
