@@ -16,9 +16,12 @@ from the config with a word-level tokenizer (the builder needs one); nothing is 
 Rounds interleave the variants; the table gives medians over rounds of wall time, the CPU time
 per generated token (process time over the whole run / new tokens), the model files' size, and
 whether greedy tokens equal transformers' (fp32 must; int4 is measured by the quantized check).
-With ``--all`` the older variants (unfused, norms without attention fusion) are timed too.
+With ``--all`` the older variants (unfused, norms without attention fusion) are timed too; with
+``--folded`` normexport's folders with the residual Adds folded into the norms as well, with
+``--packed-mlp`` those with the gate/up MatMuls packed into one (onnxruntime's fusion passes,
+``--attention-fusion``).
 
-    python bench/bench_decoder.py [--shape llama|qwen2-0.5b] [--prompt 64 --new 32 --threads 1 --rounds 7]
+    python bench/bench_decoder.py [--shape llama|qwen2-0.5b] [--prompt 64 --new 32 --threads 1 --rounds 7] [--folded] [--packed-mlp]
 """
 
 from __future__ import annotations
@@ -63,11 +66,18 @@ def save_folder(folder: Path, shape: dict, a) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2").save_pretrained(folder)
 
 
-def build_ours(folder: Path, work: Path, all_variants: bool) -> dict[str, Path]:
+# normexport layouts beside the default: name suffix -> (residual fusion, attention_fusion)
+LAYOUTS = {"": (False, None), " folded": (True, None), " packed MLP": (False, True)}
+
+
+def build_ours(folder: Path, work: Path, all_variants: bool, layouts: tuple[str, ...] = ("",)) -> dict[str, Path]:
     """normexport's folders: fp32 (`convert DIR`, checked against transformers), int4 (the same
     fused graph through normexport.quantize, as `convert --quantize int4` does after the fusion)
     and, with --all, the unfused export and the norms-only folder. Returns name -> folder, with
-    the seconds each step took in STEPS."""
+    the seconds each step took in STEPS. ``layouts``: the LAYOUTS to build, each as fp32 and int4
+    ("fp32 folded": the residual Adds folded into the norms, ``--residual-fusion on``:
+    SkipSimplifiedLayerNormalization; "fp32 packed MLP": onnxruntime's fusion passes run on the
+    GroupQueryAttention graph, which pack the gate/up MatMuls)."""
     import onnx_ir as ir
 
     from normexport.fuse import save_onnx
@@ -76,19 +86,22 @@ def build_ours(folder: Path, work: Path, all_variants: bool) -> dict[str, Path]:
     from normexport.quantize import QuantizeOptions, quantize_model
 
     out = {}
-    t0 = time.process_time()
-    report = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=False), validate=ValidateOptions(threads=1), output=work / "fp32"), HFOptions(gen_tokens=4))
-    assert report.passed and report.written, report.to_json()
-    STEPS["normexport convert fp32 (export+fuse+check), CPU s"] = time.process_time() - t0
-    out["fp32"] = work / "fp32"
-    t0 = time.process_time()
-    shutil.copytree(work / "fp32", work / "int4", ignore=shutil.ignore_patterns("model.onnx*"))
-    quantized, qreport = quantize_model(ir.load(str(work / "fp32" / "model.onnx")), QuantizeOptions("int4"))
-    save_onnx(quantized, work / "int4" / "model.onnx")
-    del quantized
-    STEPS["normexport quantize int4, CPU s"] = time.process_time() - t0
-    print(f"normexport int4: {qreport.summary()}")
-    out["int4"] = work / "int4"
+    for suffix in layouts:
+        residual, attention_fusion = LAYOUTS[suffix]
+        fp32, int4 = work / f"fp32{suffix.replace(' ', '-')}", work / f"int4{suffix.replace(' ', '-')}"
+        t0 = time.process_time()
+        report = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=residual), validate=ValidateOptions(threads=1), output=fp32), HFOptions(gen_tokens=4, attention_fusion=attention_fusion))
+        assert report.passed and report.written, report.to_json()
+        STEPS[f"normexport convert fp32{suffix} (export+fuse+check), CPU s"] = time.process_time() - t0
+        out[f"fp32{suffix}"] = fp32
+        t0 = time.process_time()
+        shutil.copytree(fp32, int4, ignore=shutil.ignore_patterns("model.onnx*"))
+        quantized, qreport = quantize_model(ir.load(str(fp32 / "model.onnx")), QuantizeOptions("int4"))
+        save_onnx(quantized, int4 / "model.onnx")
+        del quantized
+        STEPS[f"normexport quantize int4{suffix}, CPU s"] = time.process_time() - t0
+        print(f"normexport int4{suffix}: {qreport.summary()}")
+        out[f"int4{suffix}"] = int4
     if all_variants:
         from normexport.hf.folder import load_folder
         from normexport.hf.kv_export import export_decoder
@@ -149,6 +162,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--all", action="store_true", help="also the unfused export and the norms-only folder")
+    p.add_argument("--folded", action="store_true", help="also normexport's folders with the residual Adds folded into the norms (--residual-fusion on)")
+    p.add_argument("--packed-mlp", action="store_true", help="also normexport's folders with the gate/up MatMuls packed (onnxruntime's fusion passes, --attention-fusion)")
     p.add_argument("--precisions", default="fp32,int4", help="which of normexport's and the builder's folders to time (fp32 is built anyway: int4 is made from it)")
     a = p.parse_args()
 
@@ -168,9 +183,11 @@ def main() -> None:
     try:
         folder = work / "hf"
         save_folder(folder, shape, a)
-        ours = build_ours(folder, work, a.all)
+        layouts = ("", *((" folded",) if a.folded else ()), *((" packed MLP",) if a.packed_mlp else ()))
+        ours = build_ours(folder, work, a.all, layouts)
         precisions = [x for x in a.precisions.split(",") if x]
-        ours = {n: path for n, path in ours.items() if n in precisions or n not in ("fp32", "int4")}
+        ours = {n: path for n, path in ours.items() if n.split(" ")[0] in precisions or n.split(" ")[0] not in ("fp32", "int4")}
+        genai_ours = [n for n in ours if n.split(" ")[0] in precisions]
         builder = {prec: build_genai(folder, work / f"builder-{prec}", prec) for prec in precisions}
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval()
         prompt = np.random.default_rng(0).integers(3, shape["vocab"], size=a.prompt).tolist()
@@ -187,7 +204,7 @@ def main() -> None:
             print("onnxruntime-genai is not installed: its rows are left out (pip install onnxruntime-genai)")
         graphs = {f"normexport {n}": path / "model.onnx" for n, path in ours.items()}
         if og is not None:
-            for label, path in [*((f"normexport {n}", ours[n]) for n in precisions), *((f"builder {prec}", b) for prec, b in builder.items() if b is not None)]:
+            for label, path in [*((f"normexport {n}", ours[n]) for n in genai_ours), *((f"builder {prec}", b) for prec, b in builder.items() if b is not None)]:
                 name = f"onnxruntime-genai, {label}"
                 variants[name] = with_cpu((lambda m: lambda: run_genai(og, m, prompt, a.new))(og.Model(str(genai_view(path, a.threads, work / "views" / label.replace(" ", "-"))))))
                 sizes[name] = folder_bytes(path)
