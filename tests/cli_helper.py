@@ -34,3 +34,15 @@ def snapshot(folder: Path) -> dict[str, str]:
         else:
             out[key] = "dir"
     return out
+
+
+def assert_refused(result, out: Path, *words):
+    """Exit 2 with one `error:` and one `hint:` line naming ``words``; nothing at ``out`` and no
+    temp folder beside it."""
+    assert result.exit_code == 2, result.output + result.stderr
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
+    for w in words:
+        assert w in result.stderr, result.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".normexport-")]

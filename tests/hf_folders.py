@@ -79,3 +79,19 @@ def hf_generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[0, len(prompt):].tolist()
+
+
+def genai_generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy search on a folder normexport wrote (stops at its EOS)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens

@@ -22,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cli_helper import invoke  # noqa: E402
-from hf_folders import MORE_FAMILIES, hf_generate, save_tiny  # noqa: E402
+from hf_folders import MORE_FAMILIES, genai_generate, hf_generate, save_tiny  # noqa: E402
 from normexport.hf.generation import OnnxDecoder, check_generation, torch_generate  # noqa: E402
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "tiny-trained-llama"
@@ -114,7 +114,6 @@ def test_every_loop_stops_at_eos_where_transformers_does(trained, reference, tok
     """normexport's loop, the `generate` command and onnxruntime-genai on Zen prompts: the
     tokens of transformers' generate(), ending in EOS, decoding to the rest of the line."""
     og = pytest.importorskip("onnxruntime_genai")
-    from test_hf import genai_generate
 
     out, _, _ = trained
     decoder = OnnxDecoder(out)
@@ -397,7 +396,7 @@ def test_onnxruntime_genai_runs_every_family(tmp_path, family):
     og = pytest.importorskip("onnxruntime_genai")
     from normexport.hf.generation import random_prompts
     from normexport.hf.genai_config import genai_type
-    from test_hf import genai_generate, load_torch
+    from test_hf import load_torch
 
     folder = save_tiny(family, tmp_path / family)
     out = tmp_path / "out"

@@ -6,6 +6,7 @@ Bad folders: exit 2, one error and one hint line, nothing written, nothing execu
 from __future__ import annotations
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_folders import FAMILIES, hf_generate, save_tiny  # noqa: E402
-from cli_helper import invoke
+from hf_folders import FAMILIES, genai_generate, hf_generate, save_tiny  # noqa: E402
+from cli_helper import assert_refused, invoke
 from normexport.hf.generation import OnnxDecoder, flip_tolerated, random_prompts, torch_generate  # noqa: E402
 from normexport.hf.kv_export import cache_kwarg, output_cache  # noqa: E402
 
@@ -412,21 +413,6 @@ def test_onnxruntime_genai_generates_the_same_tokens(converted):
         assert genai_generate(model, prompt, NEW_TOKENS) == hf_generate(reference, prompt, NEW_TOKENS), family
 
 
-def genai_generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """onnxruntime-genai's greedy search on a folder normexport wrote (stops at its EOS)."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt], dtype=np.int32))
-    tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
-
-
 def test_flip_rule():
     assert not flip_tolerated("float32", 0.0, 0.0, 1e-6)  # fp32: tokens must be equal
     assert flip_tolerated("float16", 0.05, 0.1, 0.01)  # a near-tie within the tolerance
@@ -486,27 +472,18 @@ def test_tasks_without_cache(tmp_path, task, output):
 # Bad input: exit 2, one error line and one hint line, nothing written
 
 
-def _assert_clean_failure(result, out: Path, *words):
-    assert result.exit_code == 2, result.output + result.stderr
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln]
-    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
-    for w in words:
-        assert w in result.stderr, result.stderr
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".normexport-")]
-
 
 def test_hub_id_is_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", "Qwen/Qwen3-0.6B", "-o", out), out, "downloads nothing", "download it first", "`HF_HUB_OFFLINE=0 hf download Qwen/Qwen3-0.6B --local-dir ./Qwen3-0.6B`")
+    assert_refused(invoke("convert", "Qwen/Qwen3-0.6B", "-o", out), out, "downloads nothing", "download it first", "`HF_HUB_OFFLINE=0 hf download Qwen/Qwen3-0.6B --local-dir ./Qwen3-0.6B`")
 
 
 def test_folder_without_config(tmp_path):
     folder = save_tiny("llama", tmp_path / "m")
     (folder / "config.json").unlink()
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "no config.json")
+    assert_refused(invoke("convert", folder, "-o", out), out, "no config.json")
 
 
 def test_config_without_weights(tmp_path):
@@ -514,14 +491,14 @@ def test_config_without_weights(tmp_path):
     for p in folder.glob("*.safetensors"):
         p.unlink()
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "no weights")
+    assert_refused(invoke("convert", folder, "-o", out), out, "no weights")
 
 
 def test_corrupt_config(tmp_path):
     folder = save_tiny("llama", tmp_path / "m")
     (folder / "config.json").write_text("{not json")
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "config")
+    assert_refused(invoke("convert", folder, "-o", out), out, "config")
 
 
 def test_truncated_weights(tmp_path):
@@ -529,7 +506,7 @@ def test_truncated_weights(tmp_path):
     for p in folder.glob("*.safetensors"):
         os.truncate(p, 1000)
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "cannot build")
+    assert_refused(invoke("convert", folder, "-o", out), out, "cannot build")
 
 
 class _Evil:
@@ -547,7 +524,7 @@ def test_pickle_weights_need_trust_and_run_nothing(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"x": _Evil(str(marker))}, folder / "pytorch_model.bin")
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "--trust-pickle")
+    assert_refused(invoke("convert", folder, "-o", out), out, "--trust-pickle")
     assert not marker.exists()
 
 
@@ -559,7 +536,7 @@ def test_remote_code_needs_trust(tmp_path):
     marker = tmp_path / "pwned"
     (folder / "modeling_evil.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "--trust-remote-code")
+    assert_refused(invoke("convert", folder, "-o", out), out, "--trust-remote-code")
     assert not marker.exists()
 
 
@@ -572,7 +549,7 @@ def test_export_failure_is_one_line_and_cleans_up(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.onnx, "export", refuse)
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "cannot export LlamaForCausalLM", "data-dependent guard")
+    assert_refused(invoke("convert", folder, "-o", out), out, "cannot export LlamaForCausalLM", "data-dependent guard")
 
 
 def test_unknown_architecture(tmp_path):
@@ -581,13 +558,13 @@ def test_unknown_architecture(tmp_path):
     cfg["model_type"] = "no_such_family"
     (folder / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", folder, "-o", out), out, "transformers cannot build")
+    assert_refused(invoke("convert", folder, "-o", out), out, "transformers cannot build")
 
 
 def test_options_for_model_files_are_refused(tmp_path):
     folder = save_tiny("llama", tmp_path / "m")
     out = tmp_path / "o"
-    _assert_clean_failure(invoke("convert", folder, "-o", out, "--input", "input_ids:int64:1x8"), out, "--input", "does not apply")
+    assert_refused(invoke("convert", folder, "-o", out, "--input", "input_ids:int64:1x8"), out, "--input", "does not apply")
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
@@ -859,3 +836,14 @@ def test_group_query_attention_rope_scaling(tmp_path, rope):
     save_onnx(export_decoder(hf, tmp_path, gqa=plan).model, tmp_path / "out" / "model.onnx")
     report = check_generation(hf.module, OnnxDecoder(tmp_path / "out"), "float32", 40, seed=2, prompt_len=60)
     assert report.passed and max(s.max_abs for p in report.prompts for s in p.steps) < 1e-4
+
+
+def test_generate_refuses_a_model_onnxruntime_cannot_load(llama, tmp_path):
+    """A folder whose model.onnx is not a model: exit 2 naming onnxruntime's reason, not a bug."""
+    _, out = llama
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "model.onnx").write_bytes(b"not a protobuf")
+    r = invoke("generate", broken, "--prompt-ids", "5,6,7")
+    assert r.exit_code == 2 and "onnxruntime cannot load it" in r.stderr, r.output + r.stderr
+    assert "Traceback" not in r.output + r.stderr

@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import ort_helper
-from cli_helper import invoke
+from cli_helper import assert_refused, invoke
 from normexport.errors import NormexportError
 from rms_graphs import build, reference, variant
 
@@ -33,15 +33,6 @@ from normexport.hf.folder import build_config, meta_shapes  # noqa: E402
 def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
-
-def assert_refused(result, out: Path, *words):
-    assert result.exit_code == 2, result.output + result.stderr
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln]
-    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
-    for w in words:
-        assert w in result.stderr, result.stderr
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".normexport-")]
 
 
 # ---------------------------------------------------------------------------------------------

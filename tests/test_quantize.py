@@ -17,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cli_helper import invoke  # noqa: E402
+from hf_folders import genai_generate  # noqa: E402
 from trained_tiny import trained_llama, trained_model_file  # noqa: E402
 
 from normexport.hf.generation import OnnxDecoder, random_prompts, torch_greedy  # noqa: E402
@@ -221,14 +222,7 @@ def test_onnxruntime_genai_runs_the_quantized_folder(int4, trained):
     decoder = OnnxDecoder(out)
     vocab = json.loads((trained / "config.json").read_text())["vocab_size"]
     for prompt in random_prompts(vocab, 2, 5, seed=99):
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + GEN_TOKENS)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array([prompt], dtype=np.int32))
-        tokens = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            tokens.append(int(gen.get_next_tokens()[0]))
+        tokens = genai_generate(model, prompt, GEN_TOKENS)
         ours = decoder.generate(prompt, GEN_TOKENS)[0]
         eos = json.loads((trained / "config.json").read_text())["eos_token_id"]
         assert tokens == ours[: len(tokens)] and (len(tokens) == GEN_TOKENS or tokens[-1] == eos), (tokens, ours)

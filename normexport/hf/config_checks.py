@@ -21,6 +21,7 @@ Every refusal is a NormexportError (exit 2) naming the field, before any tensor 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -246,22 +247,9 @@ def check_fits(path: Path, text, dtype_bytes: int, source: str, memory: int | No
                 f"{source}: num_hidden_layers is {layers}, but the weights hold layers 0..{max(indices)} only",
                 "config.json and the weights belong to different models: " + HINT,
             )
-    stored = 0
-    for shape in (tensors or {}).values():
-        count = 1
-        for d in shape:
-            count *= d
-        stored += count
+    stored = sum(math.prod(shape) for shape in (tensors or {}).values())
     params = max(stored, estimate_parameters(text))
-    need = params * dtype_bytes
-    memory = available_memory() if memory is None else memory
-    if memory is not None and need > memory:
-        raise NormexportError(
-            f"{source}: the model needs at least {_gib(need)} for its parameters (about {params:.3g} at {dtype_bytes} bytes each), "
-            f"{_gib(memory)} of memory is available",
-            "convert on a machine with more memory, or in a smaller --dtype",
-        )
-    return need
+    return _require_memory(params, dtype_bytes, memory, lambda need: f"{source}: the model needs at least {need} for its parameters (about {params:.3g} at {dtype_bytes} bytes each)")
 
 
 
@@ -276,18 +264,16 @@ def check_against_weights(shapes: dict[str, tuple], tensors: dict[str, list[int]
                 f"{source}: the config makes {name} of shape {list(want)}, the weights hold {list(shape)}",
                 "config.json and the weights belong to different models: " + HINT,
             )
-    count = 0
-    for shape in shapes.values():
-        n = 1
-        for d in shape:
-            n *= d
-        count += n
-    need = count * dtype_bytes
+    count = sum(math.prod(shape) for shape in shapes.values())
+    return _require_memory(count, dtype_bytes, memory, lambda need: f"{source}: the model needs {need} for its parameters ({count:.3g} at {dtype_bytes} bytes each)")
+
+
+def _require_memory(params: int, dtype_bytes: int, memory: int | None, what) -> int:
+    """``params`` parameters of ``dtype_bytes`` each must fit in ``memory`` (None: the memory
+    available now); ``what(size)`` starts the error. Returns the bytes."""
+    need = params * dtype_bytes
     memory = available_memory() if memory is None else memory
     if memory is not None and need > memory:
-        raise NormexportError(
-            f"{source}: the model needs {_gib(need)} for its parameters ({count:.3g} at {dtype_bytes} bytes each), "
-            f"{_gib(memory)} of memory is available",
-            "convert on a machine with more memory, or in a smaller --dtype",
-        )
+        raise NormexportError(f"{what(_gib(need))}, {_gib(memory)} of memory is available",
+                              "convert on a machine with more memory, or in a smaller --dtype")
     return need

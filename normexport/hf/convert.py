@@ -15,6 +15,7 @@ from normexport import outputs
 from normexport.errors import NormexportError
 from normexport.hf import ATTENTION_CHOICES
 from normexport.hf.folder import HFModel, load_folder
+from normexport.hf.generation import GENAI_CONFIG
 from normexport.options import ValidateOptions
 from normexport.quantize import check_quantize
 from normexport.runners import require_onnxruntime, residual_layout
@@ -25,7 +26,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
 )
-GENAI_CONFIG = "genai_config.json"
 OUTPUT_FILES = (MODEL_NAME, f"{MODEL_NAME}.data", GENAI_CONFIG, REPORT_NAME, *TOKENIZER_FILES)  # all OUTDIR may hold
 
 

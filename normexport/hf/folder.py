@@ -127,8 +127,8 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
             raise NormexportError(f"transformers cannot build {path}: {first_line(e)}", "is the folder complete (config and all weight shards) and is the architecture known to this transformers?") from None
         except Exception as e:  # its validation of the config or the weights, in whatever form
             raise NormexportError(f"transformers cannot build {path}: {first_line(e)}", "check config.json against the weights (save the model again with save_pretrained)") from None
-    info = {**info, "base_model_prefix": getattr(module, "base_model_prefix", "")}
-    require_checkpoint_weights(path, type(module).__name__, info, head_dropped=task == "feature-extraction")
+    head_dropped = task == "feature-extraction"  # the base model of a checkpoint with a head
+    require_checkpoint_weights(path, type(module).__name__, info, getattr(module, "base_model_prefix", "") if head_dropped else None)
     module.eval()
     notes = []
     if weights == "pickle":
@@ -140,18 +140,17 @@ def load_folder(path: Path, task: str | None = None, dtype: str | None = None, t
     return HFModel(module, module.config, path, task, arch, weights, notes)
 
 
-def require_checkpoint_weights(path: Path, arch: str, info: dict, head_dropped: bool = False) -> None:
+def require_checkpoint_weights(path: Path, arch: str, info: dict, base_prefix: str | None = None) -> None:
     """Every tensor of the model comes from the folder's weights: transformers' loading info
     lists none missing (which it would initialise at random), none unexpected (weights of
     another architecture) and none of another shape. Tied weights are not listed as missing.
-    ``head_dropped``: the base model of a checkpoint with a head (``--task feature-extraction``
-    of a causal LM); the head's weights (every tensor outside the base model's own prefix,
-    e.g. ``lm_head.weight``) are left out on purpose and are not unexpected."""
+    ``base_prefix``: the base model of a checkpoint with a head (``--task feature-extraction``
+    of a causal LM) was loaded; the head's weights (every tensor outside that prefix, e.g.
+    ``lm_head.weight``) are left out on purpose and are not unexpected."""
     problems = []
     missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
-    if head_dropped:
-        prefix = info.get("base_model_prefix")
-        unexpected = [k for k in unexpected if prefix and k.startswith(f"{prefix}.")]
+    if base_prefix is not None:
+        unexpected = [k for k in unexpected if base_prefix and k.startswith(f"{base_prefix}.")]
     mismatched = sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or ())
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):
         if keys:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from normexport.errors import NormexportError
+from normexport.errors import NormexportError, first_line
 
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
@@ -106,17 +106,22 @@ class OnnxDecoder:
 GENAI_CONFIG = "genai_config.json"
 
 
-def context_length(folder: str | Path) -> int | None:
-    """The decoder's context length from genai_config.json beside its model.onnx (None where
-    there is no readable one)."""
+def genai_model_field(folder: str | Path, key: str):
+    """``model.<key>`` of the genai_config.json beside a decoder's model.onnx (``folder`` is the
+    folder or the model file); None where there is no readable one."""
     import json
 
     base = Path(folder)
     base = base if base.is_dir() else base.parent
     try:
-        n = json.loads((base / GENAI_CONFIG).read_text())["model"]["context_length"]
+        return json.loads((base / GENAI_CONFIG).read_text())["model"][key]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def context_length(folder: str | Path) -> int | None:
+    """The decoder's context length from its genai_config.json (None where there is none)."""
+    n = genai_model_field(folder, "context_length")
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
@@ -156,15 +161,7 @@ def check_length(decoder: OnnxDecoder, folder: str | Path, prompt: int, new_toke
 def folder_eos_ids(model: str | Path) -> frozenset[int]:
     """The EOS ids in the genai_config.json `normexport convert` writes next to model.onnx
     (none when the file is absent or unreadable)."""
-    import json
-
-    path = Path(model)
-    path = (path if path.is_dir() else path.parent) / "genai_config.json"
-    try:
-        value = json.loads(path.read_text())["model"]["eos_token_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return frozenset()
-    return eos_set(value)
+    return eos_set(genai_model_field(model, "eos_token_id"))
 
 
 def eos_set(value) -> frozenset[int]:
