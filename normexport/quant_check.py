@@ -8,9 +8,9 @@ row of logits (one position, one step) is compared with PyTorch's in fp32 by:
 - KL divergence KL(P_torch || P_quantized) of the softmax distributions, in nats;
 - cosine similarity of the two logit vectors.
 
-For a decoder the rows are the prefill and every decode step of teacher-forced prompts (both
-fed PyTorch's greedy tokens), and the free-running greedy tokens are reported until their first
-difference. The check passes when, over all rows, the top-1 agreement and the mean top-5
+For a decoder the rows are the prefill and every decode step of the quantized decoder's greedy
+run, with PyTorch teacher-forced on the same tokens, and the greedy tokens are reported until
+PyTorch's argmax first differs. The check passes when, over all rows, the top-1 agreement and the mean top-5
 overlap reach their minimums, the mean KL stays under its maximum and the worst row's cosine
 reaches its minimum (``Thresholds``; the defaults are calibrated on a trained checkpoint, see
 the README).
@@ -186,25 +186,44 @@ class QuantizedAccuracy:
         return out
 
 
-def check_quantized_decoder(module, decoder, new_tokens: int, seed: int, thresholds: Thresholds, prompts: int = 4, prompt_len: int = 7) -> QuantizedAccuracy:
-    """Teacher-forced logits of ``decoder`` (an OnnxDecoder on the quantized model) against
-    transformers in fp32 on seeded prompts across the vocabulary, and its free-running greedy
-    tokens against transformers' own."""
-    from normexport.hf.folder import quiet_transformers
-    from normexport.hf.generation import model_eos_ids, random_prompts, torch_greedy, until_eos
+QUANT_PROMPTS = 4
+
+
+def check_quantized_decoder(module, decoder, new_tokens: int, seed: int, thresholds: Thresholds, prompts: int = QUANT_PROMPTS, prompt_len: int = 7) -> QuantizedAccuracy:
+    """``decoder`` (an OnnxDecoder on the quantized model) against transformers in fp32 on
+    seeded prompts across the vocabulary (``quantized_runs``, then ``compare_quantized``)."""
+    return compare_quantized(module, quantized_runs(module, decoder, new_tokens, seed, prompts, prompt_len), thresholds)
+
+
+def quantized_runs(module, decoder, new_tokens: int, seed: int, prompts: int = QUANT_PROMPTS, prompt_len: int = 7):
+    """The quantized decoder's greedy runs (normexport.hf.generation.OnnxRuns), ``new_tokens``
+    steps past EOS on seeded prompts across the vocabulary."""
+    from normexport.hf.generation import onnx_generation
 
     vocab = decoder.session.get_outputs()[0].shape[-1]
     vocab = vocab if isinstance(vocab, int) else module.config.get_text_config(decoder=True).vocab_size
+    return onnx_generation(decoder, vocab, new_tokens, seed, prompts, prompt_len)
+
+
+def compare_quantized(module, runs, thresholds: Thresholds) -> QuantizedAccuracy:
+    """transformers in fp32 teacher-forced on the quantized decoder's tokens (one forward per
+    prompt length, no cache): every step's logits row against the quantized one, and the greedy
+    tokens until transformers' argmax first differs from the quantized token."""
+    from normexport.hf.folder import quiet_transformers
+    from normexport.hf.generation import first_disagreement, model_eos_ids, torch_forced_logits, until_eos
+
     report = QuantizedAccuracy(thresholds)
     eos = model_eos_ids(module)
     with quiet_transformers():
-        for prompt in random_prompts(vocab, prompts, prompt_len, seed):
-            ref_tokens, ref_logits = torch_greedy(module, prompt, new_tokens)  # past EOS: every step is measured
-            _, forced_logits = decoder.generate(prompt, new_tokens, forced=ref_tokens)
-            onnx_tokens, _ = decoder.generate(prompt, new_tokens, eos=eos)
-            rows = compare_rows(np.stack(ref_logits), np.stack(forced_logits))
-            report.prompts.append(PromptAccuracy(prompt, until_eos(ref_tokens, eos), onnx_tokens, rows))
-    report.notes.append(f"{prompts} prompts of {prompt_len} token ids drawn across the vocabulary (seed {seed}), {new_tokens} teacher-forced steps each")
+        references = torch_forced_logits(module, runs.prompts, [tokens for tokens, _ in runs.runs])
+    for prompt, (tokens, logits), ref in zip(runs.prompts, runs.runs, references):
+        onnx_tokens = until_eos(tokens, eos)
+        diff = first_disagreement(ref, onnx_tokens)
+        torch_tokens = onnx_tokens if diff is None else onnx_tokens[:diff] + [int(np.argmax(ref[diff]))]
+        report.prompts.append(PromptAccuracy(prompt, torch_tokens, onnx_tokens, compare_rows(ref, logits)))
+    steps = len(runs.runs[0][0]) if runs.runs else 0
+    report.notes.append(f"{len(runs.prompts)} prompts of {len(runs.prompts[0]) if runs.prompts else 0} token ids drawn across the vocabulary, {steps} greedy steps each on the quantized decoder; "
+                        "transformers (fp32) read the same tokens in one forward, so every row compares the two on one prefix")
     return report
 
 

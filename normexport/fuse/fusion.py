@@ -3,10 +3,14 @@ and the ONNX files it reads and writes (``normexport.fuse`` re-exports these nam
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import _basics
@@ -261,12 +265,43 @@ def save_onnx(model: ir.Model, path: str | Path, external: bool | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
         external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    if external:
-        data = outputs.data_path(path)
-        with outputs.staged(data, path) as tmpdir:
-            ir.save(model, str(tmpdir / path.name), external_data=data.name)
-    else:  # weights read lazily from the source's .data go into the file, one at a time
-        outputs.write_with(path, lambda tmp: write_inline(model, tmp))
+    with contiguous_for_writing(model):
+        if external:
+            data = outputs.data_path(path)
+            with outputs.staged(data, path) as tmpdir:
+                ir.save(model, str(tmpdir / path.name), external_data=data.name)
+        else:  # weights read lazily from the source's .data go into the file, one at a time
+            outputs.write_with(path, lambda tmp: write_inline(model, tmp))
+
+
+@contextlib.contextmanager
+def contiguous_for_writing(model: ir.Model):
+    """Initializers held as strided numpy views (torch.onnx folds a weight's Transpose into a
+    view of the parameter) are written through a contiguous copy, one tensor at a time: numpy
+    writes a strided array element by element, several times slower. The model is left as it
+    was."""
+    swapped = []
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.Tensor) and isinstance(t.raw, np.ndarray) and not t.raw.flags.c_contiguous:
+            swapped.append((v, t))
+            v.const_value = ir.LazyTensor(functools.partial(_contiguous, t), dtype=t.dtype, shape=t.shape, name=t.name)
+    try:
+        yield
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+
+
+def _contiguous(t: ir.Tensor) -> ir.Tensor:
+    """A contiguous copy of a strided tensor: torch's copy kernel where torch is loaded (it
+    transposes several times faster than numpy), else numpy's."""
+    torch = sys.modules.get("torch")
+    try:
+        data = torch.from_numpy(t.raw).contiguous().numpy() if torch is not None else np.ascontiguousarray(t.raw)
+    except (TypeError, RuntimeError, ValueError):  # a dtype torch does not take (e.g. ml_dtypes' bfloat16)
+        data = np.ascontiguousarray(t.raw)
+    return ir.Tensor(data, dtype=t.dtype, name=t.name)
 
 
 def _initializer_bytes(model: ir.Model) -> int:

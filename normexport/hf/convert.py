@@ -232,14 +232,18 @@ def _check_quantized(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, rep
     import torch
 
     from normexport.hf.generation import OnnxDecoder
-    from normexport.quant_check import check_quantized_decoder
+    from normexport.hf.memory import page_out_weights, trim_heap
+    from normexport.quant_check import compare_quantized, quantized_runs
     from normexport.stress import stress_check
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record)
-    thresholds = opts.quant_thresholds.resolved(kind)
-    result = check_quantized_decoder(hf.module, decoder, hf_opts.gen_tokens, opts.seed, thresholds)
+    page_out_weights(hf)
+    decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record, spinning=False)
+    runs = quantized_runs(hf.module, decoder, hf_opts.gen_tokens, opts.seed)
+    del decoder
+    trim_heap()
+    result = compare_quantized(hf.module, runs, opts.quant_thresholds.resolved(kind))
     result.stress = stress_check(model_path, None, opts, opts.seed)
     report.quantized_accuracy = result
 
@@ -279,7 +283,7 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
 
     t = clock()
     progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx" + (", attention as GroupQueryAttention" if gqa else ""))
-    exp = export_decoder(hf, dst.parent.parent, attention_form=attention and gqa is None, gqa=gqa, in_place=True)  # the staging folder goes at the end
+    exp = export_decoder(hf, attention_form=attention and gqa is None, gqa=gqa)
     report.inputs, report.output_names = exp.input_names, exp.output_names
     report.step("export", t)
     t = clock()
@@ -339,25 +343,26 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
         torch.set_num_threads(opts.threads)
     dtype = opts.dtype or "float32"
     if hf.task == "text-generation-with-past":
-        import gc
-
-        from normexport.hf.generation import OnnxDecoder, compare_generation, reference_generation
+        from normexport.hf.generation import OnnxDecoder, compare_generation, onnx_generation
+        from normexport.hf.memory import page_out_weights, trim_heap
 
         t = clock()
-        references = reference_generation(hf.module, hf_opts.gen_tokens, opts.seed, prompts=opts.samples)
-        report.step("validate: transformers", t)
-        if not keep_module:  # transformers' side is done: its weights go before onnxruntime loads the export's
-            hf.module = None
-            gc.collect()
+        page_out_weights(hf)  # transformers' weights leave memory while onnxruntime holds the export's
         try:
-            decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record)
+            decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record, spinning=False)
         except NormexportError as e:
             reason = e.message.split("(", 1)[-1].rstrip(")")
             raise NormexportError(
                 f"onnxruntime ({opts.backend}) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
                 "convert in float32 or float16, or pass --no-validate to write it unchecked",
             ) from None
-        report.generation = compare_generation(references, decoder, dtype, hf_opts.gen_tokens, atol=opts.atol, rtol=opts.rtol)
+        runs = onnx_generation(decoder, hf.text_config.vocab_size, hf_opts.gen_tokens, opts.seed, prompts=opts.samples)
+        del decoder
+        trim_heap()  # the session's memory goes before transformers reads the weights again
+        report.step("validate: onnxruntime", t)
+        report.generation = compare_generation(hf.module, runs, dtype, hf_opts.gen_tokens, atol=opts.atol, rtol=opts.rtol)
+        if not keep_module:
+            hf.module = None
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
 

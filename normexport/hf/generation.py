@@ -1,22 +1,27 @@
 """Greedy generation over the KV contract on onnxruntime, and the check against transformers.
 
 Both sides decode with one rule: plain greedy argmax of the raw logits, stopping after an EOS
-token (the model's ``eos_token_id``, one id or several). The reference is transformers' model
-itself (its forward with its own DynamicCache); ``generate()`` is not called, so nothing from
-``generation_config.json`` (repetition penalties, DoLa, min length, bad words, sampling, ...)
-takes part: those logits processors are not in an exported graph either, and the report names
-the ones the folder sets as ignored.
+token (the model's ``eos_token_id``, one id or several). ``generate()`` is not called, so
+nothing from ``generation_config.json`` (repetition penalties, DoLa, min length, bad words,
+sampling, ...) takes part: those logits processors are not in an exported graph either, and the
+report names the ones the folder sets as ignored.
 
 The check, on seeded prompts of real token ids drawn across the vocabulary:
-- per-step logits, enforced: PyTorch and ONNX consume the same tokens (PyTorch's greedy
-  choices, past an EOS too, so a short answer still checks every one of the N steps) and the
-  logits of the prefill and of every decode step must satisfy |onnx - torch| <= atol +
-  rtol·|torch| (defaults by dtype from normexport.validate, ``--atol/--rtol`` apply); NaN or
-  Inf on either side fails, naming the step. Equal tokens never excuse wrong logits;
-- greedy tokens: ONNX's free-running loop against PyTorch's, up to and including EOS. In fp32
-  they must be equal token for token. In fp16/bf16 a flip is tolerated only where PyTorch's
-  own top-2 logit margin at that step is below the logits' tolerance (a near-tie); a flip on a
-  clear margin fails.
+- the ONNX decoder generates greedily for N steps with its KV cache (past an EOS too, so a
+  short answer still checks every step), prompts of one length batched together;
+- transformers' model then reads each prompt and the ONNX tokens in one forward without a
+  cache (its logits at every position: the reference of every step, teacher-forced on the same
+  tokens);
+- per-step logits, enforced: the prefill's and every decode step's must satisfy
+  |onnx - torch| <= atol + rtol·|torch| (defaults by dtype from normexport.validate,
+  ``--atol/--rtol`` apply); NaN or Inf on either side fails, naming the step. Equal tokens
+  never excuse wrong logits;
+- greedy tokens, up to and including the ONNX answer's EOS: at every step transformers' argmax
+  must be the ONNX token. Where it is at every step, the ONNX answer is transformers' greedy
+  answer token for token (each step sees the same prefix on both sides); at the first step
+  where it is not, transformers' answer is known up to that step. In fp32 a difference fails.
+  In fp16/bf16 it is tolerated only where PyTorch's own top-2 logit margin at that step is
+  below the logits' tolerance (a near-tie); a flip on a clear margin fails.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 
 class OnnxDecoder:
     """An onnxruntime session over the KV contract: ``step`` runs one forward, ``generate``
-    the greedy loop (batch 1)."""
+    the greedy loop (batch 1), ``greedy_batch`` the loop over several prompts."""
 
-    def __init__(self, model: str | Path, threads: int | None = None, optimize: bool = True, backend=None):
-        """``backend``: an onnxruntime backend's record or name (default: the default backend)."""
+    def __init__(self, model: str | Path, threads: int | None = None, optimize: bool = True, backend=None, spinning: bool = True):
+        """``backend``: an onnxruntime backend's record or name (default: the default backend).
+        ``spinning=False``: idle intra-op threads sleep instead of spinning (the same results;
+        less CPU time burnt where latency is not what is measured)."""
         import onnxruntime as ort
 
         from normexport.paths import require_usable_path
@@ -52,6 +59,8 @@ class OnnxDecoder:
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+        if not spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
@@ -101,6 +110,29 @@ class OnnxDecoder:
             n += ids.shape[1]
             ids = np.asarray([[forced[i] if forced is not None else tokens[-1]]], dtype=np.int64)
         return tokens, logits
+
+    def greedy_batch(self, prompts: list[list[int]], steps: int) -> list[tuple[list[int], np.ndarray]]:
+        """``steps`` greedy tokens per prompt (EOS does not stop it) and the last-position
+        logits of the prefill and of each decode step ([steps, vocab]); prompts of one
+        length run as one batch."""
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        out: list = [None] * len(prompts)
+        for rows in by_length.values():
+            ids = np.asarray([prompts[i] for i in rows], dtype=np.int64)
+            past, n = self.empty_past(len(rows)), 0
+            tokens, logits = [], []
+            for _ in range(steps):
+                step_logits, past = self.step(ids, past, n)
+                last = step_logits[:, -1].astype(np.float32)
+                logits.append(last)
+                tokens.append(last.argmax(-1))
+                n += ids.shape[1]
+                ids = tokens[-1][:, None].astype(np.int64)
+            for j, i in enumerate(rows):
+                out[i] = ([int(t[j]) for t in tokens], np.stack([l[j] for l in logits]))
+        return out
 
 
 GENAI_CONFIG = "genai_config.json"
@@ -248,6 +280,35 @@ def torch_generate(module, prompt: list[int], max_new_tokens: int, eos=frozenset
     return until_eos(torch_greedy(module, prompt, max_new_tokens)[0], eos)
 
 
+def torch_forced_logits(module, prompts: list[list[int]], tokens: list[list[int]]) -> list[np.ndarray]:
+    """transformers' logits ([len(tokens), vocab] per prompt) at the last prompt position and at
+    each of ``tokens`` but the last: one forward without a cache over prompt + tokens, teacher-
+    forced on ``tokens``; prompts of one total length run as one batch."""
+    import inspect
+
+    import torch
+
+    keep = "logits_to_keep" in inspect.signature(module.forward).parameters
+    by_length: dict[tuple[int, int], list[int]] = {}
+    for i, (p, t) in enumerate(zip(prompts, tokens)):
+        by_length.setdefault((len(p), len(t)), []).append(i)
+    out: list = [None] * len(prompts)
+    with torch.inference_mode():
+        for (_, steps), rows in by_length.items():
+            if steps == 0:
+                for i in rows:
+                    out[i] = np.zeros((0, 0), dtype=np.float32)
+                continue
+            ids = torch.tensor([prompts[i] + tokens[i][:-1] for i in rows])
+            total = ids.shape[1]
+            extra = {"logits_to_keep": steps} if keep else {}
+            res = module(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(total).expand(len(rows), total), use_cache=False, **extra)
+            logits = res.logits[:, -steps:].float().numpy()
+            for j, i in enumerate(rows):
+                out[i] = logits[j]
+    return out
+
+
 def random_prompts(vocab_size: int, count: int, length: int, seed: int) -> list[list[int]]:
     """Real token ids drawn across the whole vocabulary."""
     rng = np.random.default_rng(seed)
@@ -279,7 +340,7 @@ def json_float(v):
 @dataclass
 class PromptResult:
     prompt: list[int]
-    torch_tokens: list[int]  # PyTorch's greedy answer, up to and including EOS
+    torch_tokens: list[int]  # PyTorch's greedy answer up to and including EOS (up to the first difference, where there is one)
     onnx_tokens: list[int]
     steps: list[StepComparison]
     first_difference: int | None = None  # step index where the greedy tokens first differ
@@ -379,62 +440,63 @@ def logits_tolerances(dtype: str, atol=None, rtol=None) -> tuple[float, float]:
 
 
 @dataclass
-class Reference:
-    """transformers' side of the check: per prompt, ``steps`` greedy tokens (past EOS) with the
-    raw logits of the prefill and of every decode step; the EOS ids and the generation_config
-    settings the check does not apply."""
+class OnnxRuns:
+    """The ONNX side of the check: per prompt, ``steps`` greedy tokens (past EOS) and the
+    logits of the prefill and of every decode step."""
 
-    prompts: list[tuple[list[int], list[int], list[np.ndarray]]]
-    eos: frozenset
-    ignored: list[str]
+    prompts: list[list[int]]
+    runs: list[tuple[list[int], np.ndarray]]
 
 
-def reference_generation(module, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7, prompt_ids: list[list[int]] | None = None) -> Reference:
-    """transformers' greedy decoding on seeded prompts across the vocabulary (or ``prompt_ids``):
-    after it the model is no longer needed (a caller may free it before onnxruntime loads the
-    export)."""
-    from normexport.hf.folder import quiet_transformers
+def check_prompts(vocab_size: int, seed: int, prompts: int = 2, prompt_len: int = 7, prompt_ids: list[list[int]] | None = None) -> list[list[int]]:
+    return [list(p) for p in prompt_ids] if prompt_ids else random_prompts(vocab_size, prompts, prompt_len, seed)
 
-    vocab = module.config.get_text_config(decoder=True).vocab_size
-    with quiet_transformers():
-        runs = [(prompt, *torch_greedy(module, prompt, new_tokens)) for prompt in prompt_ids or random_prompts(vocab, prompts, prompt_len, seed)]
-    return Reference(runs, model_eos_ids(module), ignored_processors(module))
+
+def onnx_generation(decoder: OnnxDecoder, vocab_size: int, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7, prompt_ids: list[list[int]] | None = None) -> OnnxRuns:
+    """The ONNX decoder's greedy runs on the check's prompts: after it the session is no longer
+    needed (a caller may free it before transformers reads the weights)."""
+    chosen = check_prompts(vocab_size, seed, prompts, prompt_len, prompt_ids)
+    return OnnxRuns(chosen, decoder.greedy_batch(chosen, new_tokens))
 
 
 def check_generation(module, decoder: OnnxDecoder, dtype: str, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7, atol=None, rtol=None, prompt_ids: list[list[int]] | None = None) -> GenerationReport:
-    """Per-step logits (enforced) and free-running greedy tokens up to EOS, ONNX vs
-    transformers. ``prompt_ids``: these prompts instead of random ones."""
-    return compare_generation(reference_generation(module, new_tokens, seed, prompts, prompt_len, prompt_ids), decoder, dtype, new_tokens, atol, rtol)
+    """Per-step logits (enforced) and greedy tokens up to EOS, ONNX vs transformers.
+    ``prompt_ids``: these prompts instead of random ones."""
+    vocab = module.config.get_text_config(decoder=True).vocab_size
+    runs = onnx_generation(decoder, vocab, new_tokens, seed, prompts, prompt_len, prompt_ids)
+    return compare_generation(module, runs, dtype, new_tokens, atol, rtol)
 
 
-def compare_generation(reference: Reference, decoder: OnnxDecoder, dtype: str, new_tokens: int, atol=None, rtol=None) -> GenerationReport:
-    """The ONNX decoder against ``reference``: teacher-forced on transformers' tokens, every
-    step's logits within the tolerances; and its own greedy loop up to EOS. Where the forced
-    run's argmax already is transformers' token at every step up to EOS, the free-running loop
-    would feed the very same inputs, so it is not run again."""
+def first_disagreement(reference: np.ndarray, tokens: list[int]) -> int | None:
+    """The first step whose reference argmax is not ``tokens``' token (None: none)."""
+    return next((i for i, t in enumerate(tokens) if int(np.argmax(reference[i])) != t), None)
+
+
+def compare_generation(module, onnx: OnnxRuns, dtype: str, new_tokens: int, atol=None, rtol=None) -> GenerationReport:
+    """transformers' model, teacher-forced on the ONNX tokens, against the ONNX runs: every
+    step's logits within the tolerances, and its argmax equal to the ONNX token up to EOS."""
+    from normexport.hf.folder import quiet_transformers
     from normexport.validate import DEFAULT_TOLERANCES
 
     margin_tol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))[0] * 10 if dtype != "float32" else 0.0
-    eos = reference.eos
+    eos = model_eos_ids(module)
     atol, rtol = logits_tolerances(dtype, atol, rtol)
-    report = GenerationReport(dtype, new_tokens, margin_tol, atol, rtol, sorted(eos), reference.ignored)
-    for prompt, full_tokens, ref_logits in reference.prompts:
-        ref_tokens = until_eos(full_tokens, eos)
-        _, forced_logits = decoder.generate(prompt, new_tokens, forced=full_tokens)
-        if all(int(np.argmax(forced_logits[i])) == t for i, t in enumerate(ref_tokens)):
-            onnx_tokens = list(ref_tokens)
-        else:
-            onnx_tokens, _ = decoder.generate(prompt, new_tokens, eos=eos)
-        steps = [compare_step(i, r, g, atol, rtol) for i, (r, g) in enumerate(zip(ref_logits, forced_logits))]
-        result = PromptResult(prompt, ref_tokens, onnx_tokens, steps)
-        diff = next((i for i, (a, b) in enumerate(zip(ref_tokens, onnx_tokens)) if a != b), None)
-        if diff is None and len(ref_tokens) != len(onnx_tokens):
-            diff = min(len(ref_tokens), len(onnx_tokens))
+    report = GenerationReport(dtype, new_tokens, margin_tol, atol, rtol, sorted(eos), ignored_processors(module))
+    with quiet_transformers():
+        references = torch_forced_logits(module, onnx.prompts, [tokens for tokens, _ in onnx.runs])
+    for prompt, (tokens, onnx_logits), ref_logits in zip(onnx.prompts, onnx.runs, references):
+        onnx_tokens = until_eos(tokens, eos)
+        steps = [compare_step(i, r, g, atol, rtol) for i, (r, g) in enumerate(zip(ref_logits, onnx_logits))]
+        diff = first_disagreement(ref_logits, onnx_tokens)
+        torch_tokens = onnx_tokens if diff is None else onnx_tokens[:diff] + [int(np.argmax(ref_logits[diff]))]
+        result = PromptResult(prompt, torch_tokens, onnx_tokens, steps)
         if diff is not None:
             top2 = np.sort(ref_logits[diff])[-2:]
             result.first_difference, result.margin = diff, float(top2[1] - top2[0])
             result.tolerated = flip_tolerated(dtype, result.margin, margin_tol, steps[diff].max_abs)
         report.prompts.append(result)
+    report.notes.append("transformers read each prompt and the ONNX tokens in one forward without a cache; its argmax at every step up to EOS is compared with the ONNX token"
+                        + ("; where they differ, its tokens after that step are not computed" if any(p.first_difference is not None for p in report.prompts) else ""))
     if report.ignored:
         report.notes.append(f"generation_config.json settings not applied by the check (no exported graph holds them; both sides decode greedily): {', '.join(report.ignored)}")
     if not eos:

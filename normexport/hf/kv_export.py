@@ -121,13 +121,13 @@ def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: in
     return feed
 
 
-def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False, gqa=None, in_place: bool = False) -> DecoderExport:
+def export_decoder(hf: HFModel, attention_form: bool = False, gqa=None) -> DecoderExport:
     """torch.onnx (dynamo) export of the task's wrapper; batch, sequence and past dynamic.
     ``attention_form``: SDPA exported the way onnxruntime's attention fusions match it.
     ``gqa`` (a normexport.hf.gqa.GQAPlan): every attention layer one GroupQueryAttention, no
     position_ids input (normexport.hf.gqa).
-    ``in_place``: the export's files stay in a new folder under ``workdir`` (the caller removes
-    ``workdir``) and the weights stay memory-mapped from them instead of being read into memory."""
+    The model's initializers are views of the module's parameters (nothing is copied or written):
+    keep the module alive until the model is saved."""
     from torch.export import Dim
 
     start = time.perf_counter()
@@ -152,40 +152,29 @@ def export_decoder(hf: HFModel, workdir: Path, attention_form: bool = False, gqa
         shapes = shapes[:2]
     if with_past:
         shapes = (*shapes, tuple({0: d, 2: d} for _ in layout.past_names))
-    workdir = fresh_workdir(workdir)
     from normexport.hf.ort_attention import export_patches
 
-    try:
-        with export_patches() if attention_form else contextlib.nullcontext(), patch:
-            model = _run_export(wrapper, feed, outputs, shapes, workdir / "export.onnx", hf, in_memory=not in_place)
-    finally:
-        if not in_place:
-            remove(workdir)
+    with export_patches() if attention_form else contextlib.nullcontext(), patch:
+        model = _run_export(wrapper, feed, outputs, shapes, hf)
     name_dims(model, with_past)
     return DecoderExport(model, list(feed), outputs, layout, time.perf_counter() - start)
 
 
-def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, path: Path, hf: HFModel, in_memory: bool = True) -> ir.Model:
+def _run_export(wrapper: nn.Module, feed: dict, outputs: list[str], shapes, hf: HFModel) -> ir.Model:
     from normexport.export import _quiet, _raise_export_error
 
     with _quiet() as err:
         try:
-            torch.onnx.export(
-                wrapper.eval(), tuple(feed.values()), str(path), input_names=list(feed), output_names=outputs,
-                dynamic_shapes=shapes, opset_version=EXPORT_OPSET, dynamo=True, optimize=True, external_data=True,
+            program = torch.onnx.export(
+                wrapper.eval(), tuple(feed.values()), None, input_names=list(feed), output_names=outputs,
+                dynamic_shapes=shapes, opset_version=EXPORT_OPSET, dynamo=True, optimize=True,
             )
         except Exception as e:
             _raise_export_error(
                 f"torch.onnx cannot export {hf.architecture} ({hf.task})", e, err,
                 "this architecture does not export with torch.onnx today; try --task text-generation (no cache) or another transformers version",
             )
-    model = ir.load(str(path))
-    if not in_memory:
-        return model
-    for v in model.graph.initializers.values():  # the temp folder goes away
-        if isinstance(v.const_value, ir.ExternalTensor):
-            v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
-    return model
+    return program.model
 
 
 def name_dims(model: ir.Model, with_past: bool) -> None:

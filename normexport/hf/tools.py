@@ -41,16 +41,12 @@ def inspect_folder(path: Path, trust_pickle: bool = False) -> dict:
     from normexport.fuse import fuse_model
     from normexport.fuse.registry import PLAIN_TARGET
     from normexport.hf.folder import load_folder
-    from normexport.hf.kv_export import export_decoder, fresh_workdir, remove
+    from normexport.hf.kv_export import export_decoder
 
     hf = load_folder(path, trust_pickle=trust_pickle)
     modules = [_module_json(name, m) for name, m in hf.module.named_modules() if name and type(m).__name__.endswith("RMSNorm")]
     result = {"model": str(path), "kind": f"huggingface ({hf.architecture})", "modules": modules, "norms": [], "near_misses": [], "notes": list(hf.notes)}
-    work = fresh_workdir(Path(tempfile.gettempdir()))
-    try:
-        exp = export_decoder(hf, work)
-    finally:
-        remove(work)
+    exp = export_decoder(hf)
     report = fuse_model(exp.model, PLAIN_TARGET)
     names = [m["module"] for m in modules]
     for f in report.fused_norms:  # the exporter's scope names carry the wrapper's prefixes: the module's own path
@@ -167,7 +163,7 @@ def bench_folder(path: Path, out: Path, load, opts, prompt_len: int, new_tokens:
     work = Path(tempfile.mkdtemp(prefix="normexport-bench-"))
     notes = []
     try:
-        save_onnx(export_decoder(hf, work).model, work / "unfused" / "model.onnx")
+        save_onnx(export_decoder(hf).model, work / "unfused" / "model.onnx")
         unfused = OnnxDecoder(work / "unfused", threads=threads, backend=opts.record)
         vocab = hf.text_config.vocab_size
         prompt = np.random.default_rng(opts.seed).integers(min(3, vocab - 1), vocab, size=prompt_len).tolist()
