@@ -258,7 +258,8 @@ def print_quantized(c, quantization, accuracy) -> None:
         table.add_row(name, f"{value:.4f}", bound, ("[green]ok[/green]" if ok else "[red]FAIL[/red]") if bound else "")
     c.print(table)
     if accuracy.prompts:
-        c.print("greedy tokens equal to PyTorch's until the first difference: " + ", ".join(f"{p.greedy_prefix}/{len(p.torch_tokens)}" for p in accuracy.prompts))
+        c.print("greedy tokens against PyTorch's, per prompt: " + ", ".join(
+            f"all {len(p.onnx_tokens)} equal" if p.greedy_prefix >= len(p.onnx_tokens) else f"first difference at step {p.greedy_prefix}" for p in accuracy.prompts))
     if accuracy.stress is not None:
         st = accuracy.stress
         extra = f", {len(st.not_checked)} not checked" if st.not_checked else ""

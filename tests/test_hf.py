@@ -74,7 +74,7 @@ def test_convert_writes_a_kv_decoder_folder(converted):
     logits = own["validation"]["outputs"]
     assert own["validation"]["passed"] and len(logits) == len(report["generation"]["prompts"])
     assert all(o["name"] == "logits" and o["passed"] and o["steps"] == 8 and 0.99 < o["cosine"] <= 1.0 + 1e-6 for o in logits)
-    steps = {"load", "export", "fuse", "validate: transformers", "validate"}
+    steps = {"load", "export", "fuse", "validate: onnxruntime", "validate"}
     assert set(report["steps_cpu_s"]) == set(report["peak_rss_mib_after"]) == steps and all(v > 0 for v in report["peak_rss_mib_after"].values())
     if family in GQA_FAMILIES:
         assert report["attention_op"] == "GroupQueryAttention"
