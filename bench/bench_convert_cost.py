@@ -7,7 +7,10 @@ report adds CPU seconds and the peak RSS reached by the end of each step.
 The folder has Qwen2-0.5B's shapes with random weights (bench/qwen05_folder.py); nothing is
 downloaded. Bounds checked: CPU <= 3x the builder's, peak RSS <= 1.5x the fp32 weights + 1 GiB.
 
-    nice python bench/bench_convert_cost.py [--work DIR] [--skip-builder]
+With ``--rounds N`` the two conversions alternate N times; the table gives the median of each
+column and the ratio of the medians (the machine is shared: one round can be off).
+
+    nice python bench/bench_convert_cost.py [--work DIR] [--skip-builder] [--rounds N]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, help="where the folder and the outputs go (default: a temp folder, removed)")
     p.add_argument("--skip-builder", action="store_true")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the two conversions this many times (medians)")
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-convert-cost-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -53,21 +58,31 @@ def main() -> None:
         folder = save_qwen05(work / "qwen05")
         weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
         load = os.getloadavg()
-        rows = {}
-        for out in ("normexport", "builder"):
-            shutil.rmtree(work / out, ignore_errors=True)
+        rows: dict[str, list[dict]] = {}
         rep = work / "normexport.json"
-        rows["normexport convert (fp32, --target ort, checked)"] = timed([sys.executable, "-m", "normexport.cli", "convert", str(folder), "-o", str(work / "normexport"), "--report", str(rep)], env)
-        report = json.loads(rep.read_text())
-        if not a.skip_builder:
-            rows["onnxruntime-genai builder (fp32, cpu, unchecked)"] = timed([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(work / "builder"), "-p", "fp32", "-e", "cpu", "-c", str(work / "builder-cache")], env)
+        ours_name, builder_name = "normexport convert (fp32, --target ort, checked)", "onnxruntime-genai builder (fp32, cpu, unchecked)"
+        reports = []
+        for _ in range(max(1, a.rounds)):
+            for out in ("normexport", "builder"):
+                shutil.rmtree(work / out, ignore_errors=True)
+            rows.setdefault(ours_name, []).append(timed([sys.executable, "-m", "normexport.cli", "convert", str(folder), "-o", str(work / "normexport"), "--report", str(rep)], env))
+            reports.append(json.loads(rep.read_text()))
+            if not a.skip_builder:
+                rows.setdefault(builder_name, []).append(timed([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(work / "builder"), "-p", "fp32", "-e", "cpu", "-c", str(work / "builder-cache")], env))
+        per_round = rows
+        rows = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in per_round.items()}
+        report = reports[-1]
         print(f"\n{machine_line(1)}; load average at the start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, at the end " + "%.1f/%.1f/%.1f" % os.getloadavg())
         print(f"Qwen2-0.5B shapes, random weights: {weights:.2f} GiB of fp32 weights; RSS bound 1.5 x {weights:.2f} + 1 = {1.5 * weights + 1:.2f} GiB\n")
+        print(f"{max(1, a.rounds)} round(s); medians" if a.rounds > 1 else "one round")
         print("| convert | CPU s | wall s | peak RSS GiB |")
         print("|---|---:|---:|---:|")
         for name, r in rows.items():
             print(f"| {name} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} |")
-        print("\nnormexport's steps (its report): " + ", ".join(f"{k} {report['steps_s'][k]:.1f} s wall / {report['steps_cpu_s'][k]:.1f} s CPU, peak RSS by then {report['peak_rss_mib_after'][k] / 1024:.2f} GiB" for k in report["steps_s"]))
+        if a.rounds > 1:
+            for name, runs in per_round.items():
+                print(f"\n{name}, per round: CPU s " + ", ".join(f"{r['cpu_s']:.1f}" for r in runs) + "; peak RSS GiB " + ", ".join(f"{r['peak_rss_gib']:.2f}" for r in runs))
+        print("\nnormexport's steps (its report, last round): " + ", ".join(f"{k} {report['steps_s'][k]:.1f} s wall / {report['steps_cpu_s'][k]:.1f} s CPU, peak RSS by then {report['peak_rss_mib_after'][k] / 1024:.2f} GiB" for k in report["steps_s"]))
         print(f"generation check passed: {report['generation']['passed']}; attention: {report['attention_op']}")
         if len(rows) == 2:
             ours, builder = rows.values()

@@ -106,7 +106,7 @@ def build_ours(folder: Path, work: Path, all_variants: bool, layouts: tuple[str,
         from normexport.hf.folder import load_folder
         from normexport.hf.kv_export import export_decoder
 
-        save_onnx(export_decoder(load_folder(folder), work).model, work / "unfused" / "model.onnx")
+        save_onnx(export_decoder(load_folder(folder)).model, work / "unfused" / "model.onnx")
         out["unfused"] = work / "unfused"
         r = convert_folder(folder, ConvertOptions(fuse=FuseOptions(residual=False), output=work / "fused-norms"), HFOptions(gen_tokens=4, attention_fusion=False))
         assert r.passed and r.written, r.to_json()

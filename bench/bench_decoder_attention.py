@@ -63,7 +63,7 @@ def build_onnx(folder: Path, work: Path) -> tuple[Path, Path, Path, Path]:
     from normexport.hf.kv_export import export_decoder
     from normexport.options import ConvertOptions, FuseOptions
 
-    exp = export_decoder(load_folder(folder), work)
+    exp = export_decoder(load_folder(folder))
     unfused = work / "unfused" / "model.onnx"
     save_onnx(exp.model, unfused)
     folders = []

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from cli_helper import invoke  # noqa: E402
 from hf_folders import MORE_FAMILIES, genai_generate, hf_generate, save_tiny  # noqa: E402
-from normexport.hf.generation import OnnxDecoder, check_generation, torch_generate  # noqa: E402
+from normexport.hf.generation import OnnxDecoder, check_generation, torch_forced_logits, torch_generate, torch_greedy  # noqa: E402
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "tiny-trained-llama"
 EOS = 2
@@ -230,6 +230,57 @@ def test_logit_tolerance_is_enforced_in_the_api(trained, reference):
     assert not report.passed and report.prompts[0].first_difference is None
     assert report.prompts[0].steps[0].max_abs == pytest.approx(0.05, rel=1e-3)
     assert check_generation(reference, decoder, "float32", 8, seed=3, prompts=1, atol=0.06).passed
+
+
+def test_one_forward_gives_the_cached_greedy_runs_logits(reference):
+    """The check's reference: transformers reading prompt + tokens in one forward without a cache
+    gives, step for step, the logits of its own cached greedy loop (prompts of two lengths, two
+    of one length batched)."""
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 384, size=n).tolist() for n in (5, 5, 9)]
+    runs = [torch_greedy(reference, p, 12) for p in prompts]
+    forced = torch_forced_logits(reference, prompts, [tokens for tokens, _ in runs])
+    for (tokens, logits), got in zip(runs, forced):
+        assert got.shape == (12, 384)
+        np.testing.assert_allclose(got, np.stack(logits), atol=1e-4, rtol=1e-4)
+        assert got.argmax(-1).tolist() == tokens
+
+
+def test_batched_greedy_is_the_one_prompt_loop(trained):
+    out, _, _ = trained
+    decoder = OnnxDecoder(out)
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(3, 384, size=n).tolist() for n in (6, 6, 4)]
+    for prompt, (tokens, logits) in zip(prompts, decoder.greedy_batch(prompts, 10)):
+        one_tokens, one_logits = decoder.generate(prompt, 10)
+        assert tokens == one_tokens
+        np.testing.assert_allclose(logits, np.stack(one_logits), atol=1e-4, rtol=1e-4)
+
+
+def test_a_token_flip_fails_in_fp32_at_its_step(trained, reference, tokenizer):
+    """ONNX's logits pushed towards another token at decode step 3 only: its greedy answer leaves
+    transformers' there, and the check says so (the tokens and that step's logits)."""
+    out, _, _ = trained
+    decoder = OnnxDecoder(out)
+    run, calls = decoder.session.run, []
+
+    def flipped(names, feed):
+        outs = run(names, feed)
+        calls.append(1)
+        if len(calls) == 4:  # the prefill, then decode steps 1, 2, 3
+            for n, o in zip(decoder.session.get_outputs(), outs):
+                if n.name == "logits":
+                    o[:, -1, 200] = o[:, -1].max(-1) + 5.0
+        return outs
+
+    decoder.session = type("S", (), {"run": staticmethod(flipped), "get_outputs": decoder.session.get_outputs, "get_inputs": decoder.session.get_inputs})()
+    prompt = zen_prompts(tokenizer, 1)[0][0]  # a line's start: EOS comes at its end, long after step 3
+    report = check_generation(reference, decoder, "float32", 8, seed=3, prompt_ids=[prompt])
+    p = report.prompts[0]
+    assert not report.passed and p.first_difference == 3 and p.onnx_tokens[3] == 200
+    assert p.torch_tokens[:3] == p.onnx_tokens[:3] and p.torch_tokens[3] != 200 and len(p.torch_tokens) == 4
+    assert not p.steps[3].passed and all(s.passed for s in p.steps[:3])
+    assert any("greedy tokens differ at step 3" in f and "ONNX 200" in f for f in report.failures())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -669,7 +669,7 @@ def test_onnxscript_fallback_without_transformers_exporters(tmp_path, monkeypatc
     from normexport.hf.ort_attention import fuse_attention, fused_norms
 
     hf = load_folder(save_tiny("llama", tmp_path / "llama", seed=9))
-    model = export_decoder(hf, tmp_path).model
+    model = export_decoder(hf).model
     fused = fuse_model(model, "ort").fused
     monkeypatch.setitem(sys.modules, "transformers.exporters.onnxruntime_fusions", None)
     result = fuse_attention(model)
@@ -833,7 +833,7 @@ def test_group_query_attention_rope_scaling(tmp_path, rope):
     if rope == "dynamic":
         assert plan is None and "dynamic" in reason
         return
-    save_onnx(export_decoder(hf, tmp_path, gqa=plan).model, tmp_path / "out" / "model.onnx")
+    save_onnx(export_decoder(hf, gqa=plan).model, tmp_path / "out" / "model.onnx")
     report = check_generation(hf.module, OnnxDecoder(tmp_path / "out"), "float32", 40, seed=2, prompt_len=60)
     assert report.passed and max(s.max_abs for p in report.prompts for s in p.steps) < 1e-4
 
