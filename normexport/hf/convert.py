@@ -231,18 +231,12 @@ def _check_quantized(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, rep
     fused norm of the quantized graph alone against a float64 RMSNorm."""
     import torch
 
-    from normexport.hf.generation import OnnxDecoder
-    from normexport.hf.memory import page_out_weights, trim_heap
     from normexport.quant_check import compare_quantized, quantized_runs
     from normexport.stress import stress_check
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    page_out_weights(hf)
-    decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record, spinning=False)
-    runs = quantized_runs(hf.module, decoder, hf_opts.gen_tokens, opts.seed)
-    del decoder
-    trim_heap()
+    runs = _onnx_runs(hf, model_path, opts, kind, lambda decoder: quantized_runs(hf.module, decoder, hf_opts.gen_tokens, opts.seed))
     result = compare_quantized(hf.module, runs, opts.quant_thresholds.resolved(kind))
     result.stress = stress_check(model_path, None, opts, opts.seed)
     report.quantized_accuracy = result
@@ -343,28 +337,39 @@ def _validate(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, report: HF
         torch.set_num_threads(opts.threads)
     dtype = opts.dtype or "float32"
     if hf.task == "text-generation-with-past":
-        from normexport.hf.generation import OnnxDecoder, compare_generation, onnx_generation
-        from normexport.hf.memory import page_out_weights, trim_heap
+        from normexport.hf.generation import compare_generation, onnx_generation
 
         t = clock()
-        page_out_weights(hf)  # transformers' weights leave memory while onnxruntime holds the export's
-        try:
-            decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record, spinning=False)
-        except NormexportError as e:
-            reason = e.message.split("(", 1)[-1].rstrip(")")
-            raise NormexportError(
-                f"onnxruntime ({opts.backend}) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
-                "convert in float32 or float16, or pass --no-validate to write it unchecked",
-            ) from None
-        runs = onnx_generation(decoder, hf.text_config.vocab_size, hf_opts.gen_tokens, opts.seed, prompts=opts.samples)
-        del decoder
-        trim_heap()  # the session's memory goes before transformers reads the weights again
+        runs = _onnx_runs(hf, model_path, opts, dtype, lambda decoder: onnx_generation(decoder, hf.text_config.vocab_size, hf_opts.gen_tokens, opts.seed, prompts=opts.samples))
         report.step("validate: onnxruntime", t)
         report.generation = compare_generation(hf.module, runs, dtype, hf_opts.gen_tokens, atol=opts.atol, rtol=opts.rtol)
         if not keep_module:
             hf.module = None
         return
     report.outputs = _compare_no_cache(hf, model_path, opts)
+
+
+def _onnx_runs(hf: HFModel, model_path: Path, opts: ValidateOptions, dtype: str, run):
+    """onnxruntime's side of a check: ``run(decoder)`` on the written decoder, with transformers'
+    weights handed back to the kernel while the session holds the export's, and the session's
+    memory handed back before transformers reads them again."""
+    from normexport.hf.generation import OnnxDecoder
+    from normexport.hf.memory import page_out_weights, trim_heap
+
+    page_out_weights(hf)
+    try:
+        decoder = OnnxDecoder(model_path, threads=opts.threads, backend=opts.record, spinning=False)
+    except NormexportError as e:
+        reason = e.message.split("(", 1)[-1].rstrip(")")
+        raise NormexportError(
+            f"onnxruntime ({opts.backend}) cannot run the exported {dtype} decoder, so it cannot be checked: {reason}",
+            "convert in float32 or float16, or pass --no-validate to write it unchecked",
+        ) from None
+    try:
+        return run(decoder)
+    finally:
+        del decoder
+        trim_heap()
 
 
 def _stress(opts: ValidateOptions, report: HFConvertReport, model_path: Path, progress) -> None:
