@@ -192,25 +192,56 @@ def test_validate_passes_the_folder_as_written(int4, trained, tmp_path):
 @pytest.mark.slow
 def test_a_failed_quantized_check_writes_nothing(trained, tmp_path, monkeypatch):
     """convert with a quantizer that breaks one block's scales: exit 1, no folder."""
+    _break_first_scales(monkeypatch)
+    out = tmp_path / "out"
+    result = invoke("convert", trained, "-o", out, "--quantize", "int4", "--gen-tokens", 8)
+    assert result.exit_code == 1, result.output + result.stderr
+    assert not out.exists()
+    assert "quantized check: FAILED" in result.output
+
+
+def _break_first_scales(monkeypatch) -> None:
+    """normexport's quantizer, with the first MatMulNBits' scales x4 in what it returns."""
+    import onnx_ir as ir
+
     import normexport.quantize as quantize
 
     real = quantize.quantize_model
 
     def broken(model, opts):
         q, report = real(model, opts)
-        node = next(n for n in q.graph if n.op_type == "MatMulNBits")
-        scales = node.inputs[2]
-        import onnx_ir as ir
-
+        scales = next(n for n in q.graph if n.op_type == "MatMulNBits").inputs[2]
         scales.const_value = ir.tensor(scales.const_value.numpy() * 4.0, name=scales.name)
         return q, report
 
     monkeypatch.setattr(quantize, "quantize_model", broken)
-    out = tmp_path / "out"
-    result = invoke("convert", trained, "-o", out, "--quantize", "int4", "--gen-tokens", 8)
+
+
+def test_a_decoder_without_cache_is_measured_and_fails_when_broken(trained, torch_model, tmp_path, monkeypatch):
+    """--task text-generation --quantize int4: the logits at every position of seeded sequences
+    against transformers in fp32 (recomputed here on the written model), and exit 1 with nothing
+    written once the first block's scales are x4."""
+    import onnxruntime as ort
+
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    result = invoke("convert", trained, "-o", out, "--task", "text-generation", "--quantize", "int4", "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    acc = json.loads(rep.read_text())["quantized_accuracy"]
+    assert acc["passed"] and acc["summary"]["rows"] == 2 * 32 and acc["stress"]["passed"]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, torch_model.config.vocab_size, size=(1, 24))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(24)[None]}
+    got = session.run(["logits"], {k: v.astype(np.int64) for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})[0][0].astype(np.float64)
+    with torch.inference_mode():
+        ref = torch_model(input_ids=torch.tensor(ids)).logits[0].double().numpy()
+    assert np.mean(ref.argmax(-1) == got.argmax(-1)) >= DEFAULT_THRESHOLDS["int4"].min_top1
+    assert 0 < np.abs(ref - got).max()  # quantized: measurably not the fp32 model
+    _break_first_scales(monkeypatch)
+    bad = tmp_path / "bad"
+    result = invoke("convert", trained, "-o", bad, "--task", "text-generation", "--quantize", "int4")
     assert result.exit_code == 1, result.output + result.stderr
-    assert not out.exists()
-    assert "quantized check: FAILED" in result.output
+    assert not bad.exists() and "quantized check: FAILED" in result.output
 
 
 def test_onnxruntime_genai_runs_the_quantized_folder(int4, trained):
