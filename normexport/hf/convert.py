@@ -247,6 +247,9 @@ def _check_quantized(hf: HFModel, opts: ValidateOptions, hf_opts: HFOptions, rep
     report.quantized_accuracy = result
 
 
+QUANT_NO_CACHE_SEQ = 32  # token ids per sequence of the quantized check without a cache
+
+
 def _check_quantized_no_cache(hf: HFModel, opts: ValidateOptions, report: HFConvertReport, model_path: Path, kind: str) -> None:
     """A quantized decoder without a cache: its logits at every position of ``opts.samples``
     seeded sequences of token ids against transformers in fp32 (quant_check's measures and
@@ -271,9 +274,6 @@ def _check_quantized_no_cache(hf: HFModel, opts: ValidateOptions, report: HFConv
     result.notes.append(f"{max(1, opts.samples)} seeded sequences of {QUANT_NO_CACHE_SEQ} token ids drawn across the vocabulary; the logits at every position compared")
     result.stress = stress_check(model_path, None, opts, opts.seed)
     report.quantized_accuracy = result
-
-
-QUANT_NO_CACHE_SEQ = 32
 
 
 def attention_wanted(opts, hf_opts: HFOptions, gqa: bool = False) -> bool:
