@@ -211,16 +211,14 @@ def compare_quantized(module, runs, thresholds: Thresholds) -> QuantizedAccuracy
     prompt length, no cache): every step's logits row against the quantized one, and the greedy
     tokens until transformers' argmax first differs from the quantized token."""
     from normexport.hf.folder import quiet_transformers
-    from normexport.hf.generation import first_disagreement, model_eos_ids, torch_forced_logits, until_eos
+    from normexport.hf.generation import greedy_answers, model_eos_ids, torch_forced_logits
 
     report = QuantizedAccuracy(thresholds)
     eos = model_eos_ids(module)
     with quiet_transformers():
         references = torch_forced_logits(module, runs.prompts, [tokens for tokens, _ in runs.runs])
     for prompt, (tokens, logits), ref in zip(runs.prompts, runs.runs, references):
-        onnx_tokens = until_eos(tokens, eos)
-        diff = first_disagreement(ref, onnx_tokens)
-        torch_tokens = onnx_tokens if diff is None else onnx_tokens[:diff] + [int(np.argmax(ref[diff]))]
+        torch_tokens, onnx_tokens, _ = greedy_answers(ref, tokens, eos)
         report.prompts.append(PromptAccuracy(prompt, torch_tokens, onnx_tokens, compare_rows(ref, logits)))
     steps = len(runs.runs[0][0]) if runs.runs else 0
     report.notes.append(f"{len(runs.prompts)} prompts of {len(runs.prompts[0]) if runs.prompts else 0} token ids drawn across the vocabulary, {steps} greedy steps each on the quantized decoder; "

@@ -257,6 +257,15 @@ def test_batched_greedy_is_the_one_prompt_loop(trained):
         np.testing.assert_allclose(logits, np.stack(one_logits), atol=1e-4, rtol=1e-4)
 
 
+def test_a_check_of_no_steps_is_refused(trained, reference):
+    """The API with new_tokens 0 would compare nothing: a NormexportError (exit 2 on the CLI), not a pass."""
+    from normexport.errors import NormexportError
+
+    out, _, _ = trained
+    with pytest.raises(NormexportError, match="nothing would be compared"):
+        check_generation(reference, OnnxDecoder(out), "float32", 0, seed=3)
+
+
 def test_a_token_flip_fails_in_fp32_at_its_step(trained, reference, tokenizer):
     """ONNX's logits pushed towards another token at decode step 3 only: its greedy answer leaves
     transformers' there, and the check says so (the tokens and that step's logits)."""

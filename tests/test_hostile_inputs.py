@@ -228,17 +228,24 @@ def _tolerance(sp):
     return 2e-2 if sp.dtype == TensorProto.FLOAT16 else 1e-5
 
 
-@pytest.mark.parametrize("target", list(FUSED))
-@pytest.mark.parametrize("spelling", list(SUBGRAPH_SPELLINGS))
-def test_norm_in_if_branch_is_fused_and_runs(tmp_path, spelling, target):
-    sp = SUBGRAPH_SPELLINGS[spelling]
-    model, inner, feed = if_model(sp)
+def _fused_subgraph_model(tmp_path, make, sp, target):
+    """``make(sp)``'s model saved and fused by the CLI for ``target`` (exit 0, the source left
+    byte for byte as it was): the model, its inner norm graph, its feed and the fused file."""
+    model, inner, feed = make(sp)
     src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
     onnx.save(model, src)
     before = src.read_bytes()
     r = invoke("fuse", src, "-o", out, "--target", target)
     assert r.exit_code == 0, r.output + r.stderr
     assert src.read_bytes() == before
+    return model, inner, feed, out
+
+
+@pytest.mark.parametrize("target", list(FUSED))
+@pytest.mark.parametrize("spelling", list(SUBGRAPH_SPELLINGS))
+def test_norm_in_if_branch_is_fused_and_runs(tmp_path, spelling, target):
+    sp = SUBGRAPH_SPELLINGS[spelling]
+    model, inner, feed, out = _fused_subgraph_model(tmp_path, if_model, sp, target)
     fused = onnx.load(out)
     ops = _subgraph_ops(fused)
     assert "ReduceMean" not in ops if FUSED[target] else "ReduceMean" in ops
@@ -258,11 +265,7 @@ def test_norm_in_if_branch_is_fused_and_runs(tmp_path, spelling, target):
 @pytest.mark.parametrize("spelling", list(SUBGRAPH_SPELLINGS))
 def test_norm_in_loop_body_is_fused_and_runs(tmp_path, spelling, target):
     sp = SUBGRAPH_SPELLINGS[spelling]
-    model, inner, feed = loop_model(sp)
-    src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
-    onnx.save(model, src)
-    r = invoke("fuse", src, "-o", out, "--target", target)
-    assert r.exit_code == 0, r.output + r.stderr
+    model, inner, feed, out = _fused_subgraph_model(tmp_path, loop_model, sp, target)
     if FUSED[target]:
         assert FUSED[target] in _subgraph_ops(onnx.load(out))
     rng = np.random.default_rng(12)

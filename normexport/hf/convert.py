@@ -256,21 +256,14 @@ def _check_quantized_no_cache(hf: HFModel, opts: ValidateOptions, report: HFConv
     thresholds), and every fused norm of the quantized graph alone."""
     import torch
 
-    from normexport.hf.kv_export import DecoderNoCache, example_inputs, kv_layout
     from normexport.quant_check import QuantizedAccuracy, check_quantized_outputs
-    from normexport.runners import make_onnx_runner
     from normexport.stress import stress_check
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
     result = QuantizedAccuracy(opts.quant_thresholds.resolved(kind))
-    wrapper = DecoderNoCache(hf.module, "logits").eval()
-    with make_onnx_runner(model_path, opts.record, optimize=True, threads=opts.threads) as runner:
-        for i in range(max(1, opts.samples)):
-            feed = example_inputs(kv_layout(hf.text_config), torch.float32, batch=1, seq=QUANT_NO_CACHE_SEQ, with_past=False, seed=opts.seed + i)
-            with torch.inference_mode():
-                ref = wrapper(**feed).float().numpy()
-            check_quantized_outputs({"logits": ref}, {"logits": runner.infer({k: v.numpy() for k, v in feed.items()})["logits"]}, result)
+    for _, ref, got in _no_cache_outputs(hf, model_path, opts, "logits", seq=QUANT_NO_CACHE_SEQ, batch=1, optimize=True):
+        check_quantized_outputs({"logits": ref}, {"logits": got}, result)
     result.notes.append(f"{max(1, opts.samples)} seeded sequences of {QUANT_NO_CACHE_SEQ} token ids drawn across the vocabulary; the logits at every position compared")
     result.stress = stress_check(model_path, None, opts, opts.seed)
     report.quantized_accuracy = result
@@ -418,23 +411,30 @@ def _stress(opts: ValidateOptions, report: HFConvertReport, model_path: Path, pr
 
 def _compare_no_cache(hf: HFModel, model_path: Path, opts) -> list:
     """Tasks without a cache: one output against PyTorch on seeded token ids."""
+    from normexport.validate import compare_outputs
+
+    name = "logits" if hf.task == "text-generation" else "last_hidden_state"
+    results = []
+    for i, ref, got in _no_cache_outputs(hf, model_path, opts, name, seq=9, batch=2, optimize=False):
+        results += compare_outputs({name: ref}, {name: got.astype("float32")}, opts.atol, opts.rtol, sample=i)
+    return results
+
+
+def _no_cache_outputs(hf: HFModel, model_path: Path, opts, name: str, seq: int, batch: int, optimize: bool):
+    """(sample, PyTorch's ``name``, ONNX's) on ``opts.samples`` seeded batches of token ids
+    drawn across the vocabulary, for a model exported without a cache."""
     import torch
 
     from normexport.hf.kv_export import DecoderNoCache, example_inputs, kv_layout
     from normexport.runners import make_onnx_runner
-    from normexport.validate import compare_outputs
 
-    name = "logits" if hf.task == "text-generation" else "last_hidden_state"
     wrapper = DecoderNoCache(hf.module, name).eval()
-    results = []
-    with make_onnx_runner(model_path, opts.record, optimize=False, threads=opts.threads, dtype=opts.dtype) as runner:
+    with make_onnx_runner(model_path, opts.record, optimize=optimize, threads=opts.threads, dtype=opts.dtype) as runner:
         for i in range(max(1, opts.samples)):
-            feed = example_inputs(kv_layout(hf.text_config), torch.float32, seq=9, with_past=False, seed=opts.seed + i)
+            feed = example_inputs(kv_layout(hf.text_config), torch.float32, batch=batch, seq=seq, with_past=False, seed=opts.seed + i)
             with torch.inference_mode():
                 ref = wrapper(**feed).float().numpy()
-            got = runner.infer({k: v.numpy() for k, v in feed.items()})
-            results += compare_outputs({name: ref}, {name: got[name].astype("float32")}, opts.atol, opts.rtol, sample=i)
-    return results
+            yield i, ref, runner.infer({k: v.numpy() for k, v in feed.items()})[name]
 
 
 def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path, gqa: bool = False) -> None:

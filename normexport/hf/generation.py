@@ -96,20 +96,10 @@ class OnnxDecoder:
         """Greedy tokens (argmax of the raw logits) and the last-position logits of every
         step; the loop stops after a token in ``eos``. With ``forced`` it feeds those tokens
         instead of its own choices (teacher forcing, for ``len(forced)`` steps at most)."""
-        past, n = self.empty_past(), 0
-        ids = np.asarray([prompt], dtype=np.int64)
-        tokens, logits = [], []
         steps = max_new_tokens if forced is None else min(max_new_tokens, len(forced))
-        for i in range(steps):
-            step_logits, past = self.step(ids, past, n)
-            last = step_logits[0, -1].astype(np.float32)
-            logits.append(last)
-            tokens.append(int(last.argmax()))
-            if forced is None and tokens[-1] in eos:
-                break
-            n += ids.shape[1]
-            ids = np.asarray([[forced[i] if forced is not None else tokens[-1]]], dtype=np.int64)
-        return tokens, logits
+        feed = None if forced is None else np.asarray([forced[:steps]], dtype=np.int64)
+        tokens, logits = self._loop(np.asarray([prompt], dtype=np.int64), steps, feed, eos if forced is None else frozenset())
+        return [int(t[0]) for t in tokens], [row[0] for row in logits]
 
     def greedy_batch(self, prompts: list[list[int]], steps: int) -> list[tuple[list[int], np.ndarray]]:
         """``steps`` greedy tokens per prompt (EOS does not stop it) and the last-position
@@ -120,19 +110,29 @@ class OnnxDecoder:
             by_length.setdefault(len(p), []).append(i)
         out: list = [None] * len(prompts)
         for rows in by_length.values():
-            ids = np.asarray([prompts[i] for i in rows], dtype=np.int64)
-            past, n = self.empty_past(len(rows)), 0
-            tokens, logits = [], []
-            for _ in range(steps):
-                step_logits, past = self.step(ids, past, n)
-                last = step_logits[:, -1].astype(np.float32)
-                logits.append(last)
-                tokens.append(last.argmax(-1))
-                n += ids.shape[1]
-                ids = tokens[-1][:, None].astype(np.int64)
+            tokens, logits = self._loop(np.asarray([prompts[i] for i in rows], dtype=np.int64), steps)
             for j, i in enumerate(rows):
-                out[i] = ([int(t[j]) for t in tokens], np.stack([l[j] for l in logits]))
+                out[i] = ([int(t[j]) for t in tokens], np.stack([row[j] for row in logits]))
         return out
+
+    def _loop(self, ids: np.ndarray, steps: int, forced: np.ndarray | None = None, eos=frozenset()) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The greedy loop over a batch ``ids`` [batch, prompt]: per step the argmax tokens
+        [batch] and the last-position logits [batch, vocab]. ``forced`` [batch, steps]: fed
+        instead of its own choices; ``eos``: it stops once every row has chosen one."""
+        past, n = self.empty_past(ids.shape[0]), 0
+        tokens, logits = [], []
+        ended = np.zeros(ids.shape[0], dtype=bool)
+        for i in range(steps):
+            step_logits, past = self.step(ids, past, n)
+            last = step_logits[:, -1].astype(np.float32)
+            logits.append(last)
+            tokens.append(last.argmax(-1))
+            ended |= np.isin(tokens[-1], list(eos))
+            if eos and ended.all():
+                break
+            n += ids.shape[1]
+            ids = (forced[:, i] if forced is not None else tokens[-1])[:, None].astype(np.int64)
+        return tokens, logits
 
 
 GENAI_CONFIG = "genai_config.json"
@@ -295,10 +295,6 @@ def torch_forced_logits(module, prompts: list[list[int]], tokens: list[list[int]
     out: list = [None] * len(prompts)
     with torch.inference_mode():
         for (_, steps), rows in by_length.items():
-            if steps == 0:
-                for i in rows:
-                    out[i] = np.zeros((0, 0), dtype=np.float32)
-                continue
             ids = torch.tensor([prompts[i] + tokens[i][:-1] for i in rows])
             total = ids.shape[1]
             extra = {"logits_to_keep": steps} if keep else {}
@@ -448,14 +444,12 @@ class OnnxRuns:
     runs: list[tuple[list[int], np.ndarray]]
 
 
-def check_prompts(vocab_size: int, seed: int, prompts: int = 2, prompt_len: int = 7, prompt_ids: list[list[int]] | None = None) -> list[list[int]]:
-    return [list(p) for p in prompt_ids] if prompt_ids else random_prompts(vocab_size, prompts, prompt_len, seed)
-
-
 def onnx_generation(decoder: OnnxDecoder, vocab_size: int, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7, prompt_ids: list[list[int]] | None = None) -> OnnxRuns:
     """The ONNX decoder's greedy runs on the check's prompts: after it the session is no longer
     needed (a caller may free it before transformers reads the weights)."""
-    chosen = check_prompts(vocab_size, seed, prompts, prompt_len, prompt_ids)
+    if new_tokens < 1:
+        raise NormexportError(f"the check generates {new_tokens} tokens: nothing would be compared", "give --gen-tokens 1 or more")
+    chosen = [list(p) for p in prompt_ids] if prompt_ids else random_prompts(vocab_size, prompts, prompt_len, seed)
     return OnnxRuns(chosen, decoder.greedy_batch(chosen, new_tokens))
 
 
@@ -467,9 +461,15 @@ def check_generation(module, decoder: OnnxDecoder, dtype: str, new_tokens: int, 
     return compare_generation(module, runs, dtype, new_tokens, atol, rtol)
 
 
-def first_disagreement(reference: np.ndarray, tokens: list[int]) -> int | None:
-    """The first step whose reference argmax is not ``tokens``' token (None: none)."""
-    return next((i for i, t in enumerate(tokens) if int(np.argmax(reference[i])) != t), None)
+def greedy_answers(reference: np.ndarray, tokens: list[int], eos) -> tuple[list[int], list[int], int | None]:
+    """From ONNX's ``tokens`` and transformers' logits teacher-forced on them ([steps, vocab]):
+    transformers' greedy answer (up to and including EOS, or up to the first step where its
+    argmax is not ONNX's token), ONNX's answer up to and including EOS, and that first step
+    (None: the answers are equal)."""
+    onnx_tokens = until_eos(tokens, eos)
+    diff = next((i for i, t in enumerate(onnx_tokens) if int(np.argmax(reference[i])) != t), None)
+    torch_tokens = onnx_tokens if diff is None else onnx_tokens[:diff] + [int(np.argmax(reference[diff]))]
+    return torch_tokens, onnx_tokens, diff
 
 
 def compare_generation(module, onnx: OnnxRuns, dtype: str, new_tokens: int, atol=None, rtol=None) -> GenerationReport:
@@ -485,10 +485,8 @@ def compare_generation(module, onnx: OnnxRuns, dtype: str, new_tokens: int, atol
     with quiet_transformers():
         references = torch_forced_logits(module, onnx.prompts, [tokens for tokens, _ in onnx.runs])
     for prompt, (tokens, onnx_logits), ref_logits in zip(onnx.prompts, onnx.runs, references):
-        onnx_tokens = until_eos(tokens, eos)
+        torch_tokens, onnx_tokens, diff = greedy_answers(ref_logits, tokens, eos)
         steps = [compare_step(i, r, g, atol, rtol) for i, (r, g) in enumerate(zip(ref_logits, onnx_logits))]
-        diff = first_disagreement(ref_logits, onnx_tokens)
-        torch_tokens = onnx_tokens if diff is None else onnx_tokens[:diff] + [int(np.argmax(ref_logits[diff]))]
         result = PromptResult(prompt, torch_tokens, onnx_tokens, steps)
         if diff is not None:
             top2 = np.sort(ref_logits[diff])[-2:]
