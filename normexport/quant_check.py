@@ -22,6 +22,8 @@ from dataclasses import asdict, astuple, dataclass, field
 
 import numpy as np
 
+from normexport.hf.generation import CHECK_PROMPT_LEN
+
 TOP_K = 5
 
 
@@ -190,13 +192,13 @@ class QuantizedAccuracy:
 QUANT_PROMPTS = 4
 
 
-def check_quantized_decoder(module, decoder, new_tokens: int, seed: int, thresholds: Thresholds, prompts: int = QUANT_PROMPTS, prompt_len: int = 7) -> QuantizedAccuracy:
+def check_quantized_decoder(module, decoder, new_tokens: int, seed: int, thresholds: Thresholds, prompts: int = QUANT_PROMPTS, prompt_len: int = CHECK_PROMPT_LEN) -> QuantizedAccuracy:
     """``decoder`` (an OnnxDecoder on the quantized model) against transformers in fp32 on
     seeded prompts across the vocabulary (``quantized_runs``, then ``compare_quantized``)."""
     return compare_quantized(module, quantized_runs(module, decoder, new_tokens, seed, prompts, prompt_len), thresholds)
 
 
-def quantized_runs(module, decoder, new_tokens: int, seed: int, prompts: int = QUANT_PROMPTS, prompt_len: int = 7):
+def quantized_runs(module, decoder, new_tokens: int, seed: int, prompts: int = QUANT_PROMPTS, prompt_len: int = CHECK_PROMPT_LEN):
     """The quantized decoder's greedy runs (normexport.hf.generation.OnnxRuns), ``new_tokens``
     steps past EOS on seeded prompts across the vocabulary."""
     from normexport.hf.generation import onnx_generation

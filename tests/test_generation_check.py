@@ -21,7 +21,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from cli_helper import invoke  # noqa: E402
+from cli_helper import assert_refused, invoke, snapshot  # noqa: E402
 from hf_folders import MORE_FAMILIES, genai_generate, hf_generate, save_tiny  # noqa: E402
 from normexport.hf.generation import OnnxDecoder, check_generation, torch_forced_logits, torch_generate, torch_greedy  # noqa: E402
 
@@ -264,6 +264,24 @@ def test_a_check_of_no_steps_is_refused(trained, reference):
     out, _, _ = trained
     with pytest.raises(NormexportError, match="nothing would be compared"):
         check_generation(reference, OnnxDecoder(out), "float32", 0, seed=3)
+
+
+def test_a_check_past_the_context_is_refused_before_any_work(trained, tmp_path):
+    """--gen-tokens past max_position_embeddings (128): exit 2 before the export (onnxruntime's
+    GroupQueryAttention would fail inside the check); validate of a folder whose context is
+    shorter than its check: exit 2, the folder untouched."""
+    out = tmp_path / "out"
+    assert_refused(invoke("convert", TRAINED, "-o", out, "--gen-tokens", 122), out, "context of 128 positions", "--gen-tokens 121")
+    assert invoke("convert", TRAINED, "-o", out, "--gen-tokens", 121).exit_code == 0
+    short = tmp_path / "short"
+    shutil.copytree(trained[0], short)
+    cfg = json.loads((short / "genai_config.json").read_text())
+    cfg["model"]["context_length"] = 20
+    (short / "genai_config.json").write_text(json.dumps(cfg))
+    before = snapshot(short)
+    r = invoke("validate", TRAINED, short)
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "context of 20 positions" in r.stderr, r.output + r.stderr
+    assert snapshot(short) == before
 
 
 def test_a_token_flip_fails_in_fp32_at_its_step(trained, reference, tokenizer):

@@ -173,6 +173,10 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     refuse_without_rmsnorm(hf.module, f"{path} ({hf.architecture})", path)  # before any export
     report = HFConvertReport(str(path), opts.fuse.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
     report.step("load", t)
+    if opts.validate and hf.task == "text-generation-with-past":  # before any export: the check would run past the context
+        from normexport.hf.generation import require_check_window
+
+        require_check_window(getattr(hf.text_config, "max_position_embeddings", None), hf_opts.gen_tokens)
     gqa = choose_attention(hf, opts, hf_opts, report)
     from normexport.hf.kv_export import fresh_workdir, remove
 

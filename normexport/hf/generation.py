@@ -435,6 +435,18 @@ def logits_tolerances(dtype: str, atol=None, rtol=None) -> tuple[float, float]:
     return tolerance_for(atol, "logits", d_atol), tolerance_for(rtol, "logits", d_rtol)
 
 
+CHECK_PROMPT_LEN = 7  # token ids per seeded prompt of the check
+
+
+def require_check_window(context: int | None, new_tokens: int, hint: str | None = None, prompt_len: int = CHECK_PROMPT_LEN) -> None:
+    """Refuse (exit 2) a check whose prompts and ``new_tokens`` run past the model's context
+    (``context``: its max_position_embeddings or genai_config's context_length; None: unknown).
+    ``hint``: the way out (default: a smaller ``--gen-tokens``)."""
+    if isinstance(context, int) and not isinstance(context, bool) and prompt_len + new_tokens > context:
+        raise NormexportError(f"the check's {prompt_len}-token prompts and {new_tokens} generated tokens run past the model's context of {context} positions",
+                              hint or f"give --gen-tokens {max(1, context - prompt_len)} or fewer")
+
+
 @dataclass
 class OnnxRuns:
     """The ONNX side of the check: per prompt, ``steps`` greedy tokens (past EOS) and the
@@ -444,7 +456,7 @@ class OnnxRuns:
     runs: list[tuple[list[int], np.ndarray]]
 
 
-def onnx_generation(decoder: OnnxDecoder, vocab_size: int, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7, prompt_ids: list[list[int]] | None = None) -> OnnxRuns:
+def onnx_generation(decoder: OnnxDecoder, vocab_size: int, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = CHECK_PROMPT_LEN, prompt_ids: list[list[int]] | None = None) -> OnnxRuns:
     """The ONNX decoder's greedy runs on the check's prompts: after it the session is no longer
     needed (a caller may free it before transformers reads the weights)."""
     if new_tokens < 1:
@@ -453,7 +465,7 @@ def onnx_generation(decoder: OnnxDecoder, vocab_size: int, new_tokens: int, seed
     return OnnxRuns(chosen, decoder.greedy_batch(chosen, new_tokens))
 
 
-def check_generation(module, decoder: OnnxDecoder, dtype: str, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = 7, atol=None, rtol=None, prompt_ids: list[list[int]] | None = None) -> GenerationReport:
+def check_generation(module, decoder: OnnxDecoder, dtype: str, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = CHECK_PROMPT_LEN, atol=None, rtol=None, prompt_ids: list[list[int]] | None = None) -> GenerationReport:
     """Per-step logits (enforced) and greedy tokens up to EOS, ONNX vs transformers.
     ``prompt_ids``: these prompts instead of random ones."""
     vocab = module.config.get_text_config(decoder=True).vocab_size

@@ -106,10 +106,11 @@ def _check_folder_generation(path: Path, out: Path, load, opts, gen_tokens: int)
     import torch
 
     from normexport.hf.folder import load_folder
-    from normexport.hf.generation import OnnxDecoder, check_generation
+    from normexport.hf.generation import OnnxDecoder, check_generation, context_length, require_check_window
     from normexport.quantize import quantized_kind
 
     decoder = OnnxDecoder(written_folder(out), threads=opts.threads, backend=opts.record)
+    require_check_window(context_length(out), gen_tokens, f"this decoder's context is too short for the check's {gen_tokens} tokens; convert it with --gen-tokens that fit (its own check ran then)")
     kind = quantized_kind(Path(out) / "model.onnx")
     if kind is None and opts.quant_thresholds.given():
         raise NormexportError(f"{', '.join(opts.quant_thresholds.given())} bound the quantized check, but {out} is not quantized", "drop the option (an fp32 decoder is checked token for token)")
