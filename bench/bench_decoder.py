@@ -11,7 +11,8 @@ against onnxruntime-genai's model builder, same threads, interleaved rounds:
 
 ``--shape`` picks the model: ``llama`` (hidden 256, 4 layers, vocabulary 32000) or ``qwen2-0.5b``
 (Qwen2-0.5B's shapes: hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, vocabulary
-151936; untied embeddings here, so that both tools store the same matrices). Random weights
+151936). Embeddings are untied unless ``--tied`` (Qwen2-0.5B itself ties them: both tools then
+store the table once, in int4 for int4, read by the LM head and the embedding). Random weights
 from the config with a word-level tokenizer (the builder needs one); nothing is downloaded.
 Rounds interleave the variants; the table gives medians over rounds of wall time, the CPU time
 per generated token (process time over the whole run / new tokens), the model files' size, and
@@ -21,7 +22,7 @@ With ``--all`` the older variants (unfused, norms without attention fusion) are 
 ``--packed-mlp`` those with the gate/up MatMuls packed into one (onnxruntime's fusion passes,
 ``--attention-fusion``).
 
-    python bench/bench_decoder.py [--shape llama|qwen2-0.5b] [--prompt 64 --new 32 --threads 1 --rounds 7] [--folded] [--packed-mlp]
+    python bench/bench_decoder.py [--shape llama|qwen2-0.5b] [--prompt 64 --new 32 --threads 1 --rounds 7] [--folded] [--packed-mlp] [--tied]
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def save_folder(folder: Path, shape: dict, a) -> None:
     cfg = getattr(transformers, f"{shape['cls']}Config")(
         vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["mlp"], num_hidden_layers=shape["layers"],
         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"],
-        max_position_embeddings=max(512, 2 * (a.prompt + a.new)), pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        max_position_embeddings=max(512, 2 * (a.prompt + a.new)), pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=a.tied,
     )
     torch.manual_seed(0)
     getattr(transformers, f"{shape['cls']}ForCausalLM")(cfg).save_pretrained(folder, safe_serialization=True)
@@ -164,6 +165,7 @@ def main() -> None:
     p.add_argument("--all", action="store_true", help="also the unfused export and the norms-only folder")
     p.add_argument("--folded", action="store_true", help="also normexport's folders with the residual Adds folded into the norms (--residual-fusion on)")
     p.add_argument("--packed-mlp", action="store_true", help="also normexport's folders with the gate/up MatMuls packed (onnxruntime's fusion passes, --attention-fusion)")
+    p.add_argument("--tied", action="store_true", help="tie the LM head to the embedding table (tie_word_embeddings, as Qwen2-0.5B does)")
     p.add_argument("--precisions", default="fp32,int4", help="which of normexport's and the builder's folders to time (fp32 is built anyway: int4 is made from it)")
     a = p.parse_args()
 
@@ -216,7 +218,7 @@ def main() -> None:
             for name, fn in variants.items():
                 runs[name].append(fn())
         print(f"\n{machine_line(a.threads)}")
-        print(f"{a.shape}: {shape}; fp32 source; prompt {a.prompt} tokens, {a.new} new tokens, batch 1; median (min) of {a.rounds} rounds\n")
+        print(f"{a.shape}: {shape}{', tied embeddings' if a.tied else ''}; fp32 source; prompt {a.prompt} tokens, {a.new} new tokens, batch 1; median (min) of {a.rounds} rounds\n")
         print("| variant | prefill ms | decode ms/token | CPU ms/token (whole run) | model MB | greedy tokens = transformers |")
         print("|---|---:|---:|---:|---:|---|")
         for name, rs in runs.items():

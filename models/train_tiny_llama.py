@@ -4,9 +4,12 @@ The text is the Zen of Python (the ``this`` module, in every Python), one aphori
 end-of-sequence token after each. A byte-level BPE tokenizer is trained on the same text with the
 ``tokenizers`` library (offline). The model (LlamaForCausalLM, hidden 64, 2 layers, GQA 4/2 heads)
 trains until it reproduces every line from its first tokens and ends it with EOS: peaked
-distributions and a real EOS, which random configs never show.
+distributions and a real EOS, which random configs never show. With ``--tied`` the LM head and
+the embedding share one table (``tie_word_embeddings``, as Qwen2-0.5B, Llama 3.2 1B and Gemma
+do).
 
-    python models/train_tiny_llama.py [OUTDIR]     # default: models/tiny-trained-llama
+    python models/train_tiny_llama.py [--tied] [OUTDIR]
+    # default OUTDIR: models/tiny-trained-llama (models/tiny-trained-llama-tied with --tied)
 
 Deterministic: seed 0, one thread; the result is saved with save_pretrained (safetensors,
 config.json, generation_config.json with eos_token_id, tokenizer files).
@@ -26,6 +29,7 @@ SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
 PAD, BOS, EOS = 0, 1, 2
 STEPS = 1500
 DEFAULT_OUT = Path(__file__).resolve().parent / "tiny-trained-llama"
+TIED_OUT = Path(__file__).resolve().parent / "tiny-trained-llama-tied"
 
 
 def zen_lines() -> list[str]:
@@ -52,12 +56,12 @@ def build_tokenizer(lines: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def build_model(vocab_size: int):
+def build_model(vocab_size: int, tied: bool = False):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=tied,
         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
     )
     model = LlamaForCausalLM(config)
@@ -88,12 +92,12 @@ def recites(model, tokenizer, lines: list[str], prefix_tokens: int = 3) -> float
     return ok / len(lines)
 
 
-def main(out: Path = DEFAULT_OUT) -> None:
+def main(out: Path = DEFAULT_OUT, tied: bool = False) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
     lines = zen_lines()
     tokenizer = build_tokenizer(lines)
-    model = build_model(len(tokenizer))
+    model = build_model(len(tokenizer), tied)
     ids, labels = batch(tokenizer, lines)
     mask = (ids != PAD).long()
     mask[:, 0] = 1
@@ -117,11 +121,14 @@ def main(out: Path = DEFAULT_OUT) -> None:
     tokenizer.save_pretrained(out)
     (out / "TRAINING.txt").write_text(
         f"Trained by models/train_tiny_llama.py: {len(lines)} lines of the Zen of Python (the `this` module), EOS after each,\n"
-        f"byte-level BPE vocabulary {len(tokenizer)}, {STEPS} AdamW steps, seed {SEED}, one CPU thread; final loss {loss.item():.4f};\n"
+        f"byte-level BPE vocabulary {len(tokenizer)}, {'tied word embeddings, ' if tied else ''}{STEPS} AdamW steps, seed {SEED}, one CPU thread; final loss {loss.item():.4f};\n"
         f"lines recited exactly (greedy, EOS included) from BOS + 3 tokens: {share:.0%}.\n"
     )
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)
+    args = sys.argv[1:]
+    tied = "--tied" in args
+    rest = [a for a in args if a != "--tied"]
+    main(Path(rest[0]) if rest else TIED_OUT if tied else DEFAULT_OUT, tied)

@@ -176,7 +176,7 @@ def quantize_options(fn):
     def merged(*args, quantize, quant_block_size, quant_accuracy_level, quantize_lm_head, quantize_embeddings, **kw):
         given = [flag for flag, value, default in (
             ("--quant-block-size", quant_block_size, DEFAULT_BLOCK_SIZE), ("--quant-accuracy-level", quant_accuracy_level, DEFAULT_ACCURACY_LEVEL),
-            ("--quantize-lm-head/--no-quantize-lm-head", quantize_lm_head, True), ("--quantize-embeddings", quantize_embeddings, False),
+            ("--quantize-lm-head/--no-quantize-lm-head", quantize_lm_head, True), ("--quantize-embeddings/--no-quantize-embeddings", quantize_embeddings, None),
         ) if value != default]
         thresholds = kw.get("thresholds")
         if thresholds is not None:
@@ -191,7 +191,7 @@ def quantize_options(fn):
         click.option("--quant-block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), callback=lambda c, p, v: int(v), default=str(DEFAULT_BLOCK_SIZE), show_default=True, help="Weights per quantization block (along K), each with its own scale."),
         click.option("--quant-accuracy-level", type=click.IntRange(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS)), default=DEFAULT_ACCURACY_LEVEL, show_default=True, help="MatMulNBits' compute type for the activations: 4 int8 (fastest on CPU), 3 bf16, 2 fp16, 1 fp32, 0 the op's default."),
         click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True, help="Quantize the MatMul that makes the logits."),
-        click.option("--quantize-embeddings", is_flag=True, help="Quantize the embedding table too (onnxruntime's GatherBlockQuantized, int4 only)."),
+        click.option("--quantize-embeddings/--no-quantize-embeddings", default=None, help="Quantize the embedding table too (onnxruntime's GatherBlockQuantized, int4 only). Default: only where the LM head shares the table (tied word embeddings) and is quantized to int4; the Gather then reads the head's int4 blocks, so the table is stored once."),
     ]):
         merged = deco(merged)
     return merged

@@ -324,6 +324,11 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
     if attention:
         _fuse_attention(exp.model, report, progress, opts.fuse.target, fold)
         _check_loads(exp.model, fusion)
+    if opts.fuse.record.onnxruntime_ops:
+        from normexport.hf.ort_attention import fuse_transposed_weights
+
+        if fuse_transposed_weights(exp.model):
+            report.notes.append("the LM head reads the embedding table it shares transposed: onnxruntime's FusedMatMul (transB=1) instead of Transpose + MatMul, which onnxruntime would fold into a transposed copy at load")
     save_onnx(exp.model, dst)
     report.step("fuse", t)
     return exp.model

@@ -1,4 +1,5 @@
-"""Attention and rotary fusions for onnxruntime on the KV-cache decoder (``--target ort``).
+"""onnxruntime's own forms on the KV-cache decoder (``--target ort``): attention and rotary
+fusions, and weights read transposed.
 
 After normexport's RMSNorm fusion, transformers' ONNX exporter pipeline for onnxruntime's CPU
 provider (``transformers.exporters.onnxruntime_fusions.fuse_for_onnxruntime``, built on
@@ -104,3 +105,36 @@ def quiet_passes():
 def fused_norms(counts: dict[str, int]) -> int:
     return sum(counts.get(op, 0) for op in NORM_OPS)
 
+
+
+def _transposed_weight_rule():
+    from onnxscript.rewriter import pattern as orp
+    from onnxscript.rewriter.ort_fusions.fused_matmul_rule_sets import TransposeMatMul2
+
+    class TransposedWeightMatMul(TransposeMatMul2):
+        """onnxscript's MatMul(x, Transpose(y)) -> FusedMatMul(x, y, transB=1), where y is a
+        2-D initializer."""
+
+        def check(self, context, x, y, transposed, **kw) -> orp.MatchResult:
+            if not y.is_initializer() or y.const_value is None or len(y.const_value.shape) != 2:
+                return orp.MatchResult().fail("not a 2-D initializer")
+            return super().check(context, x, y, transposed, **kw)
+
+    return TransposedWeightMatMul.rule()
+
+
+def fuse_transposed_weights(model: ir.Model) -> int:
+    """MatMul(x, Transpose(W)) with W a 2-D initializer, in place, as onnxruntime's
+    FusedMatMul(x, W, transB=1); the number rewritten. torch.onnx folds the Transpose of a
+    weight only one node reads; a weight shared with another op (a tied LM head, whose table
+    the embedding Gather reads) keeps it, and onnxruntime then folds a transposed copy at
+    load and packs that copy (seconds for a large vocabulary). FusedMatMul packs W directly.
+    The product is the same."""
+    from onnxscript.rewriter import rewrite
+
+    before = op_counts(model, ORT_DOMAIN).get("FusedMatMul", 0)
+    with quiet_passes():
+        rewrite(model, pattern_rewrite_rules=[_transposed_weight_rule()])
+    if ORT_DOMAIN not in model.opset_imports and any(n.domain == ORT_DOMAIN for n in model.graph):
+        model.opset_imports[ORT_DOMAIN] = 1
+    return op_counts(model, ORT_DOMAIN).get("FusedMatMul", 0) - before

@@ -1,0 +1,230 @@
+"""Tied word embeddings (one table read by the embedding Gather and, transposed, by the LM
+head): the fp32 decoder reads the table through onnxruntime's FusedMatMul (transB) instead of
+a Transpose onnxruntime would fold into a copy at load, and int4 stores the table once, as the
+LM head's MatMulNBits blocks that a GatherBlockQuantized also reads (onnxruntime-genai's
+builder's layout). Measured against float64 numpy on hand-built graphs and against
+transformers on the trained tied checkpoint (models/tiny-trained-llama-tied)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from cli_helper import invoke  # noqa: E402
+from hf_folders import genai_generate  # noqa: E402
+
+from normexport.hf.generation import OnnxDecoder, random_prompts  # noqa: E402
+from normexport.quant_check import DEFAULT_THRESHOLDS  # noqa: E402
+
+TIED = Path(__file__).resolve().parents[1] / "models" / "tiny-trained-llama-tied"
+GEN_TOKENS = 16
+
+
+def tied_graph(vocab: int, hidden: int, head: str, seed: int = 0):
+    """ids -> Gather(W) -> "emb" (an output too) -> SimplifiedLayerNormalization -> the LM head
+    by W transposed -> "logits". ``head``: "transpose" (MatMul(n, Transpose(W)), torch.onnx's
+    form) or "fused" (the same after fuse_transposed_weights). Returns (model, W, g)."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from normexport.hf.ort_attention import fuse_transposed_weights
+
+    rng = np.random.default_rng(seed)
+    w = (rng.normal(size=(vocab, hidden)) * 0.05).astype(np.float32)
+    g = (1 + 0.2 * rng.normal(size=hidden)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["W", "input_ids"], ["emb"], name="embed"),
+         helper.make_node("SimplifiedLayerNormalization", ["emb", "g"], ["n"], axis=-1, epsilon=1e-5),
+         helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+         helper.make_node("MatMul", ["n", "Wt"], ["logits"], name="lm_head")],
+        "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab]), helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["b", "s", hidden])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(g, "g")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    if head == "fused":
+        assert fuse_transposed_weights(model) == 1
+    return model, w, g
+
+
+def run(model, ids: np.ndarray) -> dict[str, np.ndarray]:
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": ids})))
+
+
+def dequantized_rows(model, head_output: str = "logits") -> np.ndarray:
+    """The LM head's MatMulNBits weight back in float64 as [N, K] (the table's layout):
+    symmetric int4, two values a byte (low nibble first), (q - 8) x scale per block."""
+    node = next(n for n in model.graph if n.outputs[0].name == head_output)
+    assert node.op_type == "MatMulNBits"
+    attrs = {k: v.value for k, v in node.attributes.items()}
+    k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+    packed = node.inputs[1].const_value.numpy().reshape(n, -1)
+    scales = node.inputs[2].const_value.numpy().astype(np.float64).reshape(n, -1)
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float64) - 8
+    return (q.reshape(n, -1, block) * scales[:, :, None]).reshape(n, -1)[:, :k]
+
+
+@pytest.mark.parametrize("hidden", [64, 48], ids=["whole-blocks", "padded-rows"])
+@pytest.mark.parametrize("head", ["transpose", "fused"])
+def test_int4_stores_the_tied_table_once(head, hidden):
+    """The embedding Gather reads the LM head's int4 blocks: its rows equal the head's
+    dequantized weight exactly, lie within one scale of the fp32 table, and the fp32 table is
+    gone; the logits match float64 numpy within int4's error."""
+    import onnx_ir as ir
+
+    from normexport.quantize import QuantizeOptions, quantize_model
+
+    vocab = 300
+    model, w, g = tied_graph(vocab, hidden, head)
+    quantized, report = quantize_model(model, QuantizeOptions("int4"))
+    assert report.shared_table == "W" and report.embeddings is True
+    assert report.quantized == {"MatMulNBits": 1, "GatherBlockQuantized": 1}
+    assert "W" not in quantized.graph.initializers
+    assert not [v.name for v in quantized.graph.initializers.values() if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT and v.const_value.size >= vocab * hidden]
+    rows = dequantized_rows(quantized)
+    ids = np.random.default_rng(11).integers(0, vocab, size=(3, 17))
+    out = run(quantized, ids)
+    assert out["emb"].shape == (3, 17, hidden)
+    np.testing.assert_allclose(out["emb"], rows[ids], rtol=0, atol=1e-7)
+    scale = np.abs(w).max() / 7
+    assert 0 < np.abs(out["emb"] - w[ids]).max() <= scale  # quantized, within a block's step
+    n = w[ids].astype(np.float64)
+    n = n / np.sqrt((n**2).mean(-1, keepdims=True) + 1e-5) * g
+    ref = n @ w.astype(np.float64).T
+    cos = (ref * out["logits"]).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(out["logits"], axis=-1)
+    assert cos.min() > 0.98
+
+
+@pytest.mark.parametrize("embeddings, lm_head, ops, table_kept", [
+    (False, True, {"MatMulNBits": 1}, True),
+    (None, False, {}, True),
+    (True, False, {"GatherBlockQuantized": 1}, True),
+], ids=["no-quantize-embeddings", "no-quantize-lm-head", "embeddings-without-head"])
+def test_tied_table_options(embeddings, lm_head, ops, table_kept):
+    """--no-quantize-embeddings keeps the Gather on the fp32 table (the head alone in int4);
+    --no-quantize-lm-head keeps both in fp32 by default; the embeddings alone get blocks of
+    their own. The embedding output always matches the table within int4's step."""
+    from normexport.quantize import QuantizeOptions, quantize_model
+
+    model, w, _ = tied_graph(256, 64, "fused")
+    quantized, report = quantize_model(model, QuantizeOptions("int4", lm_head=lm_head, embeddings=embeddings))
+    assert report.quantized == ops and report.shared_table == ""
+    assert ("W" in quantized.graph.initializers) is table_kept
+    ids = np.random.default_rng(3).integers(0, 256, size=(2, 9))
+    emb = run(quantized, ids)["emb"]
+    assert np.abs(emb - w[ids]).max() <= (np.abs(w).max() / 7 if "GatherBlockQuantized" in ops else 0)
+
+
+def test_fused_transposed_weight_computes_the_same():
+    """fuse_transposed_weights: MatMul(x, Transpose(W)) with W a shared 2-D initializer becomes
+    FusedMatMul(x, W, transB=1) with the same outputs; a Transpose of an activation is left."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from normexport.hf.ort_attention import fuse_transposed_weights
+
+    model, w, _ = tied_graph(200, 32, "transpose")
+    ids = np.random.default_rng(5).integers(0, 200, size=(2, 7))
+    before = run(model, ids)
+    assert fuse_transposed_weights(model) == 1
+    ops = [(n.op_type, n.domain) for n in model.graph]
+    assert ("FusedMatMul", "com.microsoft") in ops and ("Transpose", "") not in ops
+    after = run(model, ids)
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-5, atol=1e-6)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["y"], ["yt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "yt"], ["z"])],
+        "act", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]), helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])], [numpy_helper.from_array(np.ones((1,), np.float32), "unused")],
+    )
+    activation = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    assert fuse_transposed_weights(activation) == 0
+
+
+@pytest.fixture(scope="module")
+def torch_tied():
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(TIED), local_files_only=True, dtype=torch.float32).eval()
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@pytest.fixture(scope="module")
+def tied_int4(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tied-int4")
+    out, rep = tmp / "out", tmp / "report.json"
+    result = invoke("convert", TIED, "-o", out, "--quantize", "int4", "--gen-tokens", GEN_TOKENS, "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    return out, json.loads(rep.read_text())
+
+
+def test_trained_tied_checkpoint_int4(tied_int4, torch_tied):
+    """convert --quantize int4 on the trained tied checkpoint: the fp32 graph (FusedMatMul head)
+    passed token for token, the quantized check passed, the embedding reads the head's blocks
+    (its rows within one int4 step of PyTorch's table), and the file is smaller than with
+    --no-quantize-embeddings."""
+    import onnx_ir as ir
+
+    out, report = tied_int4
+    assert report["generation"]["passed"] and report["quantized_accuracy"]["passed"]
+    assert report["quantization"]["shared_table"] and report["quantization"]["quantized"]["GatherBlockQuantized"] == 1
+    assert any("FusedMatMul" in n for n in report["notes"])
+    model = ir.load(str(out / "model.onnx"))
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph if n.outputs[0].name == "logits")
+    assert head.op_type == "MatMulNBits" and gather.inputs[0].producer().inputs[0] is head.inputs[1]
+    table = torch_tied.model.embed_tokens.weight.detach().double().numpy()
+    rows = dequantized_rows(model)
+    assert rows.shape == table.shape and 0 < np.abs(rows - table).max() <= np.abs(table).max() / 7
+    assert not any(v.const_value is not None and tuple(v.const_value.shape) == table.shape and v.const_value.dtype == ir.DataType.FLOAT
+                   for v in model.graph.initializers.values())
+
+
+def test_tied_int4_decodes_on_onnxruntime_genai(tied_int4):
+    """onnxruntime-genai runs the folder (GatherBlockQuantized over the head's blocks) and
+    decodes normexport's own onnxruntime loop's tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    out, _ = tied_int4
+    config = json.loads((TIED / "config.json").read_text())
+    model, decoder = og.Model(str(out)), OnnxDecoder(out)
+    for prompt in random_prompts(config["vocab_size"], 2, 5, seed=31):
+        tokens = genai_generate(model, prompt, GEN_TOKENS)
+        ours = decoder.generate(prompt, GEN_TOKENS)[0]
+        assert tokens == ours[: len(tokens)] and (len(tokens) == GEN_TOKENS or tokens[-1] == config["eos_token_id"]), (tokens, ours)
+
+
+def test_broken_shared_head_fails_the_check(tied_int4, torch_tied, tmp_path):
+    """The shared blocks' scales x4 (the LM head and the embedding at once) fail the check."""
+    from normexport.quant_check import check_quantized_decoder
+
+    out, _ = tied_int4
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    model = onnx.load(str(broken / "model.onnx"))
+    head = next(n for n in model.graph.node if n.output[0] == "logits")
+    init = next(i for i in model.graph.initializer if i.name == head.input[2])
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 4.0, init.name))
+    onnx.save(model, str(broken / "model.onnx"))
+    result = check_quantized_decoder(torch_tied, OnnxDecoder(broken), GEN_TOKENS, 0, DEFAULT_THRESHOLDS["int4"])
+    assert not result.passed, result.summary
+
+
+def test_no_quantize_embeddings_keeps_the_fp32_table(tmp_path):
+    out = tmp_path / "out"
+    result = invoke("convert", TIED, "-o", out, "--quantize", "int4", "--no-quantize-embeddings", "--gen-tokens", 8, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output + result.stderr
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert "GatherBlockQuantized" not in ops and "Gather" in ops
+    report = json.loads((tmp_path / "r.json").read_text())["quantization"]
+    assert report["shared_table"] is None and report["embeddings"] is False
