@@ -139,29 +139,37 @@ def quantized_kind(path) -> str | None:
 
 def lm_head_node(model: ir.Model) -> ir.Node | None:
     """The MatMul (or onnxruntime's FusedMatMul) that makes the ``logits`` output (a model
-    file's outputs, where none is named so), found through shape-only ops; None where no
-    output comes from one."""
+    file's outputs, where none is named so), found through shape-only ops and a final logit
+    soft-capping (Div or Mul by a constant, Tanh); None where no output comes from one."""
     outputs = sorted(model.graph.outputs, key=lambda v: v.name != "logits")
     for value in outputs:
         while value is not None and value.producer() is not None:
             node = value.producer()
             if (node.op_type, node.domain) in (("MatMul", ""), ("FusedMatMul", "com.microsoft")):
                 return node
-            if node.op_type not in ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze") or not node.inputs:
+            if node.domain or not node.inputs:
                 break
-            value = node.inputs[0]
+            if node.op_type in ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Tanh"):
+                value = node.inputs[0]
+            elif node.op_type in ("Mul", "Div") and len(node.inputs) == 2 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+                value = node.inputs[0]
+            elif node.op_type == "Mul" and len(node.inputs) == 2 and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+                value = node.inputs[1]
+            else:
+                break
     return None
 
 
 def transposed_weight(node: ir.Node) -> ir.Value | None:
     """The 2-D initializer W of ``node`` = MatMul(x, Transpose(W)) or FusedMatMul(x, W,
-    transB=1) (no other flag, alpha 1); None for any other form."""
+    transB=1) (any alpha, no other flag); None for any other form."""
     if len(node.inputs) != 2 or node.inputs[1] is None:
         return None
     weight = node.inputs[1]
     if node.op_type == "FusedMatMul":
         attrs = {k: v.value for k, v in node.attributes.items()}
-        if attrs.pop("transB", 0) != 1 or attrs.pop("alpha", 1.0) != 1.0 or any(attrs.values()):
+        attrs.pop("alpha", None)
+        if attrs.pop("transB", 0) != 1 or any(attrs.values()):
             return None
     elif node.op_type == "MatMul" and weight.producer() is not None and weight.producer().op_type == "Transpose" and not weight.producer().domain:
         transpose = weight.producer()
@@ -179,8 +187,8 @@ def transposed_weight(node: ir.Node) -> ir.Value | None:
 def untie_head(model: ir.Model, head: ir.Node) -> ir.Node:
     """``head`` as MatMul(x, Wt) with Wt a new initializer holding W transposed, where it
     multiplies by a transposed initializer W (``transposed_weight``): the quantizer reads only
-    a MatMul's constant [K, N] weight. The node that makes the head's output now (the same
-    name); W stays for its other readers."""
+    a MatMul's constant [K, N] weight. A FusedMatMul's alpha (a folded logit scale) becomes a
+    Mul after it. The MatMul now (named as ``head`` was); W stays for its other readers."""
     import onnx_ir as ir
 
     weight = transposed_weight(head)
@@ -196,7 +204,14 @@ def untie_head(model: ir.Model, head: ir.Node) -> ir.Node:
             model.graph.remove(transpose, safe=True)
         return head
     matmul = ir.node("MatMul", [head.inputs[0], value], name=head.name)
-    ir.convenience.replace_nodes_and_values(model.graph, head, [head], [matmul], head.outputs, matmul.outputs)
+    new = [matmul]
+    alpha = head.attributes.get_float("alpha", 1.0)
+    if alpha != 1.0:
+        matmul.outputs[0].name = f"{head.name}_product"
+        scale = ir.val(f"{head.name}_alpha", const_value=ir.tensor(np.array(alpha, dtype=table.dtype), name=f"{head.name}_alpha"))
+        model.graph.register_initializer(scale)
+        new.append(ir.node("Mul", [matmul.outputs[0], scale], name=f"{head.name}_alpha"))
+    ir.convenience.replace_nodes_and_values(model.graph, head, [head], new, head.outputs, new[-1].outputs)
     return matmul
 
 
@@ -290,12 +305,12 @@ def quantize_model(model: ir.Model, opts: QuantizeOptions) -> tuple[ir.Model, Qu
     table = transposed_weight(head) if head is not None else None
     embeddings = embedding_nodes(model)
     tied = [n for n in embeddings if table is not None and n.inputs[0] is table]
-    head_output = head.outputs[0].name if head is not None else ""
     if head is not None and not opts.lm_head:
         exclude.append(head.name)
         report.kept.append((head.name, "LM head (--no-quantize-lm-head)"))
     elif head is not None:
         head = untie_head(model, head)
+    head_output = head.outputs[0].name if head is not None else ""
     share = bool(tied) and opts.lm_head and opts.kind == "int4" and opts.embeddings is not False
     own = [n for n in embeddings if not (share and n in tied)]  # Gathers the quantizer gives blocks of their own
     gathers = bool(opts.embeddings) and bool(own)
@@ -306,7 +321,9 @@ def quantize_model(model: ir.Model, opts: QuantizeOptions) -> tuple[ir.Model, Qu
     for node in model.graph:
         if node.name in exclude:
             continue
-        if node.op_type == "MatMul" and not node.domain and (len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None):
+        if node.op_type not in ("MatMul", "FusedMatMul"):
+            continue
+        if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
             report.kept.append((node.name, "activation x activation (no constant weight)"))
         elif node.op_type == "FusedMatMul":
             report.kept.append((node.name, "onnxruntime's FusedMatMul (the quantizer takes MatMul only)"))

@@ -28,10 +28,15 @@ TIED = Path(__file__).resolve().parents[1] / "models" / "tiny-trained-llama-tied
 GEN_TOKENS = 16
 
 
+SOFTCAP = 30.0
+
+
 def tied_graph(vocab: int, hidden: int, head: str, seed: int = 0):
     """ids -> Gather(W) -> "emb" (an output too) -> SimplifiedLayerNormalization -> the LM head
     by W transposed -> "logits". ``head``: "transpose" (MatMul(n, Transpose(W)), torch.onnx's
-    form) or "fused" (the same after fuse_transposed_weights). Returns (model, W, g)."""
+    form), "fused" (the same after fuse_transposed_weights) or "softcap" (Gemma 2's final logit
+    soft-capping as onnxruntime's fusions leave it: FusedMatMul with alpha 1/30, Tanh, Mul by
+    30). Returns (model, W, g)."""
     import onnx_ir as ir
     from onnx import TensorProto, helper, numpy_helper
 
@@ -40,16 +45,20 @@ def tied_graph(vocab: int, hidden: int, head: str, seed: int = 0):
     rng = np.random.default_rng(seed)
     w = (rng.normal(size=(vocab, hidden)) * 0.05).astype(np.float32)
     g = (1 + 0.2 * rng.normal(size=hidden)).astype(np.float32)
+    if head == "softcap":
+        tail = [helper.make_node("FusedMatMul", ["n", "W"], ["capped"], domain="com.microsoft", transB=1, alpha=1 / SOFTCAP, name="lm_head"),
+                helper.make_node("Tanh", ["capped"], ["tanh"]), helper.make_node("Mul", ["tanh", "cap"], ["logits"])]
+    else:
+        tail = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["n", "Wt"], ["logits"], name="lm_head")]
     graph = helper.make_graph(
         [helper.make_node("Gather", ["W", "input_ids"], ["emb"], name="embed"),
-         helper.make_node("SimplifiedLayerNormalization", ["emb", "g"], ["n"], axis=-1, epsilon=1e-5),
-         helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
-         helper.make_node("MatMul", ["n", "Wt"], ["logits"], name="lm_head")],
+         helper.make_node("SimplifiedLayerNormalization", ["emb", "g"], ["n"], axis=-1, epsilon=1e-5), *tail],
         "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab]), helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["b", "s", hidden])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(g, "g")],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(g, "g"), numpy_helper.from_array(np.array(SOFTCAP, np.float32), "cap")],
     )
-    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    opsets = [helper.make_opsetid("", 20)] + ([helper.make_opsetid("com.microsoft", 1)] if head == "softcap" else [])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=opsets))
     if head == "fused":
         assert fuse_transposed_weights(model) == 1
     return model, w, g
@@ -77,7 +86,7 @@ def dequantized_rows(model, head_output: str = "logits") -> np.ndarray:
 
 
 @pytest.mark.parametrize("hidden", [64, 48], ids=["whole-blocks", "padded-rows"])
-@pytest.mark.parametrize("head", ["transpose", "fused"])
+@pytest.mark.parametrize("head", ["transpose", "fused", "softcap"])
 def test_int4_stores_the_tied_table_once(head, hidden):
     """The embedding Gather reads the LM head's int4 blocks: its rows equal the head's
     dequantized weight exactly, lie within one scale of the fp32 table, and the fp32 table is
@@ -93,7 +102,7 @@ def test_int4_stores_the_tied_table_once(head, hidden):
     assert report.quantized == {"MatMulNBits": 1, "GatherBlockQuantized": 1}
     assert "W" not in quantized.graph.initializers
     assert not [v.name for v in quantized.graph.initializers.values() if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT and v.const_value.size >= vocab * hidden]
-    rows = dequantized_rows(quantized)
+    rows = dequantized_rows(quantized, "lm_head_product" if head == "softcap" else "logits")
     ids = np.random.default_rng(11).integers(0, vocab, size=(3, 17))
     out = run(quantized, ids)
     assert out["emb"].shape == (3, 17, hidden)
@@ -103,6 +112,8 @@ def test_int4_stores_the_tied_table_once(head, hidden):
     n = w[ids].astype(np.float64)
     n = n / np.sqrt((n**2).mean(-1, keepdims=True) + 1e-5) * g
     ref = n @ w.astype(np.float64).T
+    if head == "softcap":
+        ref = np.tanh(ref / SOFTCAP) * SOFTCAP
     cos = (ref * out["logits"]).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(out["logits"], axis=-1)
     assert cos.min() > 0.98
 
