@@ -212,14 +212,11 @@ def compare_quantized(module, runs, thresholds: Thresholds) -> QuantizedAccuracy
     """transformers in fp32 teacher-forced on the quantized decoder's tokens (one forward per
     prompt length, no cache): every step's logits row against the quantized one, and the greedy
     tokens until transformers' argmax first differs from the quantized token."""
-    from normexport.hf.folder import quiet_transformers
-    from normexport.hf.generation import greedy_answers, model_eos_ids, torch_forced_logits
+    from normexport.hf.generation import greedy_answers, model_eos_ids
 
     report = QuantizedAccuracy(thresholds)
     eos = model_eos_ids(module)
-    with quiet_transformers():
-        references = torch_forced_logits(module, runs.prompts, [tokens for tokens, _ in runs.runs])
-    for prompt, (tokens, logits), ref in zip(runs.prompts, runs.runs, references):
+    for prompt, tokens, logits, ref in runs.against(module):
         torch_tokens, onnx_tokens, _ = greedy_answers(ref, tokens, eos)
         report.prompts.append(PromptAccuracy(prompt, torch_tokens, onnx_tokens, compare_rows(ref, logits)))
     steps = len(runs.runs[0][0]) if runs.runs else 0

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from cli_helper import invoke  # noqa: E402
 from hf_folders import genai_generate  # noqa: E402
+from quant_helpers import break_scales, int4_rows  # noqa: E402
 from trained_tiny import trained_llama, trained_model_file  # noqa: E402
 
 from normexport.hf.generation import OnnxDecoder, random_prompts, torch_greedy  # noqa: E402
@@ -57,15 +58,11 @@ def _linear_weights(module) -> list[np.ndarray]:
 
 
 def _dequantize(node: onnx.NodeProto, inits: dict) -> np.ndarray:
-    """MatMulNBits' B back in float: symmetric int4 blocks along K, stored [N, K/block, block/2]
-    with two values per byte (low nibble first), each value (q - 8) * scale."""
+    """MatMulNBits' B back in float as [K, N] (MatMul's layout)."""
     attrs = {a.name: a.i for a in node.attribute}
-    k, n, block, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs["bits"]
-    packed = onnx.numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1)
-    scales = onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(n, -1)
-    assert bits == 4
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float64) - 8
-    return (q.reshape(n, -1, block) * scales[:, :, None]).reshape(n, -1)[:, :k].T
+    assert attrs["bits"] == 4
+    packed, scales = (onnx.numpy_helper.to_array(inits[name]) for name in node.input[1:3])
+    return int4_rows(packed, scales, attrs["N"], attrs["K"], attrs["block_size"]).T
 
 
 def test_weight_matmuls_become_matmulnbits_and_norms_stay(int4, torch_model):
@@ -146,16 +143,6 @@ def test_quantized_check_passes_on_the_trained_model(int4, torch_model):
     assert np.mean(top1) < 1.0 or np.mean(kl) > 0  # int4 is measurably not the fp32 model
 
 
-def _break_scales(src: Path, dst: Path, index: int, factor: float) -> str:
-    shutil.copytree(src, dst)
-    model = onnx.load(str(dst / "model.onnx"))
-    node = [n for n in model.graph.node if n.op_type == "MatMulNBits"][index]
-    init = next(i for i in model.graph.initializer if i.name == node.input[2])
-    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * factor, init.name))
-    onnx.save(model, str(dst / "model.onnx"))
-    return node.name
-
-
 @pytest.mark.parametrize("index", [0, 1, -2, -1], ids=["first-layer-qkv", "first-layer-o-proj", "last-down-proj", "lm-head"])
 def test_quantized_check_fails_on_broken_scales(int4, torch_model, tmp_path, index):
     """One MatMulNBits' scales x4 fails the check on the default thresholds: the first layer's
@@ -165,7 +152,7 @@ def test_quantized_check_fails_on_broken_scales(int4, torch_model, tmp_path, ind
     from normexport.quant_check import check_quantized_decoder
 
     out, report = int4
-    name = _break_scales(out, tmp_path / "broken", index, 4.0)
+    name = break_scales(out, tmp_path / "broken", index, 4.0)
     result = check_quantized_decoder(torch_model, OnnxDecoder(tmp_path / "broken"), GEN_TOKENS, 0, DEFAULT_THRESHOLDS["int4"])
     assert not result.passed, (name, result.summary)
     assert report["quantized_accuracy"]["passed"]  # convert checked the same prompts (seed 0) on the folder as written
@@ -174,7 +161,7 @@ def test_quantized_check_fails_on_broken_scales(int4, torch_model, tmp_path, ind
 def test_validate_fails_a_broken_quantized_folder(int4, trained, tmp_path):
     """validate DIR OUTDIR on a quantized folder runs the quantized check: exit 1 with scales x4."""
     out, _ = int4
-    _break_scales(out, tmp_path / "broken", 0, 4.0)
+    break_scales(out, tmp_path / "broken", 0, 4.0)
     rep = tmp_path / "r.json"
     result = invoke("validate", trained, tmp_path / "broken", "--report", rep)
     assert result.exit_code == 1, result.output + result.stderr

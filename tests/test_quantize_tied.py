@@ -8,7 +8,6 @@ transformers on the trained tied checkpoint (models/tiny-trained-llama-tied)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ torch = pytest.importorskip("torch")
 
 from cli_helper import invoke  # noqa: E402
 from hf_folders import genai_generate  # noqa: E402
+from quant_helpers import break_scales, int4_rows  # noqa: E402
 
 from normexport.hf.generation import OnnxDecoder, random_prompts  # noqa: E402
 from normexport.quant_check import DEFAULT_THRESHOLDS  # noqa: E402
@@ -73,16 +73,12 @@ def run(model, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def dequantized_rows(model, head_output: str = "logits") -> np.ndarray:
-    """The LM head's MatMulNBits weight back in float64 as [N, K] (the table's layout):
-    symmetric int4, two values a byte (low nibble first), (q - 8) x scale per block."""
+    """The LM head's MatMulNBits weight back in float64 as [N, K] (the table's layout)."""
     node = next(n for n in model.graph if n.outputs[0].name == head_output)
     assert node.op_type == "MatMulNBits"
     attrs = {k: v.value for k, v in node.attributes.items()}
-    k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-    packed = node.inputs[1].const_value.numpy().reshape(n, -1)
-    scales = node.inputs[2].const_value.numpy().astype(np.float64).reshape(n, -1)
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float64) - 8
-    return (q.reshape(n, -1, block) * scales[:, :, None]).reshape(n, -1)[:, :k]
+    assert attrs["bits"] == 4
+    return int4_rows(node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy(), attrs["N"], attrs["K"], attrs["block_size"])
 
 
 @pytest.mark.parametrize("hidden", [64, 48], ids=["whole-blocks", "padded-rows"])
@@ -221,12 +217,7 @@ def test_broken_shared_head_fails_the_check(tied_int4, torch_tied, tmp_path):
 
     out, _ = tied_int4
     broken = tmp_path / "broken"
-    shutil.copytree(out, broken)
-    model = onnx.load(str(broken / "model.onnx"))
-    head = next(n for n in model.graph.node if n.output[0] == "logits")
-    init = next(i for i in model.graph.initializer if i.name == head.input[2])
-    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 4.0, init.name))
-    onnx.save(model, str(broken / "model.onnx"))
+    break_scales(out, broken, "logits", 4.0)
     result = check_quantized_decoder(torch_tied, OnnxDecoder(broken), GEN_TOKENS, 0, DEFAULT_THRESHOLDS["int4"])
     assert not result.passed, result.summary
 

@@ -455,6 +455,16 @@ class OnnxRuns:
     prompts: list[list[int]]
     runs: list[tuple[list[int], np.ndarray]]
 
+    def against(self, module):
+        """(prompt, ONNX tokens, ONNX logits, transformers' logits teacher-forced on those
+        tokens) per prompt: transformers reads each prompt and its tokens in one forward."""
+        from normexport.hf.folder import quiet_transformers
+
+        with quiet_transformers():
+            references = torch_forced_logits(module, self.prompts, [tokens for tokens, _ in self.runs])
+        for prompt, (tokens, logits), ref in zip(self.prompts, self.runs, references):
+            yield prompt, tokens, logits, ref
+
 
 def onnx_generation(decoder: OnnxDecoder, vocab_size: int, new_tokens: int, seed: int, prompts: int = 2, prompt_len: int = CHECK_PROMPT_LEN, prompt_ids: list[list[int]] | None = None) -> OnnxRuns:
     """The ONNX decoder's greedy runs on the check's prompts: after it the session is no longer
@@ -487,16 +497,13 @@ def greedy_answers(reference: np.ndarray, tokens: list[int], eos) -> tuple[list[
 def compare_generation(module, onnx: OnnxRuns, dtype: str, new_tokens: int, atol=None, rtol=None) -> GenerationReport:
     """transformers' model, teacher-forced on the ONNX tokens, against the ONNX runs: every
     step's logits within the tolerances, and its argmax equal to the ONNX token up to EOS."""
-    from normexport.hf.folder import quiet_transformers
     from normexport.validate import DEFAULT_TOLERANCES
 
     margin_tol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))[0] * 10 if dtype != "float32" else 0.0
     eos = model_eos_ids(module)
     atol, rtol = logits_tolerances(dtype, atol, rtol)
     report = GenerationReport(dtype, new_tokens, margin_tol, atol, rtol, sorted(eos), ignored_processors(module))
-    with quiet_transformers():
-        references = torch_forced_logits(module, onnx.prompts, [tokens for tokens, _ in onnx.runs])
-    for prompt, (tokens, onnx_logits), ref_logits in zip(onnx.prompts, onnx.runs, references):
+    for prompt, tokens, onnx_logits, ref_logits in onnx.against(module):
         torch_tokens, onnx_tokens, diff = greedy_answers(ref_logits, tokens, eos)
         steps = [compare_step(i, r, g, atol, rtol) for i, (r, g) in enumerate(zip(ref_logits, onnx_logits))]
         result = PromptResult(prompt, torch_tokens, onnx_tokens, steps)
