@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import sys
 import traceback
 from functools import wraps
@@ -197,6 +199,16 @@ def quantize_options(fn):
     return merged
 
 
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange that also refuses nan and inf (a bound of nan would fail every check)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
 def threshold_options(fn):
     """The quantized check's bounds as one ``thresholds`` argument (quant_check.Thresholds;
     a bound not given is None: the quantization kind's default)."""
@@ -209,12 +221,12 @@ def threshold_options(fn):
     def merged(*args, min_top1, min_top5, max_kl, min_cosine, **kw):
         return fn(*args, thresholds=Thresholds(min_top1, min_top5, max_kl, min_cosine), **kw)
 
-    unit = click.FloatRange(0.0, 1.0)
+    unit = FiniteFloat(0.0, 1.0)
     for deco in reversed([
-        click.option("--min-top1", type=unit, help=f"Quantized check: least fraction of positions whose top-1 token equals PyTorch's [default: {by_kind('min_top1')}]."),
-        click.option("--min-top5", type=unit, help=f"Quantized check: least mean overlap of the top-5 tokens with PyTorch's [default: {by_kind('min_top5')}]."),
-        click.option("--max-kl", type=click.FloatRange(0.0), help=f"Quantized check: largest mean KL divergence (nats) from PyTorch's next-token distribution [default: {by_kind('max_kl')}]."),
-        click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), help=f"Quantized check: least cosine similarity of any position's logits with PyTorch's [default: {by_kind('min_cosine')}]."),
+        click.option("--min-top1", type=unit, help=f"Quantized check: least fraction of positions whose top-1 token is PyTorch's, or one PyTorch rates at least half as likely (a near-tie) [default: {by_kind('min_top1')}]."),
+        click.option("--min-top5", type=unit, help=f"Quantized check: least mean share of the top-5 tokens that are in PyTorch's top 5, or that PyTorch rates at least half as likely as its 5th [default: {by_kind('min_top5')}]."),
+        click.option("--max-kl", type=FiniteFloat(0.0), help=f"Quantized check: largest mean KL divergence (nats) from PyTorch's next-token distribution [default: {by_kind('max_kl')}]."),
+        click.option("--min-cosine", type=FiniteFloat(-1.0, 1.0), help=f"Quantized check: least cosine similarity of any position's logits with PyTorch's [default: {by_kind('min_cosine')}]."),
     ]):
         merged = deco(merged)
     return merged

@@ -3,8 +3,12 @@
 Exact equality cannot hold after weight quantization, so the comparison is statistical. Each
 row of logits (one position, one step) is compared with PyTorch's in fp32 by:
 
-- top-1 agreement: both pick the same token (argmax);
-- top-5 overlap: |top5(PyTorch) ∩ top5(quantized)| / 5;
+- top-1 agreement: the quantized model's pick (argmax) is PyTorch's, or a token PyTorch itself
+  rates at least half as likely as its own pick (a near-tie, ``NEAR_TIE`` nats apart in PyTorch's
+  log-probabilities: there PyTorch has no clear decision for the quantization to change); the
+  exact share (same argmax) is reported beside it;
+- top-5 overlap: the share of the quantized top 5 that is in PyTorch's top 5, or that PyTorch
+  rates at least half as likely as its 5th (the exact overlap |top5 ∩ top5| / 5 beside it);
 - KL divergence KL(P_torch || P_quantized) of the softmax distributions, in nats;
 - cosine similarity of the two logit vectors.
 
@@ -25,14 +29,15 @@ import numpy as np
 from normexport.hf.generation import CHECK_PROMPT_LEN
 
 TOP_K = 5
+NEAR_TIE = float(np.log(2.0))  # nats: PyTorch rates the quantized pick at least half as likely as its own
 
 
 @dataclass
 class Thresholds:
     """Pass/fail bounds; a field left None takes the default of the quantization kind."""
 
-    min_top1: float | None = None  # fraction of rows whose argmax agrees
-    min_top5: float | None = None  # mean top-5 overlap
+    min_top1: float | None = None  # fraction of rows whose argmax agrees or is a near-tie in PyTorch
+    min_top5: float | None = None  # mean top-5 overlap, near-ties counted
     max_kl: float | None = None  # mean KL(P_torch || P_quantized), nats
     min_cosine: float | None = None  # worst row's logits cosine
 
@@ -48,25 +53,29 @@ class Thresholds:
         return asdict(self)
 
 
-# Calibrated on a trained tiny Llama (tests/trained_tiny.py: hidden 64, 2 layers; block 32,
-# accuracy level 4). On its decoder, 7 prompt seeds x 16 and 32 steps: int4 top-1 0.89-0.98,
-# top-5 0.86-0.90, mean KL 0.016-0.038 nats, worst cosine 0.92-0.97; int8 top-1 0.95-1.0, top-5
-# 0.98-1.0, mean KL < 0.001, worst cosine 0.998. Model files (10 draws, int4) ranged top-1
-# 0.79-0.98, top-5 0.89-0.93, mean KL 0.08-0.26, worst cosine 0.82-0.99. The bounds sit below
-# those with a margin, and fail a MatMulNBits whose scales are 4x off in the first layer, the
-# last down projection or the LM head (README: what they mean).
+# Calibrated on two trained tiny Llamas (models/tiny-trained-llama and its tied twin: hidden 64,
+# 2 layers; block 32, accuracy level 4), each as a decoder (7 prompt seeds x 16 and 32 steps) and as
+# a model file (10 draws of random 24-token sequences). int4: top-1 0.85-1.0, top-5 0.956-1.0,
+# mean KL 0.009-0.116 nats, worst cosine 0.757-0.979 (the exact top-1 alone reads 0.64-0.98, its
+# flips mostly near-ties on flat rows). int8: top-1 and top-5 1.0, mean KL <= 0.001, worst cosine
+# >= 0.998. One MatMulNBits' scales x4 (the first layer's q/k/v, o_proj or MLP, the last MLP,
+# the LM head) miss them in 284 of 288 such runs; the 4 that pass are the untied model file's first
+# q or k projection (attention scores x4) on 2 of its 10 draws (README: what they mean).
 DEFAULT_THRESHOLDS = {
-    "int4": Thresholds(min_top1=0.70, min_top5=0.80, max_kl=0.40, min_cosine=0.60),
+    "int4": Thresholds(min_top1=0.80, min_top5=0.92, max_kl=0.40, min_cosine=0.60),
     "int8": Thresholds(min_top1=0.90, min_top5=0.90, max_kl=0.05, min_cosine=0.98),
 }
 
 
 @dataclass
 class RowAccuracy:
-    top1: bool
+    top1: bool  # the same argmax, or PyTorch's near-tie of its own
     top5: float
     kl: float
     cosine: float
+    top1_exact: bool = True  # the same argmax
+    top1_gap: float = 0.0  # PyTorch's log-probability of its pick minus that of the quantized pick, nats
+    top5_exact: float = 1.0  # |top5(PyTorch) & top5(quantized)| / 5
 
 
 def compare_rows(ref: np.ndarray, got: np.ndarray) -> list[RowAccuracy]:
@@ -76,13 +85,18 @@ def compare_rows(ref: np.ndarray, got: np.ndarray) -> list[RowAccuracy]:
     k = min(TOP_K, ref.shape[-1])
     ref_top = np.argsort(-ref, axis=-1)[:, :k]
     got_top = np.argsort(-got, axis=-1)[:, :k]
+    rows = np.arange(ref.shape[0])
+    gap = ref[rows, ref_top[:, 0]] - ref[rows, got_top[:, 0]]  # logit gap = log-probability gap
     log_p = ref - _logsumexp(ref)
     log_q = got - _logsumexp(got)
     kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
     norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
     cos = np.sum(ref * got, axis=-1) / np.maximum(norms, 1e-30)
+    # a quantized top-k token PyTorch rates at least half as likely as its own k-th counts as in its top-k
+    in_top = ref[rows[:, None], got_top] >= ref[rows, ref_top[:, -1]][:, None] - NEAR_TIE
     return [
-        RowAccuracy(bool(ref_top[i, 0] == got_top[i, 0]), len(set(ref_top[i]) & set(got_top[i])) / k, float(max(kl[i], 0.0)), float(cos[i]))
+        RowAccuracy(bool(gap[i] <= NEAR_TIE), float(in_top[i].sum()) / k, float(max(kl[i], 0.0)), float(cos[i]),
+                    bool(ref_top[i, 0] == got_top[i, 0]), float(gap[i]), len(set(ref_top[i]) & set(got_top[i])) / k)
         for i in range(ref.shape[0])
     ]
 
@@ -95,12 +109,14 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 @dataclass
 class Summary:
     rows: int
-    top1_agreement: float
+    top1_agreement: float  # the same argmax or a near-tie in PyTorch
     top5_overlap: float
     kl_mean: float
     kl_max: float
     cosine_mean: float
     cosine_min: float
+    top1_exact: float = 0.0  # the same argmax
+    top5_exact: float = 0.0  # the same top-5 members
 
     def to_json(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -108,11 +124,12 @@ class Summary:
 
 def summarize(rows: list[RowAccuracy]) -> Summary:
     if not rows:
-        return Summary(0, 0.0, 0.0, float("inf"), float("inf"), 0.0, 0.0)
+        return Summary(0, 0.0, 0.0, float("inf"), float("inf"), 0.0, 0.0, 0.0, 0.0)
     return Summary(
         len(rows), float(np.mean([r.top1 for r in rows])), float(np.mean([r.top5 for r in rows])),
         float(np.mean([r.kl for r in rows])), float(np.max([r.kl for r in rows])),
-        float(np.mean([r.cosine for r in rows])), float(np.min([r.cosine for r in rows])),
+        float(np.mean([r.cosine for r in rows])), float(np.min([r.cosine for r in rows])), float(np.mean([r.top1_exact for r in rows])),
+        float(np.mean([r.top5_exact for r in rows])),
     )
 
 
@@ -246,8 +263,10 @@ def print_quantized(c, quantization, accuracy) -> None:
     for col in ("measure", "value", "threshold", ""):
         table.add_column(col, justify="left" if col == "measure" else "right")
     for name, value, bound, ok in (
-        ("top-1 agreement", s.top1_agreement, f">= {t.min_top1}", s.top1_agreement >= t.min_top1),
-        ("top-5 overlap (mean)", s.top5_overlap, f">= {t.min_top5}", s.top5_overlap >= t.min_top5),
+        ("top-1 agreement (near-ties count)", s.top1_agreement, f">= {t.min_top1}", s.top1_agreement >= t.min_top1),
+        ("top-1 exact", s.top1_exact, "", True),
+        ("top-5 overlap (mean, near-ties count)", s.top5_overlap, f">= {t.min_top5}", s.top5_overlap >= t.min_top5),
+        ("top-5 exact overlap (mean)", s.top5_exact, "", True),
         ("KL divergence (mean, nats)", s.kl_mean, f"<= {t.max_kl}", s.kl_mean <= t.max_kl),
         ("KL divergence (max)", s.kl_max, "", True),
         ("logits cosine (mean)", s.cosine_mean, "", True),

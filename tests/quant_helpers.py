@@ -31,3 +31,31 @@ def break_scales(src: Path, dst: Path, pick, factor: float) -> str:
     init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * factor, init.name))
     onnx.save(model, str(dst / "model.onnx"))
     return node.name
+
+
+def top1_agreement(ref: np.ndarray, got: np.ndarray) -> float:
+    """The share of rows of logits where PyTorch's softmax gives the quantized argmax at least
+    half the probability of its own (the same token, or a near-tie), in float64."""
+    ref = np.asarray(ref, np.float64).reshape(-1, np.shape(ref)[-1])
+    got = np.asarray(got, np.float64).reshape(ref.shape)
+    p = np.exp(ref - ref.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return float(np.mean(p[np.arange(len(p)), got.argmax(-1)] >= 0.5 * p.max(-1)))
+
+
+def break_quantizer(monkeypatch, pick: int) -> None:
+    """normexport's quantizer, with the scales of the ``pick``-th MatMulNBits (graph order) x4 in
+    what it returns."""
+    import onnx_ir as ir
+
+    import normexport.quantize as quantize
+
+    real = quantize.quantize_model
+
+    def broken(model, opts):
+        q, report = real(model, opts)
+        scales = [n for n in q.graph if n.op_type == "MatMulNBits"][pick].inputs[2]
+        scales.const_value = ir.tensor(scales.const_value.numpy() * 4.0, name=scales.name)
+        return q, report
+
+    monkeypatch.setattr(quantize, "quantize_model", broken)
