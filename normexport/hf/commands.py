@@ -28,7 +28,7 @@ FOLDER_ACTS = {
         "no_validate": "skips the generation check", "no_bench": "nothing is timed (as without it)", "keep_failed": "writes OUTDIR when the check fails",
         "report_path": "the report", "force": "replaces a report normexport did not write", "task": "what is exported", "gen_tokens": "tokens checked per prompt",
         "attention_fusion": "onnxruntime's attention fusions", "trust_remote_code": "the folder's modeling code",
-        "attention": "GroupQueryAttention or the generic attention graph",
+        "attention": "GroupQueryAttention or the generic attention graph", "all_logits": "the decoder's logits: every position",
         "quantize": "the decoder's weight MatMuls quantized after the fusion", "quant_block_size": "the quantizer's block",
         "quant_accuracy_level": "MatMulNBits' accuracy level", "quantize_lm_head": "whether the logits' MatMul is quantized",
         "quantize_embeddings": "whether the embedding table is quantized", "min_top1": "the quantized check's bound",
@@ -81,6 +81,7 @@ def hf_convert_options(fn):
             click.option("--gen-tokens", type=click.IntRange(1, 4096), default=32, show_default=True, help="Hugging Face folders: greedy tokens generated per prompt to check against transformers."),
             click.option("--attention-fusion/--no-attention-fusion", default=None, help="Hugging Face folders: after the norms, fuse rotary embeddings and attention into onnxruntime's ops (RotaryEmbedding, MultiHeadAttention/GroupQueryAttention where faster on CPU) [default: on for --target ort]."),
             click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default="auto", show_default=True, help="Hugging Face folders, --target ort: gqa exports each layer's attention as one onnxruntime GroupQueryAttention (rotary inside, positions from attention_mask; no position_ids input, unpadded or right-padded rows) and refuses a model it does not fit; generic keeps the attention as plain ops (any runtime, left padding, explicit position_ids); auto: gqa where the model fits (Llama, Qwen2, Mistral), else generic with the reason in the report."),
+            click.option("--all-logits", is_flag=True, help="Hugging Face folders, decoders with a KV cache: output the logits of every position ([batch, sequence, vocab]; scoring, perplexity). By default only each row's last token's ([batch, 1, vocab]), all that generation reads: the prefill runs the LM head once per row, not once per prompt token."),
             click.option("--trust-remote-code", is_flag=True, help="Hugging Face folders: allow custom modeling code (auto_map in config.json). It runs Python from the folder."),
         ]
     ):
@@ -95,7 +96,7 @@ def convert_hf(model: Path, opts, hf: dict, report_path: Path | None, progress):
     from normexport.hf.convert import HFOptions, convert_folder
     from normexport.hf.show import print_hf_convert
 
-    hf_opts = HFOptions(task=hf.get("task"), gen_tokens=hf.get("gen_tokens") or 32, trust_remote_code=bool(hf.get("trust_remote_code")), attention_fusion=hf.get("attention_fusion"), attention=hf.get("attention") or "auto")
+    hf_opts = HFOptions(task=hf.get("task"), gen_tokens=hf.get("gen_tokens") or 32, trust_remote_code=bool(hf.get("trust_remote_code")), attention_fusion=hf.get("attention_fusion"), attention=hf.get("attention") or "auto", all_logits=bool(hf.get("all_logits")))
     result = convert_folder(model, opts, hf_opts, progress=progress)
     print_hf_convert(report.console(), result)
     if report_path:
@@ -209,7 +210,7 @@ def bench_hf(model: Path, fused: Path, load, opts, report_path: Path | None, hf:
         report.write_json(result, report_path)
 
 
-_DEFAULTS = {"task": None, "gen_tokens": 32, "attention_fusion": None, "attention": "auto", "trust_remote_code": False, "prompt_len": 64, "new_tokens": 16, "rounds": 5, "others": (), "builder": "none"}
+_DEFAULTS = {"task": None, "gen_tokens": 32, "attention_fusion": None, "attention": "auto", "all_logits": False, "trust_remote_code": False, "prompt_len": 64, "new_tokens": 16, "rounds": 5, "others": (), "builder": "none"}
 
 
 _FLAGS = {"attention_fusion": "--attention-fusion/--no-attention-fusion", "others": "--with"}

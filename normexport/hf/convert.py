@@ -38,6 +38,7 @@ class HFOptions:
     trust_remote_code: bool = False
     attention_fusion: bool | None = None  # None: on for --target ort
     attention: str = "auto"  # one of normexport.hf.ATTENTION_CHOICES
+    all_logits: bool = False  # a decoder with a cache: every position's logits, not each row's last
 
 
 @dataclass
@@ -165,12 +166,16 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
     if hf_opts.attention == "gqa" and not target.onnxruntime_ops:
         runs_with = ", ".join(t.name for t in RECORDS if t.onnxruntime_ops)
         raise NormexportError(f"--attention gqa makes onnxruntime's GroupQueryAttention; it does not apply to --target {target.name}", f"use --target {runs_with}, or --attention generic")
+    if hf_opts.all_logits and hf_opts.task not in (None, "text-generation-with-past"):
+        raise NormexportError(f"--all-logits applies to decoders with a KV cache; --task {hf_opts.task} outputs every position already", "drop --all-logits")
     t = clock()
     progress(f"loading {path} with transformers (local files only)")
     hf = load_folder(path, hf_opts.task, opts.load.dtype, opts.load.trust_pickle, hf_opts.trust_remote_code)
     from normexport.norm_modules import refuse_without_rmsnorm
 
     refuse_without_rmsnorm(hf.module, f"{path} ({hf.architecture})", path)  # before any export
+    if hf_opts.all_logits and hf.task != "text-generation-with-past":
+        raise NormexportError(f"--all-logits applies to decoders with a KV cache; {path} exports as {hf.task}", "drop --all-logits")
     report = HFConvertReport(str(path), opts.fuse.target, str(out), task=hf.task, architecture=hf.architecture, notes=list(hf.notes))
     report.step("load", t)
     if opts.validate and hf.task == "text-generation-with-past":  # before any export: the check would run past the context
@@ -188,7 +193,7 @@ def convert_folder(path, opts, hf_opts: HFOptions | None = None, progress=lambda
         staged = work / "out"
         staged.mkdir()
         fused = work / "fp32" / MODEL_NAME if opts.quantize else staged / MODEL_NAME
-        model = _export_and_fuse(hf, opts, report, fused, progress, attention_wanted(opts, hf_opts, gqa is not None), gqa)
+        model = _export_and_fuse(hf, opts, report, fused, progress, attention_wanted(opts, hf_opts, gqa is not None), gqa, hf_opts.all_logits)
         if not opts.quantize:
             model = None  # written: the memory goes back before the check
         if opts.validate:
@@ -301,16 +306,27 @@ def choose_attention(hf: HFModel, opts, hf_opts: HFOptions, report: HFConvertRep
     return plan
 
 
-def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False, gqa=None):
+def logits_note(model, all_logits: bool) -> str:
+    """What the decoder's logits output holds: each row's last token, or every position."""
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    if logits.shape is not None and len(logits.shape) == 3 and logits.shape[1] == 1:
+        return "logits: each row's last token only ([batch, 1, vocab]: the LM head runs once per row in the prefill, not once per prompt token; --all-logits keeps every position)"
+    why = "--all-logits" if all_logits else "the model has no output embedding to read one row from"
+    return f"logits: every position ([batch, sequence, vocab]; {why})"
+
+
+def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, progress, attention: bool = False, gqa=None, all_logits: bool = False):
     from normexport.fuse import fuse_model, save_onnx
     from normexport.hf.kv_export import count_rmsnorm_modules, export_decoder
     from normexport.fuse.report import require_norms
 
     t = clock()
     progress(f"exporting {hf.architecture} ({hf.task}) with torch.onnx" + (", attention as GroupQueryAttention" if gqa else ""))
-    exp = export_decoder(hf, attention_form=attention and gqa is None, gqa=gqa)
+    exp = export_decoder(hf, attention_form=attention and gqa is None, gqa=gqa, all_logits=all_logits)
     report.inputs, report.output_names = exp.input_names, exp.output_names
     report.step("export", t)
+    if hf.task == "text-generation-with-past":
+        report.notes.append(logits_note(exp.model, all_logits))
     t = clock()
     progress(f"fusing RMSNorm for target {opts.fuse.target}")
     fold, layout = residual_layout(opts.fuse.residual, opts.backend, opts.fuse.record)

@@ -5,7 +5,7 @@ writes):
 
     inputs   input_ids [batch, sequence]  attention_mask [batch, total_sequence]
              past_key_values.{i}.key / .value [batch, kv_heads, past_sequence, head_dim]
-    outputs  logits [batch, sequence, vocab]  present.{i}.key / .value [batch, kv_heads, total_sequence, head_dim]
+    outputs  logits [batch, 1, vocab]  present.{i}.key / .value [batch, kv_heads, total_sequence, head_dim]
 
 There is no ``position_ids`` input: the op applies the rotary embedding itself (``do_rotary``
 with cos/sin caches computed from the model's own rotary module), at the positions that follow
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from normexport.hf.kv_export import KVLayout, cache_kwarg, kv_layout
+from normexport.hf.kv_export import KVLayout, LastTokenLogits, cache_kwarg, kv_layout
 
 ATTENTION_CLASSES = {"LlamaAttention", "Qwen2Attention", "MistralAttention"}  # q/k/v/o Linears, rotate-half rotary, SDPA
 POSITION_ONLY_ROPE = {"default", "linear", "llama3", "yarn"}  # cos/sin depend on the position alone
@@ -45,9 +45,10 @@ class GQAPlan:
     windows: list[int]  # local_window_size per layer (-1: the whole past)
     max_positions: int
 
-    def decoder(self, model: nn.Module) -> "GQADecoder":
-        """The export wrapper of ``model`` with every attention layer one GroupQueryAttention."""
-        return GQADecoder(model, self)
+    def decoder(self, model: nn.Module, all_logits: bool = False) -> "GQADecoder":
+        """The export wrapper of ``model`` with every attention layer one GroupQueryAttention
+        (the logits of each row's last token, or of every position with ``all_logits``)."""
+        return GQADecoder(model, self, all_logits)
 
 
 def gqa_plan(hf) -> tuple[GQAPlan | None, str]:
@@ -119,10 +120,11 @@ class GQADecoder(nn.Module):
     """forward(input_ids, attention_mask, *past) -> (logits, *present), every attention layer
     one GroupQueryAttention (while ``patched()`` is active, i.e. during the export)."""
 
-    def __init__(self, model: nn.Module, plan: GQAPlan):
+    def __init__(self, model: nn.Module, plan: GQAPlan, all_logits: bool = False):
         super().__init__()
         self.model = model
         self.plan = plan
+        self.last = None if all_logits else LastTokenLogits(model)
         self.cache_kwarg = cache_kwarg(model)
         self.attns = [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
         self.qkv_proj = nn.ModuleList(packed_qkv(m) for m in self.attns)
@@ -170,7 +172,8 @@ class GQADecoder(nn.Module):
         self._step = {"past": past, "present": [None] * len(past), "seqlens_k": seqlens_k, "total": total}
         cache = DynamicCache(list(zip(past[0::2], past[1::2])))
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True, **{self.cache_kwarg: cache})
+            with self.last.rows(attention_mask, input_ids.shape[1]) if self.last else contextlib.nullcontext():
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True, **{self.cache_kwarg: cache})
             return (out.logits, *self._step["present"])
         finally:
             self._step = {}

@@ -5,11 +5,18 @@ The contract is the one Optimum and onnxruntime-genai share:
     inputs   input_ids [batch, sequence]  attention_mask [batch, total_sequence]
              position_ids [batch, sequence]
              past_key_values.{i}.key / .value [batch, kv_heads, past_sequence, head_dim]
-    outputs  logits [batch, sequence, vocab]  present.{i}.key / .value [batch, kv_heads, total_sequence, head_dim]
+    outputs  logits [batch, 1, vocab]  present.{i}.key / .value [batch, kv_heads, total_sequence, head_dim]
 
 batch, sequence and past_sequence are dynamic; past_sequence is 0 for the first step. Every
 layer keeps its whole past (sliding-window layers too: the mask, built from the positions,
 hides what lies outside the window), so one graph serves prefill and decode.
+
+The logits are those of each row's last token only (``LastTokenLogits``): the LM head reads one
+position per row, not the whole prompt, which is all a generation step uses (onnxruntime-genai
+reads a logits output of sequence 1 as such). The last token of a row is its last position with
+attention_mask 1 in this step's input, so rows padded on the right (onnxruntime-genai's batches)
+and on the left both give their own. ``all_logits`` keeps every position ([batch, sequence,
+vocab]: scoring, perplexity).
 """
 
 from __future__ import annotations
@@ -67,20 +74,57 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-class DecoderWithPast(nn.Module):
-    """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), the past
-    flat as (key0, value0, key1, value1, ...), rebuilt into a DynamicCache each call."""
+class LastTokenLogits:
+    """While active (``rows(attention_mask, sequence)``), the model's LM head reads only each
+    row's last token: a forward pre-hook on ``get_output_embeddings()`` gathers, from its input
+    [batch, sequence, hidden], the last position whose attention_mask is 1 in this step. What the
+    model does after the head (a logit soft-cap, a scale) applies to that row as it would to all."""
 
     def __init__(self, model: nn.Module):
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.index: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def rows(self, attention_mask: torch.Tensor, sequence: int):
+        if self.head is None:
+            yield
+            return
+        step = attention_mask[:, -sequence:]
+        # the last position with mask 1: the first maximum of the running count (0 where none)
+        last = step.cumsum(1).argmax(dim=1)
+        rows = (last * 0 + 1).cumsum(0) - 1  # 0 .. batch-1, with no Range or Expand in the graph
+        self.index = rows * sequence + last  # into the [batch * sequence, hidden] rows
+        handle = self.head.register_forward_pre_hook(self._gather)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.index = None
+
+    def _gather(self, module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or self.index is None:
+            return None
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index).unsqueeze(1), *args[1:])
+
+
+class DecoderWithPast(nn.Module):
+    """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), the past
+    flat as (key0, value0, key1, value1, ...), rebuilt into a DynamicCache each call; the
+    logits of each row's last token, or of every position with ``all_logits``."""
+
+    def __init__(self, model: nn.Module, all_logits: bool = False):
         super().__init__()
         self.model = model
         self.cache_kwarg = cache_kwarg(model)
+        self.last = None if all_logits else LastTokenLogits(model)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
         cache = DynamicCache(list(zip(past[0::2], past[1::2])))
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, return_dict=True, **{self.cache_kwarg: cache})
+        with self.last.rows(attention_mask, input_ids.shape[1]) if self.last else contextlib.nullcontext():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, return_dict=True, **{self.cache_kwarg: cache})
         present = []
         for layer in output_cache(out).layers:
             present += [layer.keys, layer.values]
@@ -121,11 +165,12 @@ def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: in
     return feed
 
 
-def export_decoder(hf: HFModel, attention_form: bool = False, gqa=None) -> DecoderExport:
+def export_decoder(hf: HFModel, attention_form: bool = False, gqa=None, all_logits: bool = False) -> DecoderExport:
     """torch.onnx (dynamo) export of the task's wrapper; batch, sequence and past dynamic.
     ``attention_form``: SDPA exported the way onnxruntime's attention fusions match it.
     ``gqa`` (a normexport.hf.gqa.GQAPlan): every attention layer one GroupQueryAttention, no
-    position_ids input (normexport.hf.gqa).
+    position_ids input (normexport.hf.gqa). A decoder with a cache outputs the logits of each
+    row's last token unless ``all_logits``.
     The model's initializers are views of the module's parameters (nothing is copied or written):
     keep the module alive until the model is saved."""
     from torch.export import Dim
@@ -135,10 +180,10 @@ def export_decoder(hf: HFModel, attention_form: bool = False, gqa=None) -> Decod
     with_past = hf.task == "text-generation-with-past"
     patch = contextlib.nullcontext()
     if gqa is not None:
-        wrapper, outputs = gqa.decoder(hf.module), ["logits", *layout.present_names]
+        wrapper, outputs = gqa.decoder(hf.module, all_logits), ["logits", *layout.present_names]
         patch = wrapper.patched()
     elif with_past:
-        wrapper, outputs = DecoderWithPast(hf.module), ["logits", *layout.present_names]
+        wrapper, outputs = DecoderWithPast(hf.module, all_logits), ["logits", *layout.present_names]
     elif hf.task == "text-generation":
         wrapper, outputs = DecoderNoCache(hf.module, "logits"), ["logits"]
     else:
