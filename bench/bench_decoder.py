@@ -20,9 +20,11 @@ whether greedy tokens equal transformers' (fp32 must; int4 is measured by the qu
 With ``--all`` the older variants (unfused, norms without attention fusion) are timed too; with
 ``--folded`` normexport's folders with the residual Adds folded into the norms as well, with
 ``--packed-mlp`` those with the gate/up MatMuls packed into one (onnxruntime's fusion passes,
-``--attention-fusion``).
+``--attention-fusion``). normexport's decoders output each row's last token's logits (the
+prefill's LM head reads one position); the builder's default computes every position's, and
+``--builder-pruned`` adds its folders built with ``prune_lm_head=true``, which does the same.
 
-    python bench/bench_decoder.py [--shape llama|qwen2-0.5b] [--prompt 64 --new 32 --threads 1 --rounds 7] [--folded] [--packed-mlp] [--tied]
+    python bench/bench_decoder.py [--shape llama|qwen2-0.5b] [--prompt 64 --new 32 --threads 1 --rounds 7] [--folded] [--packed-mlp] [--tied] [--builder-pruned]
 """
 
 from __future__ import annotations
@@ -115,14 +117,16 @@ def build_ours(folder: Path, work: Path, all_variants: bool, layouts: tuple[str,
     return out
 
 
-def build_genai(folder: Path, out: Path, precision: str) -> Path | None:
+def build_genai(folder: Path, out: Path, precision: str, extra: tuple[str, ...] = ()) -> Path | None:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / f"builder-cache-{precision}")]
+    if extra:
+        cmd += ["--extra_options", *extra]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(f"onnxruntime-genai builder ({precision}) failed: {r.stderr.strip().splitlines()[-1:]}")
         return None
-    STEPS[f"builder {precision} (wall s; CPU not measured in the subprocess)"] = time.time() - t0
+    STEPS[f"builder {precision}{' ' + ' '.join(extra) if extra else ''} (wall s; CPU not measured in the subprocess)"] = time.time() - t0
     return out
 
 
@@ -165,6 +169,7 @@ def main() -> None:
     p.add_argument("--all", action="store_true", help="also the unfused export and the norms-only folder")
     p.add_argument("--folded", action="store_true", help="also normexport's folders with the residual Adds folded into the norms (--residual-fusion on)")
     p.add_argument("--packed-mlp", action="store_true", help="also normexport's folders with the gate/up MatMuls packed (onnxruntime's fusion passes, --attention-fusion)")
+    p.add_argument("--builder-pruned", action="store_true", help="also the builder's folders with its prune_lm_head extra option (the LM head on the last position only, as normexport's default)")
     p.add_argument("--tied", action="store_true", help="tie the LM head to the embedding table (tie_word_embeddings, as Qwen2-0.5B does)")
     p.add_argument("--precisions", default="fp32,int4", help="which of normexport's and the builder's folders to time (fp32 is built anyway: int4 is made from it)")
     a = p.parse_args()
@@ -191,6 +196,8 @@ def main() -> None:
         ours = {n: path for n, path in ours.items() if n.split(" ")[0] in precisions or n.split(" ")[0] not in ("fp32", "int4")}
         genai_ours = [n for n in ours if n.split(" ")[0] in precisions]
         builder = {prec: build_genai(folder, work / f"builder-{prec}", prec) for prec in precisions}
+        if a.builder_pruned:
+            builder.update({f"{prec} pruned": build_genai(folder, work / f"builder-{prec}-pruned", prec, ("prune_lm_head=true",)) for prec in precisions})
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval()
         prompt = np.random.default_rng(0).integers(3, shape["vocab"], size=a.prompt).tolist()
         reference = torch_generate(model, prompt, a.new)

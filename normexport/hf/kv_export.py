@@ -1,6 +1,6 @@
 """Export a transformers model as an ONNX decoder with its KV cache (or without one).
 
-The contract is the one Optimum and onnxruntime-genai share:
+The contract is onnxruntime-genai's (Optimum's too, whose logits hold every position):
 
     inputs   input_ids [batch, sequence]  attention_mask [batch, total_sequence]
              position_ids [batch, sequence]
@@ -16,7 +16,7 @@ position per row, not the whole prompt, which is all a generation step uses (onn
 reads a logits output of sequence 1 as such). The last token of a row is its last position with
 attention_mask 1 in this step's input, so rows padded on the right (onnxruntime-genai's batches)
 and on the left both give their own. ``all_logits`` keeps every position ([batch, sequence,
-vocab]: scoring, perplexity).
+vocab]: scoring, perplexity, Optimum's contract).
 """
 
 from __future__ import annotations
