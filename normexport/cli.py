@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 import sys
 import traceback
 from functools import wraps
