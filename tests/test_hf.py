@@ -17,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_folders import FAMILIES, genai_generate, hf_generate, save_tiny  # noqa: E402
+from hf_folders import DECODER, FAMILIES, genai_generate, hf_generate, save_tiny  # noqa: E402
 from cli_helper import assert_refused, invoke
 from normexport.hf.generation import OnnxDecoder, flip_tolerated, random_prompts, torch_generate  # noqa: E402
 from normexport.hf.kv_export import cache_kwarg, output_cache  # noqa: E402
@@ -444,6 +444,33 @@ def test_onnxruntime_genai_batch_of_unequal_prompts(converted, request):
     for i, p in enumerate(prompts):
         want = hf_generate(reference, p, 8)
         assert got[i][: len(want)] == want, (family, i, got[i], want)
+
+
+def test_multi_head_latent_attention_cache(tmp_path):
+    """DeepSeek V3 (multi-head latent attention): transformers caches the compressed latent, one
+    head of kv_lora_rank for keys and of qk_rope_head_dim for values, not the config's heads x
+    head_dim; the export takes the model's own cache shapes, the generation check passes token
+    for token, and genai_config.json is left out with the reason (onnxruntime-genai gives keys and
+    values one shape)."""
+    base = {k: v for k, v in DECODER.items() if k != "head_dim"}
+    config = transformers.DeepseekV3Config(**{**base, "num_key_value_heads": 4}, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                                           qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                                           moe_intermediate_size=32, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    folder = tmp_path / "m"
+    transformers.DeepseekV3ForCausalLM(config).eval().save_pretrained(folder)
+    out, rep = tmp_path / "o", tmp_path / "r.json"
+    result = invoke("convert", folder, "-o", out, "--no-bench", "--gen-tokens", 8, "--report", rep)
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(rep.read_text())
+    assert report["generation"]["passed"] and not (out / "genai_config.json").exists()
+    assert any("genai_config.json not written" in n and "(1, 16)" in n and "(1, 8)" in n for n in report["notes"])
+    inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.input}
+    assert inputs["past_key_values.0.key"][1::2] == [1, 16] and inputs["past_key_values.0.value"][1::2] == [1, 8]
+    ids = [int(t) for t in np.random.default_rng(2).integers(3, 1000, size=6)]
+    r = invoke("generate", out, "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", 5, "--ignore-eos")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert [int(t) for t in r.output.strip().split(",")] == torch_generate(load_torch(folder), ids, 5)
 
 
 def test_flip_rule():

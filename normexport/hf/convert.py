@@ -463,7 +463,7 @@ def _no_cache_outputs(hf: HFModel, model_path: Path, opts, name: str, seq: int, 
 
 
 def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path, gqa: bool = False) -> None:
-    from normexport.hf.genai_config import genai_config
+    from normexport.hf.genai_config import genai_cache_refusal, genai_config, past_shapes
     from normexport.report import write_json
 
     for name in TOKENIZER_FILES:
@@ -471,7 +471,12 @@ def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path,
         if src.is_file():
             shutil.copyfile(src, staged / name)
     if hf.task == "text-generation-with-past":
-        (staged / GENAI_CONFIG).write_text(json.dumps(genai_config(hf, gqa), indent=4))
+        shapes = past_shapes(staged / MODEL_NAME)
+        refusal = genai_cache_refusal(shapes)
+        if refusal is None:
+            (staged / GENAI_CONFIG).write_text(json.dumps(genai_config(hf, gqa, next(iter(shapes.values()), None)), indent=4))
+        else:
+            report.notes.append(f"{GENAI_CONFIG} not written: {refusal}; the folder runs on onnxruntime (normexport generate, or your own loop)")
     report.written = True
     write_json(report.to_json(), staged / REPORT_NAME)  # marked as normexport's: a rerun may replace the folder
     outputs.install_folder(staged, out, OUTPUT_FILES)  # the folder appears whole or not at all

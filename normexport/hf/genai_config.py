@@ -7,6 +7,8 @@ models do."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from normexport.hf.folder import HFModel
 from normexport.hf.kv_export import kv_layout
 
@@ -39,9 +41,33 @@ def _token_id(value, default):
     return default if value is None else value
 
 
-def genai_config(hf: HFModel, gqa: bool = False) -> dict:
+def past_shapes(model_path: Path) -> dict[str, tuple]:
+    """(heads, head_dim) of each past input of a written decoder graph."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return {i.name: tuple(d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim)[1::2] for i in graph.input if i.name.startswith("past_key_values.")}
+
+
+def genai_cache_refusal(shapes: dict[str, tuple]) -> str | None:
+    """Why onnxruntime-genai cannot run a decoder whose past inputs have these (heads, head_dim),
+    or None: it allocates one [kv heads, head size] for every key and value."""
+    kinds = sorted(set(shapes.values()), key=str)
+    if len(kinds) <= 1:
+        return None
+    keys = sorted({v for k, v in shapes.items() if k.endswith(".key")}, key=str)
+    values = sorted({v for k, v in shapes.items() if k.endswith(".value")}, key=str)
+    return (f"onnxruntime-genai gives every key and value one [kv heads, head size], and this model caches keys as {', '.join(map(str, keys))} "
+            f"and values as {', '.join(map(str, values))} ([heads, dim]; multi-head latent attention caches its compressed latent)")
+
+
+def genai_config(hf: HFModel, gqa: bool = False, past: tuple | None = None) -> dict:
+    """``past``: (kv heads, head_dim) of the written graph's past inputs where known (the
+    config's otherwise)."""
     cfg = hf.text_config
     layout = kv_layout(cfg)
+    if past is not None and all(isinstance(v, int) for v in past):
+        layout.kv_heads, layout.head_dim = past
     context = getattr(cfg, "max_position_embeddings", None) or 2048
     eos = _token_id(getattr(cfg, "eos_token_id", None), 0)
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids"}

@@ -152,7 +152,27 @@ class DecoderExport:
     notes: list[str] = field(default_factory=list)
 
 
-def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4, with_past: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+def cache_shapes(module: nn.Module, layout: KVLayout) -> list[tuple[int, int]] | None:
+    """(heads, dim) of each past input as the model's own cache holds it, from one forward of two
+    tokens into an empty DynamicCache: a model whose cache is not the config's heads x head_dim
+    (DeepSeek's multi-head latent attention caches its compressed latent) exports with its own.
+    None where the model's cache does not have one key and one value per layer, or where the
+    model does not run this forward (the export then says why)."""
+    from transformers import DynamicCache
+
+    try:
+        with torch.inference_mode():
+            out = module(input_ids=torch.tensor([[1, 2]]), use_cache=True, return_dict=True, **{cache_kwarg(module): DynamicCache()})
+    except Exception:  # noqa: BLE001 - the model's own error surfaces, worded, from the export
+        return None
+    shapes = []
+    for layer in output_cache(out).layers:
+        shapes += [(int(t.shape[1]), int(t.shape[3])) for t in (layer.keys, layer.values)]
+    return shapes if len(shapes) == len(layout.past_names) else None
+
+
+def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4, with_past: bool = True, seed: int = 0,
+                   past_shapes: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     feed = {
         "input_ids": torch.randint(0, layout.vocab_size, (batch, seq), generator=g),
@@ -160,8 +180,8 @@ def example_inputs(layout: KVLayout, dtype: torch.dtype, batch: int = 2, seq: in
         "position_ids": torch.arange(past if with_past else 0, (past if with_past else 0) + seq).expand(batch, seq).contiguous(),
     }
     if with_past:
-        for name in layout.past_names:
-            feed[name] = torch.randn(batch, layout.kv_heads, past, layout.head_dim, generator=g).to(dtype)
+        for name, (heads, dim) in zip(layout.past_names, past_shapes or [(layout.kv_heads, layout.head_dim)] * len(layout.past_names)):
+            feed[name] = torch.randn(batch, heads, past, dim, generator=g).to(dtype)
     return feed
 
 
@@ -189,7 +209,7 @@ def export_decoder(hf: HFModel, attention_form: bool = False, gqa=None, all_logi
     else:
         wrapper, outputs = DecoderNoCache(hf.module, "last_hidden_state"), ["last_hidden_state"]
     dtype = next(hf.module.parameters()).dtype
-    feed = example_inputs(layout, dtype, with_past=with_past)
+    feed = example_inputs(layout, dtype, with_past=with_past, past_shapes=cache_shapes(hf.module, layout) if with_past and gqa is None else None)
     d = Dim.DYNAMIC
     shapes = ({0: d, 1: d}, {0: d, 1: d}, {0: d, 1: d})
     if gqa is not None:
