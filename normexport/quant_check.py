@@ -73,9 +73,9 @@ class RowAccuracy:
     top5: float
     kl: float
     cosine: float
-    top1_exact: bool = True  # the same argmax
-    top1_gap: float = 0.0  # PyTorch's log-probability of its pick minus that of the quantized pick, nats
-    top5_exact: float = 1.0  # |top5(PyTorch) & top5(quantized)| / 5
+    top1_exact: bool  # the same argmax
+    top1_gap: float  # PyTorch's log-probability of its pick minus that of the quantized pick, nats
+    top5_exact: float  # |top5(PyTorch) & top5(quantized)| / 5
 
 
 def compare_rows(ref: np.ndarray, got: np.ndarray) -> list[RowAccuracy]:
@@ -95,8 +95,8 @@ def compare_rows(ref: np.ndarray, got: np.ndarray) -> list[RowAccuracy]:
     # a quantized top-k token PyTorch rates at least half as likely as its own k-th counts as in its top-k
     in_top = ref[rows[:, None], got_top] >= ref[rows, ref_top[:, -1]][:, None] - NEAR_TIE
     return [
-        RowAccuracy(bool(gap[i] <= NEAR_TIE), float(in_top[i].sum()) / k, float(max(kl[i], 0.0)), float(cos[i]),
-                    bool(ref_top[i, 0] == got_top[i, 0]), float(gap[i]), len(set(ref_top[i]) & set(got_top[i])) / k)
+        RowAccuracy(top1=bool(gap[i] <= NEAR_TIE), top5=float(in_top[i].sum()) / k, kl=float(max(kl[i], 0.0)), cosine=float(cos[i]),
+                    top1_exact=bool(ref_top[i, 0] == got_top[i, 0]), top1_gap=float(gap[i]), top5_exact=len(set(ref_top[i]) & set(got_top[i])) / k)
         for i in range(ref.shape[0])
     ]
 
@@ -115,8 +115,8 @@ class Summary:
     kl_max: float
     cosine_mean: float
     cosine_min: float
-    top1_exact: float = 0.0  # the same argmax
-    top5_exact: float = 0.0  # the same top-5 members
+    top1_exact: float  # the same argmax
+    top5_exact: float  # the same top-5 members
 
     def to_json(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -125,11 +125,13 @@ class Summary:
 def summarize(rows: list[RowAccuracy]) -> Summary:
     if not rows:
         return Summary(0, 0.0, 0.0, float("inf"), float("inf"), 0.0, 0.0, 0.0, 0.0)
+
+    def mean(name: str) -> float:
+        return float(np.mean([getattr(r, name) for r in rows]))
+
     return Summary(
-        len(rows), float(np.mean([r.top1 for r in rows])), float(np.mean([r.top5 for r in rows])),
-        float(np.mean([r.kl for r in rows])), float(np.max([r.kl for r in rows])),
-        float(np.mean([r.cosine for r in rows])), float(np.min([r.cosine for r in rows])), float(np.mean([r.top1_exact for r in rows])),
-        float(np.mean([r.top5_exact for r in rows])),
+        rows=len(rows), top1_agreement=mean("top1"), top5_overlap=mean("top5"), kl_mean=mean("kl"), kl_max=float(max(r.kl for r in rows)),
+        cosine_mean=mean("cosine"), cosine_min=float(min(r.cosine for r in rows)), top1_exact=mean("top1_exact"), top5_exact=mean("top5_exact"),
     )
 
 

@@ -57,6 +57,7 @@ class HFConvertReport:
     quantization: object = None  # quantize.QuantizeReport
     quantized_accuracy: object = None  # quant_check.QuantizedAccuracy
     outputs: list = field(default_factory=list)  # OutputComparison (tasks without a cache)
+    past_shapes: dict = field(default_factory=dict)  # past input -> (heads, head_dim), as exported (genai_config.json's)
     inputs: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     steps: dict[str, float] = field(default_factory=dict)  # wall seconds per step
@@ -326,7 +327,10 @@ def _export_and_fuse(hf: HFModel, opts, report: HFConvertReport, dst: Path, prog
     report.inputs, report.output_names = exp.input_names, exp.output_names
     report.step("export", t)
     if hf.task == "text-generation-with-past":
+        from normexport.hf.genai_config import past_shapes
+
         report.notes.append(logits_note(exp.model, all_logits))
+        report.past_shapes = past_shapes(exp.model)
     t = clock()
     progress(f"fusing RMSNorm for target {opts.fuse.target}")
     fold, layout = residual_layout(opts.fuse.residual, opts.backend, opts.fuse.record)
@@ -463,7 +467,7 @@ def _no_cache_outputs(hf: HFModel, model_path: Path, opts, name: str, seq: int, 
 
 
 def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path, gqa: bool = False) -> None:
-    from normexport.hf.genai_config import genai_cache_refusal, genai_config, past_shapes
+    from normexport.hf.genai_config import genai_cache_refusal, genai_config
     from normexport.report import write_json
 
     for name in TOKENIZER_FILES:
@@ -471,10 +475,9 @@ def _write_folder(hf: HFModel, staged: Path, report: HFConvertReport, out: Path,
         if src.is_file():
             shutil.copyfile(src, staged / name)
     if hf.task == "text-generation-with-past":
-        shapes = past_shapes(staged / MODEL_NAME)
-        refusal = genai_cache_refusal(shapes)
+        refusal = genai_cache_refusal(report.past_shapes)
         if refusal is None:
-            (staged / GENAI_CONFIG).write_text(json.dumps(genai_config(hf, gqa, next(iter(shapes.values()), None)), indent=4))
+            (staged / GENAI_CONFIG).write_text(json.dumps(genai_config(hf, gqa, next(iter(report.past_shapes.values()), None)), indent=4))
         else:
             report.notes.append(f"{GENAI_CONFIG} not written: {refusal}; the folder runs on onnxruntime (normexport generate, or your own loop)")
     report.written = True

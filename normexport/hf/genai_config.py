@@ -7,7 +7,6 @@ models do."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from normexport.hf.folder import HFModel
 from normexport.hf.kv_export import kv_layout
@@ -41,12 +40,9 @@ def _token_id(value, default):
     return default if value is None else value
 
 
-def past_shapes(model_path: Path) -> dict[str, tuple]:
-    """(heads, head_dim) of each past input of a written decoder graph."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return {i.name: tuple(d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim)[1::2] for i in graph.input if i.name.startswith("past_key_values.")}
+def past_shapes(model) -> dict[str, tuple]:
+    """(heads, head_dim) of each past input of a decoder graph (an onnx_ir Model)."""
+    return {v.name: tuple(v.shape)[1::2] for v in model.graph.inputs if v.name.startswith("past_key_values.") and v.shape is not None}
 
 
 def genai_cache_refusal(shapes: dict[str, tuple]) -> str | None:
