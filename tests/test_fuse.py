@@ -103,6 +103,33 @@ def test_residual_becomes_skip_simplified_layernorm_and_keeps_the_sum():
     assert report.fused_norms[0].residual
 
 
+@pytest.mark.parametrize("sum_read", [True, False])
+def test_skip_norm_writes_unread_outputs_absent(sum_read, tmp_path):
+    """The folded op's mean and inverse std, and its residual sum where nothing reads it, are
+    written absent (onnxruntime computes and allocates every output present), also after a pass
+    that names every value (onnxscript's rewriter runs one); y and the sum stay as they were."""
+    import onnx_ir.passes.common as common_passes
+
+    from normexport.fuse import save_onnx
+
+    sp = variant(residual=True)
+    model, feed = build(sp)
+    if not sum_read:
+        model.graph.output.pop()  # the sum x is no longer a graph output: only the norm reads it
+    m = ir.serde.deserialize_model(model)
+    assert fuse_model(m, "ort").fused == 1
+    common_passes.NameFixPass()(m)
+    save_onnx(m, tmp_path / "f.onnx")
+    fused = onnx.load(str(tmp_path / "f.onnx"))
+    (skip,) = [n for n in fused.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    present = [bool(o) for o in skip.output] + [False] * (4 - len(skip.output))
+    assert present == [True, False, False, sum_read], list(skip.output)
+    outs = run(fused, feed)
+    np.testing.assert_allclose(outs[0].astype(np.float64), reference(sp, model, feed), rtol=tol(sp), atol=tol(sp) * 10)
+    if sum_read:
+        np.testing.assert_allclose(outs[1], feed["a"] + feed["b"], rtol=1e-6, atol=1e-6)
+
+
 def test_fp16_squares_that_overflow_stay_finite_after_fusion():
     sp = variant(dtype=TensorProto.FLOAT16, compute_fp32=False, weight="after")  # the model squares in fp16
     model, feed = build(sp)

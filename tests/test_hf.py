@@ -179,7 +179,8 @@ def test_group_query_attention_graph(converted):
 def test_right_padded_batch_matches_transformers(converted):
     """GroupQueryAttention's contract (the generic graph's too): rows of different lengths, right-padded; each row's
     prefill logits (those of its own last token, not of the padded last column) equal
-    transformers' on that row alone, and so does the next decode step of the full row."""
+    transformers' on that row alone, and so do the next decode step of the full row and then
+    several new tokens at once after that past (the last of them)."""
     family, folder, out, rep, result = converted
     model = load_torch(folder)
     decoder = OnnxDecoder(out)
@@ -197,9 +198,15 @@ def test_right_padded_batch_matches_transformers(converted):
         assert outs["logits"].shape[1] == 1  # each row's last token only
         np.testing.assert_allclose(outs["logits"][row, 0], ref[length - 1], atol=1e-4, rtol=1e-3)
     nxt = outs["logits"][:, -1].argmax(-1)[:, None]
-    logits, _ = decoder.step(nxt[:1], {p: outs[p.replace("past_key_values.", "present.", 1)][:1] for p in decoder.past_names}, 9)
+    logits, past = decoder.step(nxt[:1], {p: outs[p.replace("past_key_values.", "present.", 1)][:1] for p in decoder.past_names}, 9)
     with torch.inference_mode():
         ref = model(input_ids=torch.tensor(np.concatenate([ids[:1], nxt[:1]], axis=1))).logits[0, -1].numpy()
+    np.testing.assert_allclose(logits[0, -1], ref, atol=1e-4, rtol=1e-3)
+    more = rng.integers(3, 1000, size=(1, 3))
+    logits, _ = decoder.step(more, past, 10)
+    assert logits.shape[1] == 1
+    with torch.inference_mode():
+        ref = model(input_ids=torch.tensor(np.concatenate([ids[:1], nxt[:1], more], axis=1))).logits[0, -1].numpy()
     np.testing.assert_allclose(logits[0, -1], ref, atol=1e-4, rtol=1e-3)
 
 

@@ -19,6 +19,7 @@ from normexport.errors import NormexportError, first_line
 from normexport.fuse import patterns as P
 from normexport.fuse.files import check_acyclic, check_external_data, check_tensor_sizes, densify_sparse, read_model_proto, runtime_copy, runtime_load_error, write_inline
 from normexport.fuse.names import Names
+from normexport.fuse.ops import OPTIONAL_OUTPUT_NORMS
 from normexport.fuse.report import FuseReport, Skipped
 from normexport.fuse.shapes import infer_shapes
 from normexport.fuse.registry import DEFAULT_TARGET, PLAIN_TARGET, RECORDS, Target, target_record
@@ -67,6 +68,7 @@ def fuse_model(model: ir.Model, target: str | Target = DEFAULT_TARGET, residual:
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
     names.rename_new(model)
+    drop_unread_outputs(model)
     if shapes_failed[0]:
         _shapes_failed(report, log, *shapes_failed)
     if not record.ops:
@@ -86,6 +88,23 @@ def fuse_model(model: ir.Model, target: str | Target = DEFAULT_TARGET, residual:
     report.nodes_after = _count(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def drop_unread_outputs(model: ir.Model) -> int:
+    """Leave absent (an empty name) every optional output of a norm op (``OPTIONAL_OUTPUT_NORMS``:
+    mean, inverse std, residual sum) that no node reads and that is not a graph output, in every
+    graph: onnxruntime computes and allocates each output that is present. Passes that name
+    every value (onnx-ir's NameFixPass, run by onnxscript's rewriter) make them present again,
+    so the writer runs this too. Returns how many were dropped."""
+    dropped = 0
+    for node in (n for g in model.graphs() for n in g):
+        if node.op_type not in OPTIONAL_OUTPUT_NORMS:
+            continue
+        for out in node.outputs[1:]:
+            if out.name and not out.uses() and not out.is_graph_output():
+                out.name = ""
+                dropped += 1
+    return dropped
 
 
 def _check_loads(model: ir.Model, before: bytes, report: FuseReport) -> None:
@@ -265,6 +284,7 @@ def save_onnx(model: ir.Model, path: str | Path, external: bool | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
         external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    drop_unread_outputs(model)
     with contiguous_for_writing(model):
         if external:
             data = outputs.data_path(path)

@@ -16,3 +16,8 @@ TRT_PLUGIN_NAMESPACE = ""
 # Norm ops that are not normexport's output but that onnxruntime's own optimizer writes
 # (LayerNorm models; the unfused baseline's norms when its graph optimizations find them).
 LAYER_NORM_OPS = ("LayerNormalization", "SkipLayerNormalization")
+
+# Ops whose outputs after the first (mean, inverse std, the residual sum) are optional: an
+# output of these that no node reads is written absent (an empty name), so the kernel does not
+# compute and allocate it.
+OPTIONAL_OUTPUT_NORMS = frozenset({SIMPLIFIED_LN, SKIP_SIMPLIFIED_LN, *LAYER_NORM_OPS})

@@ -167,12 +167,16 @@ class GQADecoder(nn.Module):
     def forward(self, input_ids, attention_mask, *past):
         from transformers import DynamicCache
 
-        seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)
+        ends = attention_mask.sum(dim=1) - 1  # each row's last position in the whole sequence
+        seqlens_k = ends.to(torch.int32)
         total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
         self._step = {"past": past, "present": [None] * len(past), "seqlens_k": seqlens_k, "total": total}
         cache = DynamicCache(list(zip(past[0::2], past[1::2])))
+        # In this contract (rows unpadded or right-padded, a past only under new tokens that are
+        # all real) a row's last token in this step is at min(ends, sequence - 1).
+        last = torch.clamp(ends, max=input_ids.shape[1] - 1)
         try:
-            with self.last.rows(attention_mask, input_ids.shape[1]) if self.last else contextlib.nullcontext():
+            with self.last.rows(attention_mask, input_ids.shape[1], last) if self.last else contextlib.nullcontext():
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True, **{self.cache_kwarg: cache})
             return (out.logits, *self._step["present"])
         finally:

@@ -77,23 +77,25 @@ def output_cache(out):
 class LastTokenLogits:
     """While active (``rows(attention_mask, sequence)``), the model's LM head reads only each
     row's last token: a forward pre-hook on ``get_output_embeddings()`` gathers, from its input
-    [batch, sequence, hidden], the last position whose attention_mask is 1 in this step. What the
-    model does after the head (a logit soft-cap, a scale) applies to that row as it would to all."""
+    [batch, sequence, hidden], the last position whose attention_mask is 1 in this step (or the
+    positions ``last`` given). What the model does after the head (a logit soft-cap, a scale)
+    applies to that row as it would to all. Exported, the gather is one ``GatherND`` over the
+    batch (batch_dims 1)."""
 
     def __init__(self, model: nn.Module):
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.index: torch.Tensor | None = None
 
     @contextlib.contextmanager
-    def rows(self, attention_mask: torch.Tensor, sequence: int):
+    def rows(self, attention_mask: torch.Tensor, sequence: int, last: torch.Tensor | None = None):
+        """``last``: each row's position in this step ([batch] int64); by default the last
+        position whose mask is 1 (0 where none)."""
         if self.head is None:
             yield
             return
-        step = attention_mask[:, -sequence:]
-        # the last position with mask 1: the first maximum of the running count (0 where none)
-        last = step.cumsum(1).argmax(dim=1)
-        rows = (last * 0 + 1).cumsum(0) - 1  # 0 .. batch-1, with no Range or Expand in the graph
-        self.index = rows * sequence + last  # into the [batch * sequence, hidden] rows
+        if last is None:
+            last = attention_mask[:, -sequence:].cumsum(1).argmax(dim=1)  # the first maximum of the running count
+        self.index = last.reshape(-1, 1, 1)
         handle = self.head.register_forward_pre_hook(self._gather)
         try:
             yield
@@ -105,7 +107,15 @@ class LastTokenLogits:
         hidden = args[0]
         if hidden.dim() != 3 or self.index is None:
             return None
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index).unsqueeze(1), *args[1:])
+        if torch.onnx.is_in_onnx_export():
+            picked = torch.onnx.ops.symbolic(
+                "::GatherND", [hidden, self.index], dict(batch_dims=1),
+                dtype=hidden.dtype, shape=(hidden.shape[0], 1, hidden.shape[2]), version=EXPORT_OPSET,
+            )
+        else:
+            index = self.index.remainder(hidden.shape[1])  # GatherND counts a negative index from the end
+            picked = hidden.gather(1, index.expand(-1, 1, hidden.shape[2]))
+        return (picked, *args[1:])
 
 
 class DecoderWithPast(nn.Module):
