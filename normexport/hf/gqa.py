@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from normexport.hf.kv_export import KVLayout, LastTokenLogits, cache_kwarg, kv_layout
+from normexport.hf.kv_export import EXPORT_OPSET, KVLayout, LastTokenLogits, cache_kwarg, kv_layout
 
 ATTENTION_CLASSES = {"LlamaAttention", "Qwen2Attention", "MistralAttention"}  # q/k/v/o Linears, rotate-half rotary, SDPA
 POSITION_ONLY_ROPE = {"default", "linear", "llama3", "yarn"}  # cos/sin depend on the position alone
@@ -169,15 +169,21 @@ class GQADecoder(nn.Module):
 
         ends = attention_mask.sum(dim=1) - 1  # each row's last position in the whole sequence
         seqlens_k = ends.to(torch.int32)
-        total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
+        total = _dim(attention_mask, 1).to(torch.int32)  # a 1-element tensor, as the op takes it
         self._step = {"past": past, "present": [None] * len(past), "seqlens_k": seqlens_k, "total": total}
         cache = DynamicCache(list(zip(past[0::2], past[1::2])))
         # In this contract (rows unpadded or right-padded, a past only under new tokens that are
         # all real) a row's last token in this step is at min(ends, sequence - 1).
-        last = torch.clamp(ends, max=input_ids.shape[1] - 1)
+        last = torch.minimum(ends, _dim(input_ids, 1) - 1)
         try:
             with self.last.rows(attention_mask, input_ids.shape[1], last) if self.last else contextlib.nullcontext():
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True, **{self.cache_kwarg: cache})
             return (out.logits, *self._step["present"])
         finally:
             self._step = {}
+
+
+def _dim(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x.shape[axis]`` as a [1] int64 tensor: one ONNX Shape node (start/end), where a Python
+    size becomes Shape + Squeeze (export only, as the whole decoder)."""
+    return torch.onnx.ops.symbolic("::Shape", [x], dict(start=axis, end=axis + 1), dtype=torch.int64, shape=(1,), version=EXPORT_OPSET)
