@@ -1,14 +1,17 @@
-"""Where a decode step's time goes in two KV-cache decoder folders (normexport's, onnxruntime-genai's
-builder's, or any two with the same inputs): each runs the same greedy loop on plain onnxruntime
+"""Where a decode step's time goes in KV-cache decoder folders (normexport's, onnxruntime-genai's
+builder's, or any with the same inputs): each runs the same greedy loop on plain onnxruntime
 (1 thread, batch 1, a seeded prompt, then ``--steps`` decode steps), in interleaved rounds, and
-then once under onnxruntime's profiler, whose per-node kernel times are summed by op type.
+then once under onnxruntime's profiler.
 
 The decode time per step is the median over a round's steps; the table gives the median and the
-minimum of the rounds, and the ratio of the medians. The profile's numbers are microseconds of
-kernel time per step (the prefill included, spread over the steps), so two graphs that run the
-same kernels show the same rows, and a layout difference shows as the rows it moves.
+minimum of the rounds, and each folder's ratio to the last one's median. The profile counts the
+decode steps only (the prefill's run is left out): per step, the median of the profiled run
+(``model_run``: kernels and the executor's work between them; the profiler makes it slower than
+the unprofiled step), the kernels run, and microseconds of kernel time by op type. Two graphs
+that run the same kernels show the same rows, and a layout difference shows as the rows it
+moves. The profiler inflates small ops (a few microseconds each, whatever they compute).
 
-    python bench/bench_decode_profile.py FOLDER_A FOLDER_B [--rounds 15 --steps 64 --prompt 64]
+    python bench/bench_decode_profile.py FOLDER [FOLDER ...] [--rounds 15 --steps 64 --prompt 64]
 """
 
 from __future__ import annotations
@@ -72,22 +75,28 @@ def greedy(sess, folder: Path, prompt: int, steps: int, seed: int) -> tuple[list
     return times, tokens
 
 
-def kernel_times(folder: Path, prompt: int, steps: int, seed: int) -> dict[str, float]:
-    """op type -> microseconds of kernel time per step, from onnxruntime's profiler."""
+def kernel_times(folder: Path, prompt: int, steps: int, seed: int) -> tuple[float, float, dict[str, float]]:
+    """Over the decode steps (the prefill's run left out), from onnxruntime's profiler: the
+    median microseconds of a profiled run, the kernels per step, and op type -> microseconds of
+    kernel time per step."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = session(folder, Path(tmp))
         greedy(sess, folder, prompt, steps, seed)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    per_op = collections.Counter()
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[1:]
+    start = runs[0]["ts"]
+    per_op, kernels = collections.Counter(), 0
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
             per_op[e["args"]["op_name"]] += e["dur"]
-    return {op: us / (steps + 1) for op, us in per_op.most_common()}
+            kernels += 1
+    n = len(runs)
+    return statistics.median(e["dur"] for e in runs), kernels / n, {op: us / n for op, us in per_op.most_common()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("folders", type=Path, nargs=2)
+    p.add_argument("folders", type=Path, nargs="+")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt", type=int, default=64)
@@ -97,26 +106,27 @@ def main() -> None:
     sessions = {f: session(f) for f in a.folders}
     rounds: dict[Path, list[float]] = {f: [] for f in a.folders}
     tokens = {}
-    for _ in range(a.rounds):
-        for folder, sess in sessions.items():
-            times, tokens[folder] = greedy(sess, folder, a.prompt, a.steps, a.seed)
+    for r in range(a.rounds):
+        for folder in (a.folders if r % 2 == 0 else a.folders[::-1]):  # alternate the order too
+            times, tokens[folder] = greedy(sessions[folder], folder, a.prompt, a.steps, a.seed)
             rounds[folder].append(statistics.median(times) * 1000)
     print(machine_line(1))
     print(f"prompt {a.prompt}, {a.steps} decode steps, batch 1, 1 thread, plain onnxruntime; {a.rounds} interleaved rounds\n")
-    print("| folder | decode ms/step, median (min) |")
-    print("|---|---:|")
+    last = statistics.median(rounds[a.folders[-1]])
+    print(f"| folder | decode ms/step, median (min) | / {a.folders[-1].name} | greedy tokens = {a.folders[0].name}'s |")
+    print("|---|---:|---:|---|")
     for folder, ms in rounds.items():
-        print(f"| {folder} | {statistics.median(ms):.4f} ({min(ms):.4f}) |")
-    first, second = (statistics.median(rounds[f]) for f in a.folders)
-    same = tokens[a.folders[0]] == tokens[a.folders[1]]
-    print(f"\nratio {first / second:.4f} (first / second); greedy tokens {'the same' if same else 'differ'}")
+        same = "yes" if tokens[folder] == tokens[a.folders[0]] else "no"
+        print(f"| {folder} | {statistics.median(ms):.4f} ({min(ms):.4f}) | {statistics.median(ms) / last:.4f} | {same} |")
     profiles = {f: kernel_times(f, a.prompt, a.steps, a.seed) for f in a.folders}
-    ops = sorted({op for prof in profiles.values() for op in prof}, key=lambda op: -max(prof.get(op, 0.0) for prof in profiles.values()))
-    print("\n| op, kernel us per step | " + " | ".join(f.name for f in a.folders) + " |")
+    ops = sorted({op for _, _, prof in profiles.values() for op in prof}, key=lambda op: -max(prof.get(op, 0.0) for _, _, prof in profiles.values()))
+    print("\n| decode step, profiled | " + " | ".join(f.name for f in a.folders) + " |")
     print("|---|" + "---:|" * len(a.folders))
-    print("| **all** | " + " | ".join(f"{sum(prof.values()):.1f}" for prof in profiles.values()) + " |")
+    print("| **run, us (median)** | " + " | ".join(f"{run:.1f}" for run, _, _ in profiles.values()) + " |")
+    print("| kernels run | " + " | ".join(f"{k:.0f}" for _, k, _ in profiles.values()) + " |")
+    print("| **kernel us, all** | " + " | ".join(f"{sum(prof.values()):.1f}" for _, _, prof in profiles.values()) + " |")
     for op in ops:
-        print(f"| {op} | " + " | ".join(f"{prof.get(op, 0.0):.1f}" for prof in profiles.values()) + " |")
+        print(f"| {op} | " + " | ".join(f"{prof.get(op, 0.0):.1f}" for _, _, prof in profiles.values()) + " |")
 
 
 if __name__ == "__main__":
