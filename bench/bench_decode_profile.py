@@ -7,7 +7,8 @@ The decode time per step is the median over a round's steps; the table gives the
 minimum of the rounds, and each folder's ratio to the last one's median. The profile counts the
 decode steps only (the prefill's run is left out): per step, the median of the profiled run
 (``model_run``: kernels and the executor's work between them; the profiler makes it slower than
-the unprofiled step), the kernels run, and microseconds of kernel time by op type. Two graphs
+the unprofiled step), the kernels run, and the mean microseconds of kernel time by op type
+(the first decode step, which allocates, is left out too). Two graphs
 that run the same kernels show the same rows, and a layout difference shows as the rows it
 moves. The profiler inflates small ops (a few microseconds each, whatever they compute).
 
@@ -76,14 +77,14 @@ def greedy(sess, folder: Path, prompt: int, steps: int, seed: int) -> tuple[list
 
 
 def kernel_times(folder: Path, prompt: int, steps: int, seed: int) -> tuple[float, float, dict[str, float]]:
-    """Over the decode steps (the prefill's run left out), from onnxruntime's profiler: the
-    median microseconds of a profiled run, the kernels per step, and op type -> microseconds of
-    kernel time per step."""
+    """Over the decode steps (the prefill's run and the first decode step's left out), from
+    onnxruntime's profiler: the median microseconds of a profiled run, the kernels per step, and
+    op type -> mean microseconds of kernel time per step."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = session(folder, Path(tmp))
         greedy(sess, folder, prompt, steps, seed)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[1:]
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[2:]
     start = runs[0]["ts"]
     per_op, kernels = collections.Counter(), 0
     for e in events:
@@ -102,6 +103,10 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.steps < 2 or a.rounds < 1:
+        p.error("--steps must be at least 2 and --rounds at least 1")
+    if len({f.resolve() for f in a.folders}) != len(a.folders):
+        p.error("each folder once")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sessions = {f: session(f) for f in a.folders}
     rounds: dict[Path, list[float]] = {f: [] for f in a.folders}
@@ -113,18 +118,20 @@ def main() -> None:
     print(machine_line(1))
     print(f"prompt {a.prompt}, {a.steps} decode steps, batch 1, 1 thread, plain onnxruntime; {a.rounds} interleaved rounds\n")
     last = statistics.median(rounds[a.folders[-1]])
-    print(f"| folder | decode ms/step, median (min) | / {a.folders[-1].name} | greedy tokens = {a.folders[0].name}'s |")
+    print("| folder | decode ms/step, median (min) | / the last | greedy tokens = the first's |")
     print("|---|---:|---:|---|")
     for folder, ms in rounds.items():
         same = "yes" if tokens[folder] == tokens[a.folders[0]] else "no"
         print(f"| {folder} | {statistics.median(ms):.4f} ({min(ms):.4f}) | {statistics.median(ms) / last:.4f} | {same} |")
     profiles = {f: kernel_times(f, a.prompt, a.steps, a.seed) for f in a.folders}
+    names = [f.name for f in a.folders]
+    labels = names if len(set(names)) == len(names) else [str(f) for f in a.folders]
     ops = sorted({op for _, _, prof in profiles.values() for op in prof}, key=lambda op: -max(prof.get(op, 0.0) for _, _, prof in profiles.values()))
-    print("\n| decode step, profiled | " + " | ".join(f.name for f in a.folders) + " |")
+    print("\n| decode step, profiled | " + " | ".join(labels) + " |")
     print("|---|" + "---:|" * len(a.folders))
     print("| **run, us (median)** | " + " | ".join(f"{run:.1f}" for run, _, _ in profiles.values()) + " |")
     print("| kernels run | " + " | ".join(f"{k:.0f}" for _, k, _ in profiles.values()) + " |")
-    print("| **kernel us, all** | " + " | ".join(f"{sum(prof.values()):.1f}" for _, _, prof in profiles.values()) + " |")
+    print("| **kernel us, all (mean per step)** | " + " | ".join(f"{sum(prof.values()):.1f}" for _, _, prof in profiles.values()) + " |")
     for op in ops:
         print(f"| {op} | " + " | ".join(f"{prof.get(op, 0.0):.1f}" for _, _, prof in profiles.values()) + " |")
 

@@ -90,21 +90,33 @@ def fuse_model(model: ir.Model, target: str | Target = DEFAULT_TARGET, residual:
     return report
 
 
-def drop_unread_outputs(model: ir.Model) -> int:
+def drop_unread_outputs(model: ir.Model) -> list[tuple[ir.Value, str]]:
     """Leave absent (an empty name) every optional output of a norm op (``OPTIONAL_OUTPUT_NORMS``:
     mean, inverse std, residual sum) that no node reads and that is not a graph output, in every
-    graph: onnxruntime computes and allocates each output that is present. Passes that name
-    every value (onnx-ir's NameFixPass, run by onnxscript's rewriter) make them present again,
-    so the writer runs this too. Returns how many were dropped."""
-    dropped = 0
+    graph: onnxruntime computes and allocates each output that is present. Returns the values
+    cleared with their names."""
+    dropped = []
     for node in (n for g in model.graphs() for n in g):
-        if node.op_type not in OPTIONAL_OUTPUT_NORMS:
+        if (node.domain, node.op_type) not in OPTIONAL_OUTPUT_NORMS:
             continue
         for out in node.outputs[1:]:
             if out.name and not out.uses() and not out.is_graph_output():
+                dropped.append((out, out.name))
                 out.name = ""
-                dropped += 1
     return dropped
+
+
+@contextlib.contextmanager
+def unread_outputs_absent(model: ir.Model):
+    """``drop_unread_outputs`` while writing, the names put back after: passes that name every
+    value (onnx-ir's NameFixPass, which onnxscript's rewriter runs) make such outputs present
+    again after the fusion, and the caller's model is left as it was."""
+    dropped = drop_unread_outputs(model)
+    try:
+        yield
+    finally:
+        for value, name in dropped:
+            value.name = name
 
 
 def _check_loads(model: ir.Model, before: bytes, report: FuseReport) -> None:
@@ -276,16 +288,16 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB limit
 
 def save_onnx(model: ir.Model, path: str | Path, external: bool | None = None) -> None:
     """Write atomically (normexport.outputs): into a fresh temp beside ``path``, fsynced, then
-    renamed into place. Models over ~2 GB get their weights in ``<name>.data`` next to the
-    model; the data file is renamed into place before the model."""
+    renamed into place; norms' optional outputs that nothing reads are written absent. Models
+    over ~2 GB get their weights in ``<name>.data`` next to the model; the data file is renamed
+    into place before the model."""
     from normexport import outputs
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
         external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    drop_unread_outputs(model)
-    with contiguous_for_writing(model):
+    with unread_outputs_absent(model), contiguous_for_writing(model):
         if external:
             data = outputs.data_path(path)
             with outputs.staged(data, path) as tmpdir:

@@ -20,4 +20,7 @@ LAYER_NORM_OPS = ("LayerNormalization", "SkipLayerNormalization")
 # Ops whose outputs after the first (mean, inverse std, the residual sum) are optional: an
 # output of these that no node reads is written absent (an empty name), so the kernel does not
 # compute and allocate it.
-OPTIONAL_OUTPUT_NORMS = frozenset({SIMPLIFIED_LN, SKIP_SIMPLIFIED_LN, *LAYER_NORM_OPS})
+OPTIONAL_OUTPUT_NORMS = frozenset({
+    ("", SIMPLIFIED_LN), ("", "LayerNormalization"),
+    (MS_DOMAIN, SKIP_SIMPLIFIED_LN), (MS_DOMAIN, "SkipLayerNormalization"), (MS_DOMAIN, "LayerNormalization"),
+})  # (domain, op type)

@@ -283,7 +283,6 @@ def lower_ort(b: _Builder, n: NormNode) -> Lowered:
     y.dtype, y.shape = n.io, n.x.shape
     total = skip.outputs[3]
     total.dtype, total.shape = n.x.dtype, n.x.shape
-    skip.outputs[1].name = skip.outputs[2].name = ""  # unused optional outputs
     y = _finish(b, y, n.out_dtype, n.bias)
     return Lowered(b.nodes, [n.node, n.residual], [n.node.outputs[0], n.residual.outputs[0]], [y, total], SKIP_SIMPLIFIED_LN, True)
 

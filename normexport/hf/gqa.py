@@ -11,8 +11,11 @@ There is no ``position_ids`` input: the op applies the rotary embedding itself (
 with cos/sin caches computed from the model's own rotary module), at the positions that follow
 from ``seqlens_k`` = attention_mask.sum(-1) - 1 and ``total_sequence_length`` =
 attention_mask.shape[1]. Rows are unpadded or right-padded (a left-padded row needs the
-generic attention graph). The past may be the exact past (present = past + new) or a buffer of
-the context length shared with the present (onnxruntime-genai's ``past_present_share_buffer``).
+generic attention graph). The logits are each row's last token's, at min(seqlens_k,
+sequence - 1) in the step: a right-padded prompt's last real token, and the last column after
+a past (new tokens after a past are all real in this contract). The past may be the exact past
+(present = past + new) or a buffer of the context length shared with the present
+(onnxruntime-genai's ``past_present_share_buffer``).
 
 The graph is exported directly in this form: during the export each attention module's forward
 is replaced by one that projects Q, K and V with one packed MatMul and hands them to

@@ -15,8 +15,10 @@ The logits are those of each row's last token only (``LastTokenLogits``): the LM
 position per row, not the whole prompt, which is all a generation step uses (onnxruntime-genai
 reads a logits output of sequence 1 as such). The last token of a row is its last position with
 attention_mask 1 in this step's input, so rows padded on the right (onnxruntime-genai's batches)
-and on the left both give their own. ``all_logits`` keeps every position ([batch, sequence,
-vocab]: scoring, perplexity, Optimum's contract).
+and on the left both give their own (the GroupQueryAttention decoder, whose rows are unpadded
+or right-padded, computes the same position from the mask's sum: normexport.hf.gqa).
+``all_logits`` keeps every position ([batch, sequence, vocab]: scoring, perplexity, Optimum's
+contract).
 """
 
 from __future__ import annotations
@@ -88,8 +90,8 @@ class LastTokenLogits:
 
     @contextlib.contextmanager
     def rows(self, attention_mask: torch.Tensor, sequence: int, last: torch.Tensor | None = None):
-        """``last``: each row's position in this step ([batch] int64); by default the last
-        position whose mask is 1 (0 where none)."""
+        """``last``: each row's position in this step ([batch] int64, a negative one counted
+        from the end); by default the last position whose mask is 1 (0 where none)."""
         if self.head is None:
             yield
             return
