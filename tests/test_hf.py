@@ -176,6 +176,18 @@ def test_group_query_attention_graph(converted):
     assert producers[producers[producers[gqa[0].input[5]].input[0]].input[0]].op_type == "ReduceSum"  # Cast(Sub(ReduceSum(mask), 1))
 
 
+def _right_padded_prefill(decoder: OnnxDecoder, seed: int):
+    """A prefill of 2 rows, 9 and 5 real tokens (row 1 right-padded): (rng, ids, mask, outputs by name)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 1000, size=(2, 9))
+    mask = np.ones((2, 9), dtype=np.int64)
+    mask[1, 5:] = 0
+    feed = {"input_ids": ids, "attention_mask": mask, **decoder.empty_past(2)}
+    if "position_ids" in decoder.inputs:  # the generic graph
+        feed["position_ids"] = np.broadcast_to(np.arange(9), (2, 9)).copy()
+    return rng, ids, mask, dict(zip(decoder.output_names, decoder.session.run(None, feed)))
+
+
 def test_right_padded_batch_matches_transformers(converted):
     """GroupQueryAttention's contract (the generic graph's too): rows of different lengths, right-padded; each row's
     prefill logits (those of its own last token, not of the padded last column) equal
@@ -184,14 +196,7 @@ def test_right_padded_batch_matches_transformers(converted):
     family, folder, out, rep, result = converted
     model = load_torch(folder)
     decoder = OnnxDecoder(out)
-    rng = np.random.default_rng(33)
-    ids = rng.integers(3, 1000, size=(2, 9))
-    mask = np.ones((2, 9), dtype=np.int64)
-    mask[1, 5:] = 0
-    feed = {"input_ids": ids, "attention_mask": mask, **decoder.empty_past(2)}
-    if "position_ids" in decoder.inputs:  # the generic graph
-        feed["position_ids"] = np.broadcast_to(np.arange(9), (2, 9)).copy()
-    outs = dict(zip(decoder.output_names, decoder.session.run(None, feed)))
+    rng, ids, mask, outs = _right_padded_prefill(decoder, 33)
     for row, length in ((0, 9), (1, 5)):
         with torch.inference_mode():
             ref = model(input_ids=torch.tensor(ids[row : row + 1, :length])).logits[0].numpy()
@@ -221,12 +226,7 @@ def test_padded_past_then_several_new_tokens(converted, request):
         request.applymarker(pytest.mark.xfail(strict=True, reason="the generic graph's sliding window (8 here) counts the pad slots of the past (README, --attention)"))
     model = load_torch(folder)
     decoder = OnnxDecoder(out)
-    rng = np.random.default_rng(34)
-    ids = rng.integers(3, 1000, size=(2, 9))
-    mask = np.ones((2, 9), dtype=np.int64)
-    mask[1, 5:] = 0
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.broadcast_to(np.arange(9), (2, 9)).copy(), **decoder.empty_past(2)}
-    outs = dict(zip(decoder.output_names, decoder.session.run(None, feed)))
+    rng, ids, mask, outs = _right_padded_prefill(decoder, 34)
     more = rng.integers(3, 1000, size=(2, 3))
     feed = {"input_ids": more, "attention_mask": np.concatenate([mask, np.ones((2, 3), np.int64)], axis=1), "position_ids": np.array([[9, 10, 11], [5, 6, 7]])}
     feed.update({p: outs[p.replace("past_key_values.", "present.", 1)] for p in decoder.past_names})
