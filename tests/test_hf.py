@@ -108,6 +108,12 @@ def test_greedy_tokens_equal_transformers(converted):
 ROTARY_FAMILIES = {"qwen3"}  # generic attention graph: RotaryEmbedding must fuse (query and key of every layer)
 
 
+def _io_dims(path: Path, side: str) -> dict[str, list]:
+    """name -> dims (ints or symbol names) of a written model's graph ``input`` or ``output``."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in getattr(graph, side)}
+
+
 def _ops(path: Path) -> dict[str, int]:
     m = onnx.load(str(path), load_external_data=False)
     counts: dict[str, int] = {}
@@ -529,7 +535,7 @@ def test_multi_head_latent_attention_cache(tmp_path):
     report = json.loads(rep.read_text())
     assert report["generation"]["passed"] and not (out / "genai_config.json").exists()
     assert any("genai_config.json not written" in n and "(1, 16)" in n and "(1, 8)" in n for n in report["notes"])
-    inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.input}
+    inputs = _io_dims(out / "model.onnx", "input")
     assert inputs["past_key_values.0.key"][1::2] == [1, 16] and inputs["past_key_values.0.value"][1::2] == [1, 8]
     ids = [int(t) for t in np.random.default_rng(2).integers(3, 1000, size=6)]
     r = invoke("generate", out, "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", 5, "--ignore-eos")
@@ -913,11 +919,11 @@ def test_all_logits_keeps_every_position(llama, tmp_path):
     result = invoke("convert", folder, "-o", out, "--all-logits", "--no-bench", "--gen-tokens", 4, "--report", rep)
     assert result.exit_code == 0, result.output + result.stderr
     assert any(n.startswith("logits: every position") for n in json.loads(rep.read_text())["notes"])
-    dims = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.output}
-    default = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in onnx.load(str(default_out / "model.onnx"), load_external_data=False).graph.output}
+    dims, default = _io_dims(out / "model.onnx", "output"), _io_dims(default_out / "model.onnx", "output")
     assert dims["logits"][1] == "sequence" and default["logits"][1] == 1
     ids = np.random.default_rng(8).integers(3, 1000, size=(2, 7))
-    logits, _ = OnnxDecoder(out).step(ids, OnnxDecoder(out).empty_past(2), 0)
+    decoder = OnnxDecoder(out)
+    logits, _ = decoder.step(ids, decoder.empty_past(2), 0)
     with torch.inference_mode():
         ref = load_torch(folder)(input_ids=torch.tensor(ids)).logits.numpy()
     assert logits.shape == ref.shape

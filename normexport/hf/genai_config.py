@@ -7,7 +7,6 @@ models do."""
 
 from __future__ import annotations
 
-
 from normexport.hf.folder import HFModel
 from normexport.hf.kv_export import kv_layout
 
