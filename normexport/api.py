@@ -286,8 +286,9 @@ def fuse(onnx_model: Any, target: str = DEFAULT_TARGET, *, residual: str | bool 
     import onnx_ir as ir
 
     from normexport.fuse import checked_proto, fuse_model, target_record
+    from normexport.fuse.registry import fold_residual
 
-    record = target_record(target)
+    record, fold = target_record(target), fold_residual(residual)
     if isinstance(onnx_model, (str, os.PathLike)):
         model, source, back = load_onnx(pipeline.require_regular_file(onnx_model, "ONNX")), str(onnx_model), None
     elif isinstance(onnx_model, onnx.ModelProto):
@@ -296,7 +297,7 @@ def fuse(onnx_model: Any, target: str = DEFAULT_TARGET, *, residual: str | bool 
         model, source, back = onnx_model, "the ONNX model", None
     else:
         raise NormexportError(f"an ONNX model must be a path, onnx.ModelProto or onnx_ir.Model, got {type(onnx_model).__name__}", "pass the .onnx file's path")
-    report = fuse_model(model, record, residual=residual if isinstance(residual, bool) else residual != "off")
+    report = fuse_model(model, record, residual=fold)
     if not allow_none and record.ops:
         pipeline.require_norms(report, source, "pass allow_none=True to accept a model without one")
     return (back(model) if back else model), report

@@ -193,6 +193,19 @@ def test_fuse_refuses_a_model_without_rmsnorm_unless_allowed():
     assert report.fused == 0 and [n.op_type for n in model.graph.node] == ["Relu"]
 
 
+@pytest.mark.parametrize("residual", ["maybe", "yes", None, 1])
+def test_fuse_refuses_an_unknown_residual_choice(residual, tmp_path):
+    """api.fuse and fuse_file take True / False / auto / on / off; anything else is refused
+    before the model is read, and fuse_file writes nothing."""
+    from normexport.fuse import fuse_file
+
+    with pytest.raises(NormexportError, match="unknown residual choice"):
+        normexport.fuse(tmp_path / "absent.onnx", residual=residual)
+    with pytest.raises(NormexportError, match="unknown residual choice"):
+        fuse_file(tmp_path / "absent.onnx", tmp_path / "out.onnx", residual=residual)
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_import_normexport_loads_neither_torch_nor_onnx():
     code = "import sys, normexport; print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'click', 'rich') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -22,7 +22,7 @@ from normexport.fuse.names import Names
 from normexport.fuse.ops import OPTIONAL_OUTPUT_NORMS
 from normexport.fuse.report import FuseReport, Skipped
 from normexport.fuse.shapes import infer_shapes
-from normexport.fuse.registry import DEFAULT_TARGET, PLAIN_TARGET, RECORDS, Target, target_record
+from normexport.fuse.registry import DEFAULT_TARGET, PLAIN_TARGET, RECORDS, Target, fold_residual, target_record
 from normexport.fuse.targets import lower
 
 MIN_IR_FOR_OPSET23 = 11
@@ -353,11 +353,11 @@ def fuse_file(src: str | Path, dst: str | Path, target: str | Target = DEFAULT_T
     from normexport.fuse.report import require_norms
     from normexport.paths import require_regular_file
 
-    record = target_record(target)
+    record, fold = target_record(target), fold_residual(residual)
     src, dst = Path(src), Path(dst)
     outputs.check_distinct([src], [outputs.Output("dst", dst, "onnx")])
     model = load_onnx(require_regular_file(src, "ONNX"))
-    report = fuse_model(model, record, residual=residual if isinstance(residual, bool) else residual != "off")
+    report = fuse_model(model, record, residual=fold)
     if not allow_none and record.ops:
         require_norms(report, src, "run `normexport inspect` to see what normexport sees (--allow-none writes the model anyway)")
     save_onnx(model, dst)

@@ -65,6 +65,17 @@ _BY_NAME = {t.name: t for t in RECORDS}
 TARGETS = tuple(_BY_NAME)
 DEFAULT_TARGET = TARGETS[0]
 PLAIN_TARGET = next(t for t in RECORDS if t.plain)  # needs no opset change; stress reads norms off its op
+RESIDUAL_CHOICES = ("auto", "on", "off")  # --residual-fusion; True / False stand for on / off
+
+
+def fold_residual(choice: str | bool) -> bool:
+    """Whether the fusion alone (no backend to ask) folds residual Adds: True / on / auto fold,
+    False / off keep them apart; anything else is the caller's error."""
+    if isinstance(choice, bool):
+        return choice
+    if choice not in RESIDUAL_CHOICES:
+        raise NormexportError(f"unknown residual choice {choice!r}", f"one of {', '.join(RESIDUAL_CHOICES)}, True or False")
+    return choice != "off"
 FUSED_OPS = frozenset(op for t in RECORDS for op in t.ops)  # every op a fused norm can be
 NORM_OPS = FUSED_OPS | frozenset(LAYER_NORM_OPS)  # every norm op a runtime may run (profiles count these)
 RESIDUAL_OPS = frozenset({SKIP_SIMPLIFIED_LN})  # fused ops that take the residual Add in onnxruntime's layout

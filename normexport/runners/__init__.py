@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from normexport.errors import NormexportError
+from normexport.fuse.registry import RESIDUAL_CHOICES  # re-exported: the CLI and options read it here
 from normexport.lazy import lazy_names
 from normexport.runners.base import Backend
 
@@ -81,7 +82,6 @@ def require_onnxruntime(backend: str | Backend, what: str) -> Backend:
     return record
 
 
-RESIDUAL_CHOICES = ("auto", "on", "off")
 
 
 def backends_running(target) -> list[Backend]:
